@@ -1,0 +1,1 @@
+"""One worker's inference: requests, block pool, scheduler, model runner, attention, sampler."""

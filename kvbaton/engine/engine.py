@@ -1,0 +1,269 @@
+"""LLMEngine: one worker's inference loop (add requests, step, abort), no I/O.
+
+Callers drive it with ``step()``; each step schedules, runs the model once, samples, applies
+stop conditions and returns the outputs that changed. Thread-unsafe by design: the worker runs
+it on one thread and talks to it through queues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from kvbaton.engine.block_pool import BlockPool
+from kvbaton.engine.config import EngineConfig
+from kvbaton.engine.model_runner import ModelRunner
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.engine.request import Request
+from kvbaton.engine.sampler import sample
+from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.engine.scheduler import Scheduler
+from kvbaton.kv.events import KVEventSink
+from kvbaton.kv.hashing import BlockHash, root_hash
+from kvbaton.kv.spec import KVSpec, torch_dtype
+from kvbaton.models.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 << 30
+GPU_MEMORY_FRACTION = 0.85
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return torch_dtype(dtype)
+
+
+class LLMEngine:
+    """A paged-KV engine with prefix caching, continuous batching and chunked prefill."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        event_sink: KVEventSink | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        self.device = torch.device(config.device)
+        dtype = resolve_dtype(config.dtype, config.device)
+        self.loaded = loaded or load_model(
+            config.model, dtype, self.device, config.load_format, config.seed
+        )
+        mcfg = self.loaded.config
+        self.model_config = mcfg
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(
+            config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings
+        )
+        self.kv_spec = KVSpec(
+            mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, str(dtype).split(".")[-1],
+            config.block_size,
+        )
+        num_blocks = self._num_kv_blocks()
+        self.model_fingerprint = f"{self.loaded.fingerprint}:{self.kv_spec.layout_id()}"
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching, event_sink)
+        self.scheduler = Scheduler(
+            self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(
+            self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend
+        )
+        eos = set(mcfg.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._ids = itertools.count()
+        # Servers that stream text set this; batch callers only need text at the end.
+        self.incremental_detokenize = False
+        self._roots: dict[str | None, BlockHash] = {}
+        tokens = num_blocks * config.block_size
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %d B/token); "
+            "maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, config.block_size, tokens,
+            num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.bytes_per_token,
+            self.max_model_len, tokens / self.max_model_len,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * GPU_MEMORY_FRACTION)
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        n = budget // self.kv_spec.bytes_per_block
+        if n < 1:
+            raise ValueError(f"KV memory budget {budget} B holds no {self.kv_spec.bytes_per_block} B block")
+        return int(n)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def root_hash(self, cache_salt: str | None = None) -> BlockHash:
+        """Root of the block-hash chain for this model and tenant."""
+        if cache_salt not in self._roots:
+            self._roots[cache_salt] = root_hash(self.model_fingerprint, cache_salt)
+        return self._roots[cache_salt]
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queue a request; raises ValueError (naming the problem) for inputs that can never
+        run: empty prompt, unknown token ids, or prompt + max_tokens beyond the context or
+        the whole KV cache."""
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens"
+            )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens {params.max_tokens} + prompt {len(ids)} tokens exceeds the "
+                f"context of {self.max_model_len} tokens"
+            )
+        need_blocks = -(-(len(ids) + params.max_tokens) // self.config.block_size)
+        if need_blocks > self.pool.num_blocks:
+            raise ValueError(
+                f"request needs {need_blocks} KV blocks; the cache has {self.pool.num_blocks}"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(
+            rid, ids, params, self.root_hash(cache_salt), self.config.block_size,
+            self.eos_token_ids, prompt=text,
+        )
+        self.scheduler.add(req)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request at any point; its blocks are freed. False if unknown/finished."""
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns outputs of requests that gained tokens or ended."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out)
+        sampling = [s for s in out.scheduled if s.samples]
+        result = sample(
+            logits,
+            [s.request.params for s in sampling],
+            [s.request.generator for s in sampling],
+        )
+        for s in out.scheduled:
+            self.scheduler.commit_computed(s)
+        outputs: list[RequestOutput] = []
+        for i, s in enumerate(sampling):
+            req = s.request
+            req.token_ids.append(result.token_ids[i])
+            if req.params.logprobs is not None:
+                req.logprobs.append(result.logprobs[i])
+                if result.top_logprobs[i] is not None:
+                    req.top_logprobs.append(result.top_logprobs[i])  # type: ignore[arg-type]
+            outputs.append(self._check_stop_and_output(req))
+        return outputs
+
+    def _check_stop_and_output(self, req: Request) -> RequestOutput:
+        params = req.params
+        tok = req.token_ids[-1]
+        prev_text = req.output_text
+        # Detokenizing every step costs O(n) per token; do it only when someone reads it.
+        text = self._detokenize(req) if (params.stop or self.incremental_detokenize) else None
+        if not params.ignore_eos and tok in self.eos_token_ids:
+            self.scheduler.finish(req, "stop", None)
+        elif tok in params.stop_token_ids:
+            self.scheduler.finish(req, "stop", tok)
+        elif text is not None and (hit := self._find_stop(text, prev_text, params.stop)):
+            text = text[: hit[0]]
+            self.scheduler.finish(req, "stop", hit[1])
+        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            self.scheduler.finish(req, "length", None)
+        if text is None and req.finished:
+            text = self._detokenize(req)
+        if text is not None:
+            req.output_text = text
+        return self._make_output(req, prev_text)
+
+    @staticmethod
+    def _find_stop(text: str, prev_text: str, stops: list[str]) -> tuple[int, str] | None:
+        for s in stops:
+            # Only the tail can hold a new match: search from where one could start.
+            idx = text.find(s, max(0, len(prev_text) - len(s) + 1))
+            if idx >= 0:
+                return idx, s
+        return None
+
+    def _detokenize(self, req: Request) -> str:
+        ids = req.output_token_ids
+        if not req.params.ignore_eos and ids and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+
+    def _make_output(self, req: Request, prev_text: str) -> RequestOutput:
+        n_prev = req.num_reported_tokens
+        req.num_reported_tokens = req.num_output_tokens
+        text = req.output_text
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=text,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            top_logprobs=list(req.top_logprobs) if req.params.logprobs else None,
+            new_token_ids=req.output_token_ids[n_prev:],
+            new_text=text[len(prev_text):] if text.startswith(prev_text) else text,
+        )
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Assert block accounting: every block's refs equal the live requests holding it."""
+        self.pool.check_integrity(self.scheduler.block_refs())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.pool.num_used_blocks,
+            "kv_blocks_total": self.pool.num_blocks,
+            "prefix_cache_queries": self.pool.prefix_queries,
+            "prefix_cache_hits": self.pool.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

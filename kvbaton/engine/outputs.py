@@ -1,0 +1,27 @@
+"""What the engine returns to callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after a step (``finished`` tells whether it is final).
+
+    ``new_token_ids`` / ``new_text`` are what this step added, for streaming.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""

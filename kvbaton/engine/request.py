@@ -1,0 +1,92 @@
+"""Request: one sequence's state inside the engine (tokens, blocks, progress, outcome)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.kv.hashing import BlockHash, hash_block_chain
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """A request's tokens and progress.
+
+    ``token_ids`` holds the prompt followed by the generated tokens. ``num_computed_tokens``
+    counts tokens whose KV is in the cache; the last sampled token is never computed yet, so a
+    running decode has exactly one token left to compute.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    root_hash: BlockHash
+    block_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    prompt: str | None = None
+
+    token_ids: list[int] = field(init=False)
+    status: RequestStatus = field(init=False, default=RequestStatus.WAITING)
+    num_computed_tokens: int = field(init=False, default=0)
+    block_ids: list[int] = field(init=False, default_factory=list)
+    # Hashes of full blocks of token_ids, extended lazily as the sequence grows.
+    block_hashes: list[BlockHash] = field(init=False, default_factory=list)
+    # How many of block_ids are registered in the prefix cache (their KV is written).
+    num_committed_blocks: int = field(init=False, default=0)
+    num_cached_tokens: int = field(init=False, default=-1)  # -1: not yet admitted
+    num_preemptions: int = field(init=False, default=0)
+    logprobs: list[float] = field(init=False, default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(init=False, default_factory=list)
+    finish_reason: str | None = field(init=False, default=None)
+    stop_reason: str | int | None = field(init=False, default=None)
+    generator: torch.Generator | None = field(init=False, default=None)
+    first_token_time: float | None = field(init=False, default=None)
+    output_text: str = field(init=False, default="")
+    num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def full_block_hashes(self) -> list[BlockHash]:
+        """Hashes of all full blocks of the current tokens (computed incrementally)."""
+        n_full = self.num_tokens // self.block_size
+        if len(self.block_hashes) < n_full:
+            start = len(self.block_hashes)
+            parent = self.block_hashes[-1] if start else None
+            self.block_hashes.extend(
+                hash_block_chain(self.root_hash, self.token_ids, self.block_size, parent, start)
+            )
+        return self.block_hashes

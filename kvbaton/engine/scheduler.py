@@ -1,0 +1,203 @@
+"""Scheduler: continuous batching with a token budget, chunked prefill and preemption.
+
+Every step it first gives running requests their next tokens (one per decode, a chunk per
+unfinished prefill), oldest first, so decodes are never starved by new prompts; then it admits
+waiting requests while the token budget, ``max_num_seqs`` and free blocks allow. When a running
+request needs a block and none is free, the newest running request is preempted: its blocks
+are freed (their cached hashes survive until evicted) and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvbaton.engine.block_pool import BlockPool
+from kvbaton.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        """Position of the first token computed this step."""
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step completes the known tokens, so a new token is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Decides which requests run each step and owns their block allocation."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark ``req`` finished and free everything it holds."""
+        if req.finished:
+            return
+        req.status = RequestStatus.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self._free_blocks(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, "abort")
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._ensure_blocks(req, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out  # memory is short: admit nothing new this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if not self._admit(req, budget, out):
+                break
+        return out
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
+        # Longest cached prefix, leaving at least one token to compute for the logits.
+        hashes = req.full_block_hashes()
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hit = self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids)
+        num_cached = len(hit) * self.block_size
+        remaining = req.num_tokens - num_cached
+        n = min(remaining, budget)
+        if n < remaining and not self.enable_chunked_prefill:
+            return False
+        need = self._blocks_for(num_cached + n) - len(hit)
+        # Cached blocks on the free queue are about to be taken, so they do not count as free.
+        hit_evictable = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
+        if need > self.pool.num_free_blocks - hit_evictable:
+            return False
+        self.waiting.popleft()
+        self.pool.touch(hit)
+        req.block_ids = hit + self.pool.allocate(need)
+        req.num_committed_blocks = len(hit)
+        req.num_computed_tokens = num_cached
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_cached
+            self.pool.prefix_queries += req.num_tokens
+            self.pool.prefix_hits += num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        out.scheduled.append(ScheduledRequest(req, n))
+        return True
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _ensure_blocks(self, req: Request, num_tokens: int) -> bool:
+        need = self._blocks_for(num_tokens) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free_blocks:
+            return False
+        req.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self._free_blocks(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _free_blocks(self, req: Request) -> None:
+        self.pool.free(list(reversed(req.block_ids)))
+        req.block_ids = []
+        req.num_committed_blocks = 0
+
+    # ---- after a step ----------------------------------------------------------------------
+
+    def commit_computed(self, sched: ScheduledRequest) -> None:
+        """Advance progress after the step ran and register newly full blocks by hash."""
+        req = sched.request
+        req.num_computed_tokens += sched.num_new_tokens
+        full = req.num_computed_tokens // self.block_size
+        if full > req.num_committed_blocks:
+            hashes = req.full_block_hashes()
+            bs = self.block_size
+            for b in range(req.num_committed_blocks, full):
+                parent = hashes[b - 1] if b else None
+                self.pool.cache_block(
+                    req.block_ids[b], hashes[b], req.token_ids[b * bs : (b + 1) * bs], parent
+                )
+            req.num_committed_blocks = full
+
+    def block_refs(self) -> dict[int, int]:
+        """Block -> number of live requests holding it (for integrity checks)."""
+        refs: dict[int, int] = {}
+        for req in self.running:
+            for b in req.block_ids:
+                refs[b] = refs.get(b, 0) + 1
+        return refs

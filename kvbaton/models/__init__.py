@@ -1,0 +1,1 @@
+"""Model architectures, weight loading and tokenizers (no requests, batching or network)."""
