@@ -100,6 +100,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
     model.rotary = RotaryEmbedding(cfg).to(device)  # buffers in fp32, cast per use like HF
     if load_format == "dummy":
         model.init_dummy_weights(seed)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models so engine tests run in seconds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvbaton import LLM, SamplingParams
+
+
+def make_llm(**kwargs) -> LLM:
+    """A tiny-random LLM; kwargs override EngineConfig fields."""
+    kwargs.setdefault("num_kv_blocks", 256)
+    return LLM("tiny-random", **kwargs)
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 512) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def plain_reference():
+    """Greedy outputs of each prompt run alone, no caching: the ground truth to match."""
+    llm = make_llm(enable_prefix_caching=False, max_num_batched_tokens=4096)
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def run(prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
+        key = (*prompt, -1, params.max_tokens)
+        if key not in cache:
+            cache[key] = llm.generate([prompt], params)[0].token_ids
+        return cache[key]
+
+    return run

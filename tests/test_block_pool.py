@@ -1,0 +1,85 @@
+"""BlockPool: ref counts, LRU eviction of cached blocks, events, integrity checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvbaton.engine.block_pool import BlockPool, NoFreeBlocksError
+from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvbaton.kv.hashing import hash_block_chain, root_hash
+
+ROOT = root_hash("test-model")
+
+
+def _cache(pool: BlockPool, ids: list[int], tokens: list[int]) -> list[bytes]:
+    hashes = hash_block_chain(ROOT, tokens, pool.block_size)
+    for i, (bid, h) in enumerate(zip(ids, hashes)):
+        bs = pool.block_size
+        pool.cache_block(bid, h, tokens[i * bs : (i + 1) * bs], hashes[i - 1] if i else None)
+    return hashes
+
+
+def test_allocate_free_and_refcounts():
+    pool = BlockPool(4, 4)
+    a = pool.allocate(3)
+    assert pool.num_free_blocks == 1 and pool.num_used_blocks == 3
+    with pytest.raises(NoFreeBlocksError):
+        pool.allocate(2)
+    pool.check_integrity({b: 1 for b in a})
+    pool.free(a)
+    assert pool.num_used_blocks == 0
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free([a[0]])
+    pool.check_integrity({})
+
+
+def test_cached_prefix_found_shared_and_evicted_lru():
+    events = []
+    pool = BlockPool(4, 2, event_sink=events.append)
+    toks = [1, 2, 3, 4, 5, 6]
+    ids = pool.allocate(3)
+    hashes = _cache(pool, ids, toks)
+    assert [type(e) for e in events] == [BlockStored] * 3
+    assert events[1].parent_block_hash == hashes[0]
+    assert pool.find_cached_prefix(hashes, toks) == ids
+    # A second owner shares the prefix.
+    pool.touch(ids[:2])
+    pool.check_integrity({ids[0]: 2, ids[1]: 2, ids[2]: 1})
+    pool.free(list(reversed(ids)))
+    pool.free(list(reversed(ids[:2])))
+    # Freed but still findable until the memory is needed.
+    assert pool.num_used_blocks == 0
+    assert pool.find_cached_prefix(hashes, toks) == ids
+    # Allocation takes the never-cached block first, then the tail of the chain first.
+    first = pool.allocate(1)
+    assert first[0] not in ids and not any(isinstance(e, BlockRemoved) for e in events)
+    pool.allocate(1)
+    assert isinstance(events[-1], BlockRemoved) and events[-1].block_hashes == [hashes[2]]
+    assert pool.find_cached_prefix(hashes, toks) == ids[:2]
+    pool.check_integrity()
+
+
+def test_token_mismatch_is_never_a_hit():
+    pool = BlockPool(2, 2)
+    ids = pool.allocate(1)
+    hashes = _cache(pool, ids, [7, 8])
+    assert pool.find_cached_prefix(hashes, [7, 9]) == []
+
+
+def test_reset_prefix_cache_only_when_idle():
+    events = []
+    pool = BlockPool(2, 2, event_sink=events.append)
+    ids = pool.allocate(1)
+    hashes = _cache(pool, ids, [1, 2])
+    assert pool.reset_prefix_cache() is False
+    pool.free(ids)
+    assert pool.reset_prefix_cache() is True
+    assert isinstance(events[-1], AllBlocksCleared)
+    assert pool.find_cached_prefix(hashes, [1, 2]) == []
+
+
+def test_integrity_check_detects_leak():
+    pool = BlockPool(3, 2)
+    pool.allocate(1)
+    with pytest.raises(AssertionError, match="owners hold 0"):
+        pool.check_integrity({})

@@ -1,0 +1,122 @@
+"""Prefix-cached, chunked, preempted and batched runs must equal plain single runs."""
+
+from __future__ import annotations
+
+from conftest import GREEDY, make_llm, random_prompts
+
+from kvbaton import SamplingParams
+
+
+def _assert_clean(llm) -> None:
+    eng = llm.engine
+    assert not eng.has_unfinished_requests()
+    assert eng.pool.num_used_blocks == 0
+    eng.check_integrity()
+
+
+def test_batched_mixed_lengths_equal_plain(plain_reference):
+    prompts = random_prompts(12, 1, 150, seed=1)
+    llm = make_llm(enable_prefix_caching=False)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [plain_reference(p) for p in prompts]
+    _assert_clean(llm)
+
+
+def test_chunked_prefill_equals_plain(plain_reference):
+    prompts = random_prompts(6, 40, 200, seed=2)
+    # A 13-token budget splits every prompt into many chunks that share steps with decodes.
+    llm = make_llm(enable_prefix_caching=False, max_num_batched_tokens=13)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [plain_reference(p) for p in prompts]
+    _assert_clean(llm)
+
+
+def test_prefix_cached_equals_plain(plain_reference):
+    base = random_prompts(1, 100, 100, seed=3)[0]
+    prompts = [base + tail for tail in random_prompts(5, 1, 40, seed=4)]
+    llm = make_llm()
+    first = llm.generate(prompts[:1], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    outs = llm.generate(prompts[1:], GREEDY)
+    # Each later prompt reuses at least the 6 full blocks of the shared 100-token head.
+    assert all(o.num_cached_tokens >= 96 for o in outs)
+    assert [o.token_ids for o in [first, *outs]] == [plain_reference(p) for p in prompts]
+    again = llm.generate(prompts[:1], GREEDY)[0]
+    assert again.num_cached_tokens > 0 and again.token_ids == first.token_ids
+    _assert_clean(llm)
+
+
+def test_block_aligned_fully_cached_prompt_recomputes_last_token(plain_reference):
+    prompt = random_prompts(1, 64, 64, seed=5)[0]  # exactly 4 blocks of 16
+    llm = make_llm()
+    a = llm.generate([prompt], GREEDY)[0]
+    b = llm.generate([prompt], GREEDY)[0]
+    assert b.num_cached_tokens == 48  # the last block is recomputed to get logits
+    assert a.token_ids == b.token_ids == plain_reference(prompt)
+    _assert_clean(llm)
+
+
+def test_preemption_equals_plain(plain_reference):
+    prompts = random_prompts(8, 20, 60, seed=6)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    # 16 blocks = 256 tokens cannot hold 8 sequences of up to 100 tokens: forces preemption.
+    llm = make_llm(num_kv_blocks=16, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [plain_reference(p, params) for p in prompts]
+    _assert_clean(llm)
+
+
+def test_preemption_without_prefix_cache_equals_plain(plain_reference):
+    prompts = random_prompts(6, 20, 60, seed=7)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    llm = make_llm(num_kv_blocks=14, enable_prefix_caching=False)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [plain_reference(p, params) for p in prompts]
+    _assert_clean(llm)
+
+
+def test_abort_at_every_stage_frees_blocks():
+    llm = make_llm(max_num_batched_tokens=32)
+    eng = llm.engine
+    prompts = random_prompts(6, 50, 120, seed=8)
+    ids = [eng.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in prompts]
+    eng.abort_request(ids[5])  # still waiting
+    eng.step()  # ids[0] mid-prefill (chunked)
+    eng.abort_request(ids[0])
+    for _ in range(12):
+        eng.step()
+        eng.check_integrity()
+    eng.abort_request(ids[1])  # decoding
+    assert eng.abort_request("no-such-request") is False
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_clean(llm)
+    # Freed blocks are reused: a new request still runs correctly.
+    assert len(llm.generate(prompts[:1], GREEDY)[0].token_ids) == GREEDY.max_tokens
+    _assert_clean(llm)
+
+
+def test_max_num_seqs_limits_running():
+    llm = make_llm(max_num_seqs=2)
+    eng = llm.engine
+    for p in random_prompts(5, 5, 10, seed=9):
+        eng.add_request(p, GREEDY)
+    seen = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        seen = max(seen, len(eng.scheduler.running))
+    assert seen == 2
+
+
+def test_decodes_not_starved_by_long_prefill():
+    llm = make_llm(max_num_batched_tokens=32)
+    eng = llm.engine
+    short = eng.add_request(random_prompts(1, 5, 5, seed=10)[0], SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.step()  # short prompt prefilled, now decoding
+    eng.add_request(random_prompts(1, 600, 600, seed=11)[0], SamplingParams(max_tokens=2, ignore_eos=True))
+    # While the 600-token prompt is chunked over many steps, the decode advances every step.
+    for _ in range(10):
+        outs = {o.request_id: o for o in eng.step()}
+        assert short in outs and len(outs[short].new_token_ids) == 1
