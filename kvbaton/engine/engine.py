@@ -104,7 +104,9 @@ class LLMEngine:
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * GPU_MEMORY_FRACTION)
             else:
-                budget = DEFAULT_CPU_KV_BYTES
+                # Never more than max_num_seqs full-context requests could use.
+                cap = self.kv_spec.bytes_per_token * self.max_model_len * cfg.max_num_seqs
+                budget = min(DEFAULT_CPU_KV_BYTES, cap)
         n = budget // self.kv_spec.bytes_per_block
         if n < 1:
             raise ValueError(f"KV memory budget {budget} B holds no {self.kv_spec.bytes_per_block} B block")
