@@ -290,6 +290,19 @@ def test_cache_converts_once_under_concurrency(tmp_path: Path, monkeypatch: pyte
     assert kg.cached_hf_dir_for_gguf(tmp_path / "copy.gguf") == out and len(calls) == 1
 
 
+def test_cache_clears_debris_of_a_killed_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVBATON_CACHE_DIR", str(tmp_path / "cache"))
+    _export_gguf(_tiny_model("llama"), "llama", tmp_path / "tiny.gguf", tokenizer=False)
+    root = tmp_path / "cache" / "gguf"
+    key = kg.gguf_fingerprint(tmp_path / "tiny.gguf")
+    (root / f".{key}.tmp-dead").mkdir(parents=True)  # a converter killed mid-write leaves these
+    (root / key).mkdir()
+    (root / key / "model.safetensors").write_bytes(b"truncated")
+    out = kg.cached_hf_dir_for_gguf(tmp_path / "tiny.gguf")
+    assert out == root / key and (out / "config.json").is_file()
+    assert sorted(p.name for p in root.iterdir()) == [key, f"{key}.lock"]
+
+
 def test_find_bundled_smollm2_without_importing(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -100,7 +101,12 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    # Decoded by hand: ReaderField.contents() is missing from older gguf releases we accept.
+    is_str = f.types[-1] == gguf.GGUFValueType.STRING
+    vals = [bytes(f.parts[i]).decode("utf-8") if is_str else f.parts[i].tolist()[0] for i in f.data]
+    return vals if f.types[0] == gguf.GGUFValueType.ARRAY else vals[0]
 
 
 def _f32(x: float) -> float:
@@ -140,7 +146,7 @@ def _llama3_rope_scaling(factors: np.ndarray, rope_theta: float, head_dim: int) 
     raise ValueError("rope_freqs tensor does not match any llama3 rope_scaling this converter knows")
 
 
-def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any],
+def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor],
                   rope_theta: float, head_dim: int) -> dict[str, Any] | None:
     if _ROPE_FREQS in tensors:
         t = tensors[_ROPE_FREQS]
@@ -158,7 +164,7 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any],
     return scaling
 
 
-def _hf_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
+def _hf_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor]) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
@@ -225,7 +231,7 @@ def _write_tokenizer(gguf_path: Path, reader: gguf.GGUFReader, out: Path) -> Non
     tok.save_pretrained(str(out))
 
 
-def _fsync_tree(root: Path) -> None:
+def _seal_files(root: Path) -> None:
     # The rename is atomic, but only durable across power loss if the data hit disk first.
     for p in [*root.iterdir(), root]:
         if p.is_file():
@@ -278,7 +284,7 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _convert_into(src, tmp)
-        _fsync_tree(tmp)
+        _seal_files(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a cache dir should be readable like any other
         if out.exists():
             out.rmdir()
@@ -290,7 +296,7 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike
 
 
 def gguf_fingerprint(gguf_path: str | os.PathLike[str]) -> str:
-    """Cheap content fingerprint: sha256 of size + first and last MiB (+ converter version).
+    """Cheap content fingerprint: sha256 of size + first and last MiB (+ format versions).
 
     Content rather than path/mtime so a copied or re-downloaded file hits the same cache entry,
     and cheap because the header (all metadata) and the last tensors differ between any two
@@ -298,7 +304,9 @@ def gguf_fingerprint(gguf_path: str | os.PathLike[str]) -> str:
     """
     path = Path(gguf_path)
     size = path.stat().st_size
-    h = hashlib.sha256(f"kvbaton-gguf-v{CONVERTER_VERSION}:{size}:".encode())
+    # The saved tokenizer files follow the transformers major version that wrote them.
+    tf_major = importlib.metadata.version("transformers").split(".")[0]
+    h = hashlib.sha256(f"kvbaton-gguf-v{CONVERTER_VERSION}:tf{tf_major}:{size}:".encode())
     with open(path, "rb") as f:
         h.update(f.read(_MIB))
         f.seek(max(size - _MIB, 0))

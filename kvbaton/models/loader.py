@@ -94,6 +94,7 @@ def load_model(
     else:
         model_dir = resolve_model_dir(name)
         cfg_dict = json.loads((model_dir / "config.json").read_text())
+        _merge_generation_eos(cfg_dict, model_dir)
     cfg = ModelConfig.from_hf_dict(cfg_dict)
     # Build on the meta device and materialise directly on the target in the target dtype,
     # so an 8B dummy model never exists in fp32 on the host.
@@ -119,6 +120,21 @@ def load_model(
     fingerprint = hashlib.sha256(fp_src.encode()).hexdigest()[:32]
     log.info("loaded %s: %s, %.1fM params, %s", name, cfg.architecture, cfg.num_params / 1e6, dtype)
     return LoadedModel(name, cfg, model, tokenizer, fingerprint)
+
+
+def _merge_generation_eos(cfg_dict: dict[str, Any], model_dir: Path) -> None:
+    """Chat models often list their end-of-turn token (Llama 3's ``<|eot_id|>``) only in
+    ``generation_config.json``; without it generation would run past the turn."""
+    gen = model_dir / "generation_config.json"
+    if not gen.is_file():
+        return
+    extra = json.loads(gen.read_text()).get("eos_token_id")
+    if extra is None:
+        return
+    ids: list[int] = []
+    for v in (cfg_dict.get("eos_token_id"), extra):
+        ids.extend(v if isinstance(v, list) else [] if v is None else [v])
+    cfg_dict["eos_token_id"] = sorted(set(ids))
 
 
 def _dir_tokenizer(model_dir: Path) -> Any:
