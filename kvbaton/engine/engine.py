@@ -123,6 +123,18 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation followed by the assistant's generation prompt;
+        ValueError if the model has no chat template or a message is malformed."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"model {self.config.model!r} has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(text, add_special_tokens=False))
+
     def add_request(
         self,
         prompt: str | Sequence[int],

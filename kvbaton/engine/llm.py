@@ -82,8 +82,4 @@ class LLM:
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt."""
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ValueError(f"model {self.engine.config.model!r} has no chat template")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tok.encode(text, add_special_tokens=False))
+        return self.engine.apply_chat_template(messages)
