@@ -228,13 +228,14 @@ class LLMEngine:
             text = self._detokenize(req)
         if text is not None:
             req.output_text = text
-        return self._make_output(req, prev_text)
+        return self._make_output(req)
 
     @staticmethod
     def _find_stop(text: str, prev_text: str, stops: list[str]) -> tuple[int, str] | None:
         for s in stops:
-            # Only the tail can hold a new match: search from where one could start.
-            idx = text.find(s, max(0, len(prev_text) - len(s) + 1))
+            # Only the tail can hold a new match (a few chars of slack: a half-decoded UTF-8
+            # character at the old end can be rewritten by the next token).
+            idx = text.find(s, max(0, len(prev_text) - len(s) - 3))
             if idx >= 0:
                 return idx, s
         return None
@@ -245,7 +246,7 @@ class LLMEngine:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
 
-    def _make_output(self, req: Request, prev_text: str) -> RequestOutput:
+    def _make_output(self, req: Request) -> RequestOutput:
         n_prev = req.num_reported_tokens
         req.num_reported_tokens = req.num_output_tokens
         text = req.output_text
@@ -262,7 +263,6 @@ class LLMEngine:
             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
             top_logprobs=list(req.top_logprobs) if req.params.logprobs else None,
             new_token_ids=req.output_token_ids[n_prev:],
-            new_text=text[len(prev_text):] if text.startswith(prev_text) else text,
         )
 
     # ---- introspection ---------------------------------------------------------------------

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class RequestOutput:
     """The state of one request after a step (``finished`` tells whether it is final).
 
-    ``new_token_ids`` / ``new_text`` are what this step added, for streaming.
+    ``new_token_ids`` are the tokens this step added. Text is only given whole: a streaming
+    consumer must hold back text that a later token could still change (a stop string, a
+    half-decoded character), which ``kvbaton.worker`` does.
     """
 
     request_id: str
@@ -24,4 +26,3 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""

@@ -58,7 +58,7 @@ def sample(
     tops: list[dict[int, float] | None] = []
     for i, p in enumerate(params):
         if p.logprobs:
-            vals, idx = torch.topk(logp[i], p.logprobs)
+            vals, idx = torch.topk(logp[i], min(p.logprobs, logp.shape[-1]))
             tops.append(dict(zip(idx.tolist(), vals.tolist())))
         else:
             tops.append(None)
