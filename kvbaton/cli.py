@@ -55,6 +55,52 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length to serve (default: the model's)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (/health and /metrics stay open)")
+    p.add_argument("--served-model-name", default=None,
+                   help="another name the API accepts in the 'model' field")
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20)
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests may finish after SIGTERM before being aborted")
+
+
+def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
+    from kvbaton.engine.config import EngineConfig
+    from kvbaton.worker.config import WorkerConfig
+    from kvbaton.worker.server import run_worker
+
+    try:
+        wcfg = WorkerConfig(
+            host=args.host, port=args.port, role=role, api_key=args.api_key,
+            served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
+            drain_timeout_s=args.drain_timeout, log_level=args.log_level,
+        )
+        ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args))
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return run_worker(ecfg, wcfg, announce=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # Ctrl-C while the model was still loading
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return _run_worker(args, parser, args.role)
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # Until the router exists, `serve` is one worker that does both prefill and decode.
+    return _run_worker(args, parser, "both")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbaton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     _add_engine_args(g)
     g.set_defaults(func=_cmd_generate, parser=g)
+    w = sub.add_parser("worker", help="run one engine behind an OpenAI-compatible HTTP API")
+    w.add_argument("--role", default="both", choices=["prefill", "decode", "both"],
+                   help="disaggregation role (only 'both' serves whole requests today)")
+    _add_engine_args(w)
+    _add_worker_args(w, default_port=8100)
+    w.set_defaults(func=_cmd_worker, parser=w)
+    s = sub.add_parser("serve", help="serve the bundled model on localhost (OpenAI-compatible)")
+    _add_engine_args(s)
+    _add_worker_args(s, default_port=8000)
+    s.set_defaults(func=_cmd_serve, parser=s)
     return parser
 
 

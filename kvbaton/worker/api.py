@@ -1,0 +1,302 @@
+"""The worker's FastAPI app: OpenAI-compatible completions and chat, health, metrics, debug.
+
+Routes run on the event loop and never touch the engine directly: requests go through
+:class:`AsyncEngine`. Token strings for logprobs are decoded here (read-only tokenizer use);
+all encoding (prompts, chat templates) happens on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvbaton.engine.engine import LLMEngine
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.worker.async_engine import AsyncEngine
+from kvbaton.worker.stream import (
+    EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream,
+)
+from kvbaton.worker.config import WorkerConfig
+from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
+from kvbaton.worker.metrics import CONTENT_TYPE, WorkerMetrics
+from kvbaton.worker.protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields,
+)
+from kvbaton.worker.streaming import chat_events, chat_response, completion_events, completion_response
+
+_SAMPLING_FIELDS = frozenset({
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
+})
+
+
+class WorkerState:
+    """What the routes share: the async engine, metrics, config and the served names."""
+
+    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
+        self.config = config
+        names = [config.served_model_name, engine.config.model]
+        self.model_names: list[str] = list(dict.fromkeys(n for n in names if n))
+        self.metrics = WorkerMetrics(self.model_names[0], lambda: self.engine.stats_snapshot)
+        self.engine = AsyncEngine(engine, observer=self.metrics, idle_poll_s=config.idle_poll_s)
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.root_model = engine.config.model
+        self.created = int(time.time())
+        self.draining = False
+
+    def resolve_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return name or self.model_names[0]
+        raise ApiError(
+            404, f"model {name!r} does not exist; this worker serves {self.model_names}",
+            "model", "model_not_found",
+        )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM (from any thread): refuse new requests, report 'draining', and
+        give in-flight requests ``drain_timeout_s`` to finish before aborting them."""
+        if self.draining:
+            return
+        self.draining = True
+        loop = self.engine.loop
+        if loop is None:
+            return
+        timeout = self.config.drain_timeout_s
+        try:
+            loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.engine.abort_all))
+        except RuntimeError:  # the loop already closed: nothing is in flight
+            pass
+
+
+def _value_error(e: ValueError, aliases: dict[str, str], prompt_param: str) -> ApiError:
+    """Map an engine/SamplingParams ValueError (message starts with the field) to a 400."""
+    msg = str(e)
+    first = msg.split(" ", 1)[0].rstrip(":,")
+    code = "context_length_exceeded" if "context" in msg else "invalid_value"
+    if first == "prompt":
+        param: str | None = prompt_param
+    elif first.startswith("messages"):
+        param = "messages"
+    elif msg.startswith("request needs"):
+        param = aliases.get("max_tokens", "max_tokens")
+    elif first in _SAMPLING_FIELDS:
+        param = aliases.get(first, first)
+    elif "chat template" in msg:
+        param = "messages"
+    else:
+        param = None
+    if param and param != first and first in _SAMPLING_FIELDS:
+        msg = param + msg[len(first):]  # name the field the client actually sent
+    return ApiError(400, msg, param, code)
+
+
+def _sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str],
+    prompt_param: str,
+) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            seed=body.seed,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise _value_error(e, aliases, prompt_param) from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(request: Request, stream: RequestStream, engine: AsyncEngine) -> RequestOutput | None:
+    """Wait for the final output; None (and the request aborted) if the client left first."""
+
+    async def run() -> RequestOutput | None:
+        last = None
+        async for out in stream:
+            last = out
+        return last
+
+    result = asyncio.ensure_future(run())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return result.result() if result in done else None
+    finally:
+        result.cancel()
+        gone.cancel()
+        engine.abort(stream.request_id)  # no-op unless still running
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that aborts its request however the response ends (even unstarted)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Any]) -> None:
+        super().__init__(
+            content, media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _start(state: WorkerState, req: GenerationRequest, rid: str,
+                 aliases: dict[str, str], prompt_param: str) -> RequestStream:
+    if state.draining:
+        raise ApiError(503, "the worker is shutting down", None, "service_unavailable")
+    try:
+        return await state.engine.add_request(req, rid)
+    except ValueError as e:
+        raise _value_error(e, aliases, prompt_param) from None
+    except (EngineDeadError, EngineStoppedError) as e:
+        raise ApiError(503, str(e), None, "service_unavailable") from None
+
+
+def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
+    """The worker app; its lifespan starts and stops the engine thread."""
+    state = WorkerState(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            await state.engine.stop()
+
+    app = FastAPI(title="kvbaton worker", lifespan=lifespan)
+    app.state.worker = state
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    install_error_handlers(app)
+
+    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(EngineStoppedError)
+    async def _engine_gone(_: Request, exc: Exception) -> JSONResponse:
+        err = ApiError(503, str(exc), None, "service_unavailable")
+        return JSONResponse(err.body(), status_code=503)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        name = state.resolve_model(body.model)
+        prompt = body.prompt_input()
+        if body.logprobs is not None and body.logprobs > config.max_logprobs:
+            raise ApiError(400, f"logprobs: at most {config.max_logprobs}", "logprobs", "invalid_value")
+        max_tokens = config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
+        params = _sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt)
+        stream = await _start(state, gen, rid, {}, "prompt")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = completion_events(state, stream, body, name, params, include_usage)
+            return _EventStream(events, lambda: state.engine.abort(rid))
+        final = await _collect(request, stream, state.engine)
+        if final is None:
+            return Response(status_code=499)
+        return JSONResponse(completion_response(state, final, body, name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        name = state.resolve_model(body.model)
+        messages = body.template_input()
+        aliases = {"logprobs": "top_logprobs"}
+        max_tokens = body.max_tokens
+        if body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+            aliases["max_tokens"] = "max_completion_tokens"
+        top = body.top_logprobs or 0
+        if top > config.max_logprobs:
+            raise ApiError(400, f"top_logprobs: at most {config.max_logprobs}", "top_logprobs", "invalid_value")
+        logprobs = top if body.logprobs else None
+        params = _sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs,
+                                  aliases, "messages")
+        gen = GenerationRequest(
+            params, messages=messages, cache_salt=body.cache_salt,
+            default_max_tokens=config.default_chat_max_tokens if max_tokens is None else None,
+        )
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await _start(state, gen, rid, aliases, "messages")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat_events(state, stream, body, name, params, include_usage)
+            return _EventStream(events, lambda: state.engine.abort(rid))
+        final = await _collect(request, stream, state.engine)
+        if final is None:
+            return Response(status_code=499)
+        return JSONResponse(chat_response(state, final, body, name))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n, "object": "model", "created": state.created, "owned_by": "kvbaton",
+                    "root": state.root_model, "max_model_len": state.max_model_len,
+                    "role": config.role,
+                }
+                for n in state.model_names
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        healthy = state.engine.is_healthy(config.heartbeat_timeout_s)
+        status = "draining" if state.draining else ("ok" if healthy else "unhealthy")
+        body = {
+            "status": status, "role": config.role, "model": state.model_names[0],
+            "engine_heartbeat_age_s": round(state.engine.heartbeat_age(), 3),
+        }
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/debug/engine")
+    async def debug_engine() -> dict[str, Any]:
+        def probe(eng: LLMEngine) -> dict[str, Any]:
+            try:
+                eng.check_integrity()
+                integrity: str | None = None
+            except AssertionError as e:
+                integrity = str(e) or "integrity check failed"
+            return {"stats": eng.stats(), "integrity_error": integrity}
+
+        try:
+            result = await state.engine.call(probe)
+        except (EngineDeadError, EngineStoppedError, asyncio.TimeoutError) as e:
+            raise ApiError(503, f"engine unavailable: {e!r}", None, "service_unavailable") from None
+        result["num_streams"] = state.engine.num_streams
+        result["role"] = config.role
+        return result
+
+    return app

@@ -1,0 +1,372 @@
+"""AsyncEngine: an :class:`LLMEngine` on its own thread, served to asyncio (DESIGN.md §5).
+
+The engine is not thread-safe, so exactly one thread (the engine loop) ever touches it. The
+asyncio side sends commands (add, abort, call) through a thread-safe queue; the engine loop
+posts results back with ``loop.call_soon_threadsafe`` once per step, so waking the event loop
+costs one call per step however many requests are streaming.
+
+Every loop iteration stamps a heartbeat and publishes a stats snapshot, which ``/health`` and
+``/metrics`` read without disturbing the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from kvbaton.engine.engine import LLMEngine
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.worker.stream import (
+    EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream, StreamObserver,
+)
+
+__all__ = [
+    "AsyncEngine", "EngineDeadError", "EngineStoppedError", "GenerationRequest", "RequestStream",
+    "StreamObserver",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    request: GenerationRequest
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any]
+
+
+class _Stop:
+    pass
+
+
+_Command = _Add | _Abort | _Call | _Stop
+
+
+class AsyncEngine:
+    """Runs ``engine`` on a dedicated thread; every public method is called from asyncio."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        observer: StreamObserver | None = None,
+        idle_poll_s: float = 0.2,
+    ) -> None:
+        self.engine = engine
+        engine.incremental_detokenize = True  # streaming needs text after every step
+        self.observer = observer
+        self.idle_poll_s = idle_poll_s
+        self.stats_snapshot: dict[str, Any] = engine.stats()
+        self.last_heartbeat = time.monotonic()
+        self.error: BaseException | None = None
+        self._cmds: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._live: set[str] = set()  # engine-thread view: requests added and not finished
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+
+    # ---- lifecycle (event loop side) -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread, bound to the running event loop."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvbaton-engine", daemon=True)
+        self._accepting = True
+        self._thread.start()
+
+    async def stop(self, timeout_s: float = 10.0) -> bool:
+        """Abort whatever still runs, stop the engine thread; True if it ended in time."""
+        self._accepting = False
+        if self._thread is None:
+            return True
+        self._cmds.put(_Stop())
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._thread.join, timeout_s)
+        # Outputs the thread posted just before it ended (final aborts) run before this line.
+        await asyncio.sleep(0)
+        return not self._thread.is_alive()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.error is None
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def is_healthy(self, heartbeat_timeout_s: float) -> bool:
+        """The engine thread is alive, has not crashed and ran a loop iteration recently."""
+        return (
+            self.thread_alive
+            and self.error is None
+            and time.monotonic() - self.last_heartbeat < heartbeat_timeout_s
+        )
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self.last_heartbeat
+
+    # ---- requests (event loop side) --------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error!r}")
+        if not self._accepting or self._loop is None:
+            raise EngineStoppedError("the engine is not accepting requests")
+
+    async def add_request(
+        self, request: GenerationRequest, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it.
+
+        Raises ``ValueError`` (from the engine's checks) for a request that can never run.
+        """
+        self._check_accepting()
+        assert self._loop is not None
+        rid = request_id or f"req-{uuid.uuid4().hex}"
+        if rid in self._streams:
+            raise ValueError(f"duplicate request id {rid!r}")
+        stream = RequestStream(rid, time.monotonic())
+        self._streams[rid] = stream
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._cmds.put(_Add(rid, request, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.abort(rid)  # the add may already have happened
+            raise
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request the client gave up on; idempotent. Its blocks are freed."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return False
+        stream.finished = True
+        stream.finish_reason = "abort"
+        if self.observer is not None:
+            self.observer.on_abort(stream, time.monotonic())
+        self._cmds.put(_Abort(request_id))
+        return True
+
+    def abort_all(self) -> int:
+        """Abort every in-flight request on the server's behalf (drain timeout): each stream
+        ends with a final output whose finish_reason is 'abort'. Returns how many."""
+        rids = list(self._streams)
+        for rid in rids:
+            self._cmds.put(_Abort(rid))
+        self._dispatch_aborted(rids, time.monotonic())
+        return len(rids)
+
+    async def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 10.0) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        self._check_accepting()
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._cmds.put(_Call(fn, fut))
+        return await asyncio.wait_for(fut, timeout_s)
+
+    # ---- event loop callbacks (posted by the engine thread) --------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its client meanwhile
+            if self.observer is not None:
+                self.observer.on_output(stream, out, now)
+            stream.latest = out
+            if out.new_token_ids:
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                stream.last_token_time = now
+                stream.num_output_tokens = len(out.token_ids)
+            if out.finished:
+                stream.finished = True
+                stream.finish_reason = out.finish_reason
+                del self._streams[out.request_id]
+            stream._push(out)
+
+    def _dispatch_aborted(self, request_ids: list[str], now: float) -> None:
+        """The engine thread aborted these (shutdown): end their streams with 'abort'."""
+        outs = []
+        for rid in request_ids:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            last = stream.latest
+            outs.append(RequestOutput(
+                request_id=rid,
+                prompt=last.prompt if last else None,
+                prompt_token_ids=last.prompt_token_ids if last else [],
+                token_ids=list(last.token_ids) if last else [],
+                text=last.text if last else "",
+                finished=True,
+                finish_reason="abort",
+                num_cached_tokens=last.num_cached_tokens if last else 0,
+                logprobs=last.logprobs if last else None,
+                top_logprobs=last.top_logprobs if last else None,
+            ))
+        self._dispatch(outs, now)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.finished = True
+            stream.finish_reason = "error"
+            stream._push(exc)
+        self._streams.clear()
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while True:
+                self.last_heartbeat = time.monotonic()
+                if not self._handle_commands(block=not eng.has_unfinished_requests()):
+                    break
+                outputs = eng.step() if eng.has_unfinished_requests() else []
+                # Publish stats before the outputs, so a client that saw its request end
+                # never reads a snapshot from before that step.
+                self.stats_snapshot = eng.stats()
+                if outputs:
+                    for out in outputs:
+                        if out.finished:
+                            self._live.discard(out.request_id)
+                    self._post(self._dispatch, outputs, time.monotonic())
+        except BaseException as e:  # noqa: BLE001 - a crashed loop must be reported, not lost
+            log.exception("engine loop crashed")
+            self.error = e
+            self._post(self._fail_all, EngineDeadError(f"engine loop died: {e!r}"))
+        finally:
+            self._shutdown_engine_thread()
+
+    def _shutdown_engine_thread(self) -> None:
+        aborted = []
+        for rid in sorted(self._live):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - keep aborting the rest
+                log.exception("abort of %s failed during shutdown", rid)
+            aborted.append(rid)
+        self._live.clear()
+        if aborted:
+            self._post(self._dispatch_aborted, aborted, time.monotonic())
+        # Whatever was still queued will never run: tell its waiters.
+        stopped = EngineStoppedError("the engine stopped")
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, (_Add, _Call)):
+                self._post(self._resolve, cmd.future, None, stopped)
+        try:
+            self.stats_snapshot = self.engine.stats()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Run queued commands; False when asked to stop."""
+        try:
+            cmd = self._cmds.get(timeout=self.idle_poll_s) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(cmd, _Stop):
+                return False
+            self._execute(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _execute(self, cmd: _Command) -> None:
+        eng = self.engine
+        if isinstance(cmd, _Abort):
+            if cmd.request_id in self._live:
+                self._live.discard(cmd.request_id)
+                eng.abort_request(cmd.request_id)
+        elif isinstance(cmd, _Add):
+            try:
+                self._add(cmd.request_id, cmd.request)
+            except Exception as e:  # noqa: BLE001 - reported to the caller, engine stays up
+                self._post(self._resolve, cmd.future, None, e)
+            else:
+                self._post(self._resolve, cmd.future, None, None)
+        elif isinstance(cmd, _Call):
+            try:
+                result = cmd.fn(eng)
+            except Exception as e:  # noqa: BLE001
+                self._post(self._resolve, cmd.future, None, e)
+            else:
+                self._post(self._resolve, cmd.future, result, None)
+
+    def _add(self, request_id: str, req: GenerationRequest) -> None:
+        eng = self.engine
+        prompt: str | list[int]
+        if req.messages is not None:
+            prompt = eng.apply_chat_template(req.messages)
+        elif req.prompt is not None:
+            prompt = req.prompt
+        else:
+            raise ValueError("prompt is empty")
+        params = req.params
+        if req.default_max_tokens is not None:
+            if isinstance(prompt, str):
+                prompt = eng.tokenize(prompt)
+            capacity = eng.stats()["kv_blocks_total"] * eng.config.block_size
+            room = min(eng.max_model_len, capacity) - len(prompt)
+            params = dataclasses.replace(
+                params, max_tokens=max(1, min(req.default_max_tokens, room))
+            )
+        eng.add_request(prompt, params, request_id, req.cache_salt)
+        self._live.add(request_id)

@@ -1,0 +1,48 @@
+"""WorkerConfig: the flat, frozen set of knobs for one worker's HTTP side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker process besides its engine's :class:`EngineConfig`.
+
+    ``role`` is stored and reported (``/health``, ``/v1/models``); only ``both`` serves whole
+    requests today, the disaggregated roles arrive with the router. ``served_model_name`` is
+    an extra name the API accepts in the ``model`` field besides the engine's ``--model``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    role: str = "both"
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_bytes: int = 8 << 20
+    # Seconds in-flight requests may keep running after SIGTERM before they are aborted.
+    drain_timeout_s: float = 5.0
+    # /health fails when the engine loop has not completed an iteration for this long.
+    heartbeat_timeout_s: float = 30.0
+    # Engine-loop poll interval while idle (bounds heartbeat age when nothing runs).
+    idle_poll_s: float = 0.2
+    max_logprobs: int = 20
+    # Chat requests without max_tokens generate at most this many tokens (and never past
+    # the context or the KV cache).
+    default_chat_max_tokens: int = 1024
+    default_completion_max_tokens: int = 16
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be >= 1024")
+        if self.drain_timeout_s < 0 or self.heartbeat_timeout_s <= 0 or self.idle_poll_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.default_chat_max_tokens < 1 or self.default_completion_max_tokens < 1:
+            raise ValueError("default max tokens must be >= 1")

@@ -1,0 +1,130 @@
+"""Prometheus metrics of one worker, named like vLLM's with a ``kvbaton:`` prefix.
+
+Each :class:`WorkerMetrics` owns its own ``CollectorRegistry`` (never the global one), so a
+process can host several workers, as the tests do. Request-level histograms and counters are
+fed on the event loop by :class:`AsyncEngine`'s observer hook; engine-level gauges and the
+prefix-cache counters are read at scrape time from the snapshot the engine thread publishes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.worker.stream import RequestStream
+
+PREFIX = "kvbaton:"
+FINISH_REASONS = ("stop", "length", "abort")
+
+# vLLM's buckets, extended downwards because tiny models on CPU answer in milliseconds.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+E2E_BUCKETS = (
+    0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters read from the engine thread's stats snapshot."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], model_name: str) -> None:
+        self._snapshot = snapshot
+        self._model = model_name
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._snapshot()
+        gauges = (
+            ("num_requests_running", "Requests scheduled in the running batch.", "num_running"),
+            ("num_requests_waiting", "Requests waiting to be admitted.", "num_waiting"),
+            ("kv_blocks_used", "KV cache blocks in use (not free or evictable).", "kv_blocks_used"),
+            ("kv_blocks_total", "KV cache blocks in the pool.", "kv_blocks_total"),
+        )
+        for name, doc, key in gauges:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            g.add_metric([self._model], float(s.get(key, 0)))
+            yield g
+        counters = (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+            ("num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
+        )
+        for name, doc, key in counters:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            c.add_metric([self._model], float(s.get(key, 0)))
+            yield c
+
+
+class WorkerMetrics:
+    """The worker's Prometheus registry and the observer that feeds it."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time from arrival to the first token.",
+            labels, buckets=TTFT_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds", "Time between output tokens.",
+            labels, buckets=TPOT_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Time from arrival to the end of a request.",
+            labels, buckets=E2E_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of requests that started generating.",
+            labels, registry=self.registry,
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens.", labels, registry=self.registry,
+        ).labels(model_name)
+        success = Counter(
+            PREFIX + "request_success", "Finished requests by finish reason.",
+            [*labels, "finished_reason"], registry=self.registry,
+        )
+        self.success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
+        self._success_family = success
+        self.registry.register(_EngineCollector(snapshot, model_name))
+
+    # ---- StreamObserver --------------------------------------------------------------------
+
+    def on_output(self, stream: RequestStream, output: RequestOutput, now: float) -> None:
+        n_new = len(output.token_ids) - stream.num_output_tokens
+        if n_new > 0:
+            if stream.first_token_time is None:
+                self.ttft.observe(now - stream.arrival_time)
+                self.prompt_tokens.inc(len(output.prompt_token_ids))
+            elif stream.last_token_time is not None:
+                gap = (now - stream.last_token_time) / n_new
+                for _ in range(n_new):
+                    self.tpot.observe(gap)
+            self.generation_tokens.inc(n_new)
+        if output.finished:
+            self._finish(stream, output.finish_reason or "stop", now)
+
+    def on_abort(self, stream: RequestStream, now: float) -> None:
+        self._finish(stream, "abort", now)
+
+    def _finish(self, stream: RequestStream, reason: str, now: float) -> None:
+        self.e2e.observe(now - stream.arrival_time)
+        counter = self.success.get(reason) or self._success_family.labels(self.model_name, reason)
+        counter.inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,264 @@
+"""The OpenAI wire format: request models (pydantic), errors, and response/chunk builders.
+
+Only what the engine can honour is accepted: parameters it cannot (``n > 1``, batched
+prompts, ``echo``, penalties, tools...) are rejected with a 400 naming the field rather than
+silently ignored. Unknown extra fields are ignored, as OpenAI clients send many.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_RANGE = Field(default=None, ge=-(2**63), lt=2**63)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message} (unsupported)", param, "unsupported_value")
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = SEED_RANGE
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+    # vLLM extension: return the generated token ids (choices[].token_ids).
+    return_token_ids: bool = False
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise unsupported("n", "only n=1 is supported")
+        if self.presence_penalty or self.frequency_penalty:
+            which = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise unsupported(which, "penalties are not implemented")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit_bias is not implemented")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(
+                400, "stream_options: only allowed when stream is true", "stream_options", "invalid_value"
+            )
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: ``prompt`` is one string or one list of token ids."""
+
+    prompt: Any
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise unsupported("echo", "echo is not implemented")
+        if self.suffix:
+            raise unsupported("suffix", "suffix is not implemented")
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of", "only best_of=1 is supported")
+
+    def prompt_input(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if isinstance(p, list):
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                return list(p)
+            if all(isinstance(t, str) for t in p) or all(isinstance(t, list) for t in p):
+                raise unsupported("prompt", "a batch of prompts is not supported; send one per request")
+        raise ApiError(400, "prompt: must be a string or a list of token ids", "prompt", "invalid_type")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def as_template_input(self, index: int) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise unsupported(
+                        "messages", f"messages[{index}]: only text content parts are supported"
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise unsupported("tools", "tool calling is not implemented")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise unsupported("response_format", "only text responses are supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: requires logprobs to be true", "top_logprobs", "invalid_value")
+        if not self.messages:
+            raise ApiError(400, "messages: must be a non-empty list", "messages", "invalid_value")
+
+    def template_input(self) -> list[dict[str, str]]:
+        return [m.as_template_input(i) for i, m in enumerate(self.messages)]
+
+
+# ---- streaming text -------------------------------------------------------------------------
+
+
+class TextDeltas:
+    """Turns the engine's cumulative text into deltas that never need taking back.
+
+    While a request runs, the tail that could still become a stop string (which the engine
+    would cut off) and a trailing partial UTF-8 character (decoded as U+FFFD until its last
+    byte arrives) are held back; everything is released when the request finishes.
+    """
+
+    def __init__(self, stop: list[str] | None) -> None:
+        self.holdback = max((len(s) for s in stop or ()), default=1) - 1
+        self.sent = ""
+
+    def delta(self, text: str, finished: bool) -> str:
+        if finished:
+            safe = text
+        else:
+            safe = text[: max(0, len(text) - self.holdback)].rstrip("\ufffd")
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        out = safe[len(self.sent):]
+        self.sent = safe
+        return out
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+def completion_logprobs(
+    token_text: list[str],
+    logprobs: list[float],
+    tops: list[dict[str, float]] | None,
+    text_offset: int,
+) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for a run of tokens."""
+    offsets = []
+    pos = text_offset
+    for t in token_text:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": token_text,
+        "token_logprobs": [_finite(x) for x in logprobs],
+        "top_logprobs": [{k: _finite(v) for k, v in d.items()} for d in tops] if tops is not None else None,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(
+    token_text: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]
+) -> dict[str, Any]:
+    """The chat ``logprobs`` object (``{"content": [...]}``) for a run of tokens."""
+    content = []
+    for i, (tok, lp) in enumerate(zip(token_text, logprobs)):
+        content.append({
+            "token": tok,
+            "logprob": _finite(lp),
+            "bytes": list(tok.encode("utf-8")),
+            "top_logprobs": [
+                {"token": t, "logprob": _finite(v), "bytes": list(t.encode("utf-8"))}
+                for t, v in (tops[i] if i < len(tops) else [])
+            ],
+        })
+    return {"content": content}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event in OpenAI's framing."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+

@@ -1,0 +1,190 @@
+"""Engine outputs to OpenAI responses: whole bodies and SSE chunk streams.
+
+Outputs are cumulative (all tokens and text so far), so every chunk is computed as the
+difference from what was already sent; a consumer that falls behind simply sends bigger
+chunks. Streams end with ``data: [DONE]``; with ``stream_options.include_usage`` a last
+chunk with empty ``choices`` carries the usage, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestStream
+from kvbaton.worker.protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, TextDeltas, chat_logprobs,
+    completion_logprobs, now_s, sse, usage,
+)
+
+if TYPE_CHECKING:
+    from kvbaton.worker.api import WorkerState
+
+DONE = "data: [DONE]\n\n"
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    return usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
+
+
+def _completion_lp(state: WorkerState, out: RequestOutput, start: int, text_offset: int) -> dict[str, Any]:
+    ids = out.token_ids[start:]
+    texts = [state.token_text(t) for t in ids]
+    lps = (out.logprobs or [])[start:]
+    tops = None
+    if out.top_logprobs is not None:
+        tops = []
+        for i, d in enumerate(out.top_logprobs[start:]):
+            entry = {texts[i]: lps[i]} if i < len(lps) else {}
+            entry.update({state.token_text(t): v for t, v in d.items()})
+            tops.append(entry)
+    else:
+        tops = [{t: lp} for t, lp in zip(texts, lps)]
+    return completion_logprobs(texts, lps, tops, text_offset)
+
+
+def _chat_lp(state: WorkerState, out: RequestOutput, start: int) -> dict[str, Any]:
+    ids = out.token_ids[start:]
+    texts = [state.token_text(t) for t in ids]
+    lps = (out.logprobs or [])[start:]
+    tops = [
+        [(state.token_text(t), v) for t, v in d.items()]
+        for d in (out.top_logprobs or [])[start:]
+    ]
+    return chat_logprobs(texts, lps, tops)
+
+
+def _choice_extras(out: RequestOutput, return_token_ids: bool, start: int = 0) -> dict[str, Any]:
+    extras: dict[str, Any] = {"stop_reason": out.stop_reason} if out.finished else {}
+    if return_token_ids:
+        extras["token_ids"] = out.token_ids[start:]
+    return extras
+
+
+def _error_event(e: Exception) -> str:
+    return sse(ApiError(503, str(e), None, "service_unavailable").body())
+
+
+# ---- completions ----------------------------------------------------------------------------
+
+
+def completion_response(
+    state: WorkerState, out: RequestOutput, body: CompletionRequest, model: str
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": out.text,
+        "logprobs": _completion_lp(state, out, 0, 0) if body.logprobs is not None else None,
+        "finish_reason": out.finish_reason,
+        **_choice_extras(out, body.return_token_ids),
+    }
+    return {
+        "id": out.request_id, "object": "text_completion", "created": now_s(), "model": model,
+        "choices": [choice], "usage": _usage(out),
+    }
+
+
+async def completion_events(
+    state: WorkerState, stream: RequestStream, body: CompletionRequest, model: str,
+    params: SamplingParams, include_usage: bool,
+) -> AsyncIterator[str]:
+    created = now_s()
+    deltas = TextDeltas(params.stop)
+    sent_tokens = 0
+    per_token = body.logprobs is not None or body.return_token_ids
+    last: RequestOutput | None = None
+    try:
+        async for out in stream:
+            last = out
+            offset = len(deltas.sent)
+            text = deltas.delta(out.text, out.finished)
+            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
+                continue
+            choice: dict[str, Any] = {
+                "index": 0, "text": text,
+                "logprobs": _completion_lp(state, out, sent_tokens, offset)
+                if body.logprobs is not None else None,
+                "finish_reason": out.finish_reason if out.finished else None,
+                **_choice_extras(out, body.return_token_ids, sent_tokens),
+            }
+            sent_tokens = len(out.token_ids)
+            chunk: dict[str, Any] = {
+                "id": stream.request_id, "object": "text_completion", "created": created,
+                "model": model, "choices": [choice],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            yield sse(chunk)
+    except (EngineDeadError, EngineStoppedError) as e:
+        yield _error_event(e)
+    else:
+        if include_usage and last is not None:
+            yield sse({
+                "id": stream.request_id, "object": "text_completion", "created": created,
+                "model": model, "choices": [], "usage": _usage(last),
+            })
+    yield DONE
+
+
+# ---- chat completions -----------------------------------------------------------------------
+
+
+def chat_response(
+    state: WorkerState, out: RequestOutput, body: ChatCompletionRequest, model: str
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": out.text},
+        "logprobs": _chat_lp(state, out, 0) if body.logprobs else None,
+        "finish_reason": out.finish_reason,
+        **_choice_extras(out, body.return_token_ids),
+    }
+    return {
+        "id": out.request_id, "object": "chat.completion", "created": now_s(), "model": model,
+        "choices": [choice], "usage": _usage(out),
+    }
+
+
+async def chat_events(
+    state: WorkerState, stream: RequestStream, body: ChatCompletionRequest, model: str,
+    params: SamplingParams, include_usage: bool,
+) -> AsyncIterator[str]:
+    created = now_s()
+    deltas = TextDeltas(params.stop)
+    sent_tokens = 0
+    per_token = body.logprobs or body.return_token_ids
+    last: RequestOutput | None = None
+
+    def chunk(delta: dict[str, Any], finish: str | None, extra: dict[str, Any]) -> str:
+        c: dict[str, Any] = {
+            "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}],
+        }
+        if include_usage:
+            c["usage"] = None
+        return sse(c)
+
+    yield chunk({"role": "assistant", "content": ""}, None, {})
+    try:
+        async for out in stream:
+            last = out
+            text = deltas.delta(out.text, out.finished)
+            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
+                continue
+            extra = _choice_extras(out, body.return_token_ids, sent_tokens)
+            if body.logprobs:
+                extra["logprobs"] = _chat_lp(state, out, sent_tokens)
+            sent_tokens = len(out.token_ids)
+            delta = {"content": text} if text or not out.finished else {}
+            yield chunk(delta, out.finish_reason if out.finished else None, extra)
+    except (EngineDeadError, EngineStoppedError) as e:
+        yield _error_event(e)
+    else:
+        if include_usage and last is not None:
+            yield sse({
+                "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [], "usage": _usage(last),
+            })
+    yield DONE

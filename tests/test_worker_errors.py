@@ -1,0 +1,190 @@
+"""Bad input never crashes or wedges the worker: each class gets a 4xx with an OpenAI-shaped
+error naming the field, and the worker still answers a good request afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from worker_support import MODEL, start_worker
+
+API_KEY = "sk-kvbaton-test"
+CONTEXT = 128
+MAX_BYTES = 64 << 10
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = start_worker(
+        worker={"api_key": API_KEY, "max_request_bytes": MAX_BYTES, "served_model_name": "kvb"},
+        max_model_len=CONTEXT,
+    )
+    try:
+        yield w
+    finally:
+        assert w.stop()
+
+
+@pytest.fixture(scope="module")
+def http(worker):
+    with httpx.Client(base_url=worker.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None, text: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    assert text.lower() in err["message"].lower(), err
+    return err
+
+
+def _assert_serving(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+LONG_TEXT = "x" * (CONTEXT + 10)  # the byte tokenizer: one token per byte
+
+COMPLETION_CASES = [
+    # (id, body (dict or raw str), status, param, message fragment)
+    ("malformed-json", '{"prompt": "x",', 400, None, "malformed JSON"),
+    ("not-an-object", "[1, 2]", 400, None, "JSON object"),
+    ("empty-body", "", 400, None, "missing"),
+    ("missing-prompt", {"max_tokens": 3}, 400, "prompt", "required"),
+    ("prompt-wrong-type", {"prompt": 123}, 400, "prompt", "string or a list of token ids"),
+    ("prompt-bad-token-ids", {"prompt": [1, 99999]}, 400, "prompt", "token ids"),
+    ("max-tokens-wrong-type", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    ("temperature-wrong-type", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
+    ("stop-wrong-type", {"prompt": "x", "stop": 5}, 400, "stop", "stop"),
+    ("empty-prompt", {"prompt": ""}, 400, "prompt", "empty"),
+    ("empty-token-list", {"prompt": []}, 400, "prompt", "empty"),
+    ("prompt-too-long", {"prompt": LONG_TEXT}, 400, "prompt", "context"),
+    ("prompt-ids-too-long", {"prompt": [5] * (CONTEXT + 1)}, 400, "prompt", "context"),
+    ("max-tokens-zero", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ("max-tokens-negative", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
+    ("max-tokens-past-context", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "context"),
+    ("negative-temperature", {"prompt": "x", "temperature": -0.5}, 400, "temperature", ">= 0"),
+    ("nan-temperature", '{"prompt": "x", "temperature": NaN}', 400, "temperature", "finite"),
+    ("top-p-zero", {"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("top-p-above-one", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ("n-two", {"prompt": "x", "n": 2}, 400, "n", "unsupported"),
+    ("batch-of-strings", {"prompt": ["a", "b"]}, 400, "prompt", "unsupported"),
+    ("batch-of-id-lists", {"prompt": [[1, 2], [3]]}, 400, "prompt", "unsupported"),
+    ("too-many-logprobs", {"prompt": "x", "logprobs": 50}, 400, "logprobs", "at most"),
+    ("negative-logprobs", {"prompt": "x", "logprobs": -1}, 400, "logprobs", "logprobs"),
+    ("seed-out-of-range", {"prompt": "x", "seed": 2**70}, 400, "seed", "seed"),
+    ("echo", {"prompt": "x", "echo": True}, 400, "echo", "unsupported"),
+    ("stream-options-without-stream", {"prompt": "x", "stream_options": {"include_usage": True}},
+     400, "stream_options", "stream"),
+    ("unknown-model", {"prompt": "x", "model": "gpt-17"}, 404, "model", "does not exist"),
+]
+
+
+@pytest.mark.parametrize(
+    "body,status,param,text", [c[1:] for c in COMPLETION_CASES], ids=[c[0] for c in COMPLETION_CASES]
+)
+def test_bad_completion_request(http, body, status, param, text):
+    if isinstance(body, str):
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.post("/v1/completions", json={"model": MODEL, **body} if "model" not in body else body)
+    _assert_error(r, status, param, text)
+    _assert_serving(http)
+
+
+MSG = [{"role": "user", "content": "hi"}]
+CHAT_CASES = [
+    ("missing-messages", {"max_tokens": 3}, 400, "messages", "required"),
+    ("messages-wrong-type", {"messages": "hi"}, 400, "messages", "list"),
+    ("message-without-role", {"messages": [{"content": "hi"}]}, 400, "messages", "role"),
+    ("role-wrong-type", {"messages": [{"role": 1, "content": "hi"}]}, 400, "messages", "string"),
+    ("empty-messages", {"messages": []}, 400, "messages", "non-empty"),
+    ("image-part", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages", "unsupported"),
+    ("chat-too-long", {"messages": [{"role": "user", "content": LONG_TEXT}]}, 400, "messages", "context"),
+    ("max-completion-tokens-zero", {"messages": MSG, "max_completion_tokens": 0},
+     400, "max_completion_tokens", ">= 1"),
+    ("max-tokens-past-context", {"messages": MSG, "max_tokens": CONTEXT}, 400, "max_tokens", "context"),
+    ("top-logprobs-without-logprobs", {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
+    ("top-logprobs-negative", {"messages": MSG, "logprobs": True, "top_logprobs": -1},
+     400, "top_logprobs", "top_logprobs"),
+    ("negative-temperature", {"messages": MSG, "temperature": -1}, 400, "temperature", ">= 0"),
+    ("n-three", {"messages": MSG, "n": 3}, 400, "n", "unsupported"),
+    ("tools", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+    ("unknown-model", {"messages": MSG, "model": "nope"}, 404, "model", "does not exist"),
+]
+
+
+@pytest.mark.parametrize(
+    "body,status,param,text", [c[1:] for c in CHAT_CASES], ids=[c[0] for c in CHAT_CASES]
+)
+def test_bad_chat_request(http, body, status, param, text):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, **body} if "model" not in body else body)
+    _assert_error(r, status, param, text)
+    _assert_serving(http)
+
+
+def test_served_model_name_is_accepted(http):
+    for name in ("kvb", MODEL):
+        r = http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["model"] == name
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert ids == ["kvb", MODEL]
+
+
+def test_oversized_body_is_rejected(http):
+    big = {"model": MODEL, "prompt": "x" * (MAX_BYTES + 1)}
+    err = _assert_error(http.post("/v1/completions", json=big), 413, None, "exceeds")
+    assert err["code"] == "request_too_large"
+    # The same without Content-Length (chunked upload) is cut off while reading.
+    data = json.dumps(big).encode()
+    chunks = (data[i:i + 8192] for i in range(0, len(data), 8192))
+    r = http.post("/v1/completions", content=chunks, headers={"Content-Type": "application/json"})
+    _assert_error(r, 413, None, "exceeds")
+    _assert_serving(http)
+
+
+def test_api_key_required(worker, http):
+    url = worker.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers=headers, timeout=10)
+        err = _assert_error(r, 401, None, "API key")
+        assert err["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 401
+        assert httpx.get(f"{url}/debug/engine", headers=headers, timeout=10).status_code == 401
+    # Probes and scrapes stay open.
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+    _assert_serving(http)
+
+
+def test_unknown_route_and_method(http):
+    _assert_error(http.get("/v1/nothing"), 404, None, "not found")
+    _assert_error(http.get("/v1/completions"), 405, None, "not allowed")
+    _assert_serving(http)
+
+
+def test_official_client_sees_errors(worker):
+    client = openai.OpenAI(base_url=f"{worker.url}/v1", api_key=API_KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=MSG)
+    assert e.value.body["param"] == "model"
+    bad = openai.OpenAI(base_url=f"{worker.url}/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    # Errors after the stream was requested come back before any event is sent.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="", max_tokens=2, stream=True)
+    assert e.value.body["param"] == "prompt"
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices

@@ -1,0 +1,78 @@
+"""Helpers for the worker tests: an in-process worker on a free port, and polling helpers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import httpx
+
+from kvbaton.engine.config import EngineConfig
+from kvbaton.engine.engine import LLMEngine
+from kvbaton.worker.config import WorkerConfig
+from kvbaton.worker.server import WorkerThread
+
+MODEL = "tiny-random"
+# Engine settings every worker test uses; the references (conftest.make_llm) share the model
+# and seed, so greedy outputs must match token for token.
+ENGINE_DEFAULTS: dict[str, Any] = {"num_kv_blocks": 256}
+
+
+def start_worker(worker: dict[str, Any] | None = None, **engine: Any) -> WorkerThread:
+    """A tiny-random worker served from a thread on 127.0.0.1, on a free port."""
+    ecfg = EngineConfig(model=MODEL, **{**ENGINE_DEFAULTS, **engine})
+    wcfg = WorkerConfig(port=0, **(worker or {}))
+    return WorkerThread(LLMEngine(ecfg), wcfg).start()
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def engine_debug(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    r = httpx.get(f"{url}/debug/engine", headers=headers, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_idle(url: str, baseline_blocks: int, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Wait until nothing runs or waits and used KV blocks are back to ``baseline_blocks``."""
+    state: dict[str, Any] = {}
+
+    def idle() -> bool:
+        state.update(engine_debug(url, headers))
+        s = state["stats"]
+        return (
+            s["num_running"] == 0 and s["num_waiting"] == 0
+            and s["kv_blocks_used"] == baseline_blocks and state["num_streams"] == 0
+        )
+
+    wait_for(idle, what="the engine to become idle")
+    assert state["integrity_error"] is None, state["integrity_error"]
+    return state
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format to {'name{labels}': value} (comments dropped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, v in values.items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{val}"' in rest for k, val in labels.items()):
+            total += v
+    return total
