@@ -71,24 +71,35 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    token_idx: torch.Tensor  # rows of the flat batch, [G]
+    block_table: torch.Tensor  # [G * max_blocks], padded with block 0
+    mask: torch.Tensor | None  # [G, 1, 1, max_blocks * block_size]; None when no padding
+
+
+@dataclass
 class SDPAMetadata:
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
-    decode_idx: torch.Tensor | None
-    decode_tables: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_groups: list[_DecodeGroup]
     prefills: list[_Prefill]
 
 
 class SDPABackend(AttentionBackend):
     """PyTorch ``scaled_dot_product_attention``; correct on CPU and CUDA.
 
-    Single-token decodes are batched into one call over gathered, padded blocks with a key
-    mask; prompt chunks run one call each, with a causal mask shifted to the end of the KV when
-    part of the prompt was cached or computed in earlier chunks.
+    Single-token decodes are sorted by context length and attended in small groups over
+    gathered blocks with a key mask: a group's gathered K/V (a few MiB) is still in cache when
+    SDPA reads it, so decode attention costs about one pass over the KV from memory instead of
+    three, and length-sorting keeps padding small. Prompt chunks run one call each, with a causal
+    mask shifted to the end of the KV when part of the prompt was cached or computed in earlier
+    chunks.
     """
 
     name = "sdpa"
+    # Sequences per decode group on CPU: large enough to amortise per-call overhead, small
+    # enough that the group's gathered K/V stays in the last-level cache.
+    decode_group_size = 8
 
     def prepare(self, seqs: Sequence[SeqSlice]) -> SDPAMetadata:
         device = self.kv_cache.device
@@ -117,23 +128,37 @@ class SDPABackend(AttentionBackend):
                 k_pos = torch.arange(s.context_len, device=device).unsqueeze(0)
                 prefills.append(_Prefill(t, s.num_new, s.context_len, table, k_pos <= q_pos))
             t += s.num_new
-        meta = SDPAMetadata(
+        return SDPAMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
-            decode_idx=None,
-            decode_tables=None,
-            decode_mask=None,
+            decode_groups=self._decode_groups(decode_idx, decode_tables, decode_lens),
             prefills=prefills,
         )
-        if decode_idx:
-            max_blocks = max(len(tb) for tb in decode_tables)
-            padded = [tb + [0] * (max_blocks - len(tb)) for tb in decode_tables]
-            meta.decode_idx = torch.tensor(decode_idx, dtype=torch.long, device=device)
-            meta.decode_tables = torch.tensor(padded, dtype=torch.long, device=device)
-            lens = torch.tensor(decode_lens, device=device)
-            k_pos = torch.arange(max_blocks * bs, device=device)
-            meta.decode_mask = (k_pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-        return meta
+
+    def _decode_groups(
+        self, idx: list[int], tables: list[list[int]], lens: list[int]
+    ) -> list[_DecodeGroup]:
+        device, bs = self.kv_cache.device, self.block_size
+        order = sorted(range(len(idx)), key=lambda i: lens[i])
+        group_size = self.decode_group_size if device.type == "cpu" else max(len(idx), 1)
+        groups = []
+        for g in range(0, len(order), group_size):
+            members = order[g : g + group_size]
+            max_blocks = max(len(tables[i]) for i in members)
+            flat = [b for i in members for b in tables[i] + [0] * (max_blocks - len(tables[i]))]
+            mask = None
+            if any(lens[i] != max_blocks * bs for i in members):
+                glens = torch.tensor([lens[i] for i in members], device=device)
+                k_pos = torch.arange(max_blocks * bs, device=device)
+                mask = (k_pos.unsqueeze(0) < glens.unsqueeze(1))[:, None, None, :]
+            groups.append(
+                _DecodeGroup(
+                    torch.tensor([idx[i] for i in members], dtype=torch.long, device=device),
+                    torch.tensor(flat, dtype=torch.long, device=device),
+                    mask,
+                )
+            )
+        return groups
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: SDPAMetadata
@@ -143,23 +168,18 @@ class SDPABackend(AttentionBackend):
         k_cache[meta.slot_blocks, meta.slot_offsets] = k
         v_cache[meta.slot_blocks, meta.slot_offsets] = v
         out = torch.empty_like(q)
-        if meta.decode_idx is not None:
-            b = meta.decode_idx.shape[0]
-            keys = k_cache[meta.decode_tables].view(b, -1, *k.shape[1:]).transpose(1, 2)
-            vals = v_cache[meta.decode_tables].view(b, -1, *v.shape[1:]).transpose(1, 2)
-            qd = q[meta.decode_idx].unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(
-                qd, keys, vals, attn_mask=meta.decode_mask, enable_gqa=True
-            )
-            out[meta.decode_idx] = o.squeeze(2)
+        self._decode(layer, q, out, meta)
+        # Per-layer views with one row per block: [num_blocks, block_size * kv_heads * D].
+        k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)
+        kv_shape = k.shape[1:]
         for p in meta.prefills:
             sl = slice(p.token_start, p.token_start + p.num_new)
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.block_table is None:
                 ks, vs = k[sl], v[sl]
             else:
-                ks = k_cache[p.block_table].flatten(0, 1)[: p.context_len]
-                vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len]
+                ks = k_rows.index_select(0, p.block_table).view(-1, *kv_shape)[: p.context_len]
+                vs = v_rows.index_select(0, p.block_table).view(-1, *kv_shape)[: p.context_len]
             ks = ks.transpose(0, 1).unsqueeze(0)
             vs = vs.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
@@ -168,15 +188,93 @@ class SDPABackend(AttentionBackend):
             out[sl] = o[0].transpose(0, 1)
         return out
 
+    def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
+        k_rows = self.kv_cache[:, layer, 0].flatten(1)
+        v_rows = self.kv_cache[:, layer, 1].flatten(1)
+        kv_shape = self.kv_cache.shape[-2:]
+        for g in meta.decode_groups:
+            n = g.token_idx.shape[0]
+            keys = k_rows.index_select(0, g.block_table).view(n, -1, *kv_shape).transpose(1, 2)
+            vals = v_rows.index_select(0, g.block_table).view(n, -1, *kv_shape).transpose(1, 2)
+            qd = q.index_select(0, g.token_idx).unsqueeze(2)  # [G, H, 1, D]
+            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=g.mask, enable_gqa=True)
+            out[g.token_idx] = o.squeeze(2)
 
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {SDPABackend.name: SDPABackend}
+
+@dataclass
+class _KernelDecode:
+    token_idx: torch.Tensor  # [B]
+    tables: torch.Tensor  # [B, max_blocks] int64
+    ctx_lens: torch.Tensor  # [B] int64
+    bounds: list[tuple[int, int]]  # per-thread sequence ranges
 
 
-def get_attention_backend(name: str) -> type[AttentionBackend]:
-    """Look up a backend class by name; ValueError lists the choices."""
-    try:
-        return ATTENTION_BACKENDS[name]
-    except KeyError:
+class CPUPagedBackend(SDPABackend):
+    """SDPA for prompts, and a C kernel (``kvbaton.engine.cpu_kernel``) for single-token
+    decodes that reads each K/V row once from the block-first cache without a gather.
+
+    Float32 on CPU only; ``get_attention_backend("auto")`` picks it there when the kernel
+    builds, and SDPA otherwise.
+    """
+
+    name = "cpu_paged"
+
+    def __init__(self, kv_cache: torch.Tensor, block_size: int) -> None:
+        super().__init__(kv_cache, block_size)
+        from kvbaton.engine import cpu_kernel
+
+        lib = cpu_kernel.load()
+        if lib is None:
+            raise RuntimeError("the CPU decode kernel could not be built")
+        self.kernel = cpu_kernel.PagedDecodeKernel(lib, kv_cache, torch.get_num_threads())
+
+    def _decode_groups(self, idx, tables, lens):  # type: ignore[override]
+        if not idx:
+            return []
+        max_blocks = max(len(t) for t in tables)
+        flat = [t + [0] * (max_blocks - len(t)) for t in tables]
+        # Split sequences across threads so each gets about the same number of KV rows.
+        n_threads = min(self.kernel.num_threads, len(idx))
+        total, bounds, start, acc = sum(lens), [], 0, 0
+        for i, n in enumerate(lens):
+            acc += n
+            if len(bounds) < n_threads - 1 and acc * n_threads >= total * (len(bounds) + 1):
+                bounds.append((start, i + 1))
+                start = i + 1
+        bounds.append((start, len(idx)))
+        return [
+            _KernelDecode(
+                torch.tensor(idx, dtype=torch.long),
+                torch.tensor(flat, dtype=torch.long),
+                torch.tensor(lens, dtype=torch.long),
+                [b for b in bounds if b[1] > b[0]],
+            )
+        ]
+
+    def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
+        for d in meta.decode_groups:
+            qd = q.index_select(0, d.token_idx).contiguous()
+            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens, d.bounds)
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
+    SDPABackend.name: SDPABackend,
+    CPUPagedBackend.name: CPUPagedBackend,
+}
+
+
+def create_attention_backend(name: str, kv_cache: torch.Tensor, block_size: int) -> AttentionBackend:
+    """Build the backend called ``name``; ``auto`` picks ``cpu_paged`` for float32 on CPU when
+    its kernel builds, else ``sdpa``. ValueError lists the choices for an unknown name."""
+    if name == "auto":
+        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
+            try:
+                return CPUPagedBackend(kv_cache, block_size)
+            except RuntimeError:
+                pass
+        return SDPABackend(kv_cache, block_size)
+    if name not in ATTENTION_BACKENDS:
         raise ValueError(
-            f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}"
-        ) from None
+            f"unknown attention backend {name!r}; choose auto or one of {sorted(ATTENTION_BACKENDS)}"
+        )
+    return ATTENTION_BACKENDS[name](kv_cache, block_size)

@@ -25,7 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # "auto", "sdpa" or "cpu_paged"
     num_threads: int | None = None
     seed: int = 0
 

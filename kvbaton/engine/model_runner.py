@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbaton.engine.attention import SeqSlice, get_attention_backend
+from kvbaton.engine.attention import SeqSlice, create_attention_backend
 from kvbaton.engine.scheduler import SchedulerOutput
 from kvbaton.kv.spec import KVSpec
 from kvbaton.models.llama import LlamaForCausalLM
@@ -19,13 +19,13 @@ class ModelRunner:
         spec: KVSpec,
         num_blocks: int,
         device: torch.device,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
         self.kv_cache = spec.allocate(num_blocks, device)
-        self.backend = get_attention_backend(attention_backend)(self.kv_cache, spec.block_size)
+        self.backend = create_attention_backend(attention_backend, self.kv_cache, spec.block_size)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
