@@ -120,3 +120,23 @@ def test_decodes_not_starved_by_long_prefill():
     for _ in range(10):
         outs = {o.request_id: o for o in eng.step()}
         assert short in outs and len(outs[short].new_token_ids) == 1
+
+
+def test_token_budget_holds_across_admissions(plain_reference):
+    llm = make_llm(max_num_batched_tokens=100)
+    sched = llm.engine.scheduler
+    planned: list[int] = []
+    schedule = sched.schedule
+
+    def spy():
+        out = schedule()
+        planned.append(out.num_tokens)
+        return out
+
+    sched.schedule = spy  # type: ignore[method-assign]
+    prompts = random_prompts(4, 70, 70, seed=12)
+    outs = llm.generate(prompts, GREEDY)
+    # 4 x 70 prompt tokens need at least 3 steps under a 100-token budget.
+    assert max(planned) <= 100 and planned[0] == 100
+    assert [o.token_ids for o in outs] == [plain_reference(p) for p in prompts]
+    _assert_clean(llm)

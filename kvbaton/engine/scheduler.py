@@ -121,6 +121,7 @@ class Scheduler:
             req = self.waiting[0]
             if not self._admit(req, budget, out):
                 break
+            budget -= out.scheduled[-1].num_new_tokens
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> bool:

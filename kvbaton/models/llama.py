@@ -255,14 +255,15 @@ class LlamaForCausalLM(nn.Module):
         Scaled by 1/sqrt(fan_in) so activations keep a useful range and greedy outputs depend
         on the whole context, which is what cache-correctness tests need.
         """
-        gens: dict[torch.device, torch.Generator] = {}
+        # Drawn on the CPU, one parameter at a time, so a seed names the same model on every
+        # device and the host never holds more than one parameter at once.
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                     p.fill_(1.0)
                     continue
-                if p.device not in gens:
-                    gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
                 fan_in = p.shape[-1] if p.dim() > 1 else p.shape[0]
                 std = 1.0 if name.startswith("embed_tokens") else 1.0 / math.sqrt(fan_in)
-                p.normal_(0.0, std, generator=gens[p.device])
+                w = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                p.copy_(w)
