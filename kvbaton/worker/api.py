@@ -177,6 +177,21 @@ async def _start(state: WorkerState, req: GenerationRequest, rid: str,
         raise ApiError(503, str(e), None, "service_unavailable") from None
 
 
+async def _respond(
+    request: Request, state: WorkerState, stream: RequestStream, streaming: bool | None,
+    events: Callable[[], AsyncIterator[str]], body: Callable[[RequestOutput], dict[str, Any]],
+) -> Response:
+    """SSE events when streaming, else the final output as one JSON body (499 if the client
+    left first); either way the request is aborted if it is still running when we finish."""
+    rid = stream.request_id
+    if streaming:
+        return _EventStream(events(), lambda: state.engine.abort(rid))
+    final = await _collect(request, stream, state.engine)
+    if final is None:
+        return Response(status_code=499)
+    return JSONResponse(body(final))
+
+
 def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
     """The worker app; its lifespan starts and stops the engine thread."""
     state = WorkerState(engine, config)
@@ -213,14 +228,12 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt)
         stream = await _start(state, gen, rid, {}, "prompt")
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = completion_events(state, stream, body, name, params, include_usage)
-            return _EventStream(events, lambda: state.engine.abort(rid))
-        final = await _collect(request, stream, state.engine)
-        if final is None:
-            return Response(status_code=499)
-        return JSONResponse(completion_response(state, final, body, name))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _respond(
+            request, state, stream, body.stream,
+            lambda: completion_events(state, stream, body, name, params, include_usage),
+            lambda final: completion_response(state, final, body, name),
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -244,14 +257,12 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await _start(state, gen, rid, aliases, "messages")
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat_events(state, stream, body, name, params, include_usage)
-            return _EventStream(events, lambda: state.engine.abort(rid))
-        final = await _collect(request, stream, state.engine)
-        if final is None:
-            return Response(status_code=499)
-        return JSONResponse(chat_response(state, final, body, name))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _respond(
+            request, state, stream, body.stream,
+            lambda: chat_events(state, stream, body, name, params, include_usage),
+            lambda final: chat_response(state, final, body, name),
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
