@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 from conftest import make_llm, random_prompts
-from worker_support import MODEL, metric, parse_metrics, start_worker
+from worker_support import MODEL, metric, parse_metrics, running_worker
 
 from kvbaton import SamplingParams
 
@@ -18,11 +18,8 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def worker():
-    w = start_worker()
-    try:
+    with running_worker() as w:
         yield w
-    finally:
-        assert w.stop()
 
 
 @pytest.fixture(scope="module")

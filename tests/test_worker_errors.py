@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from worker_support import MODEL, start_worker
+from worker_support import MODEL, running_worker
 
 API_KEY = "sk-kvbaton-test"
 CONTEXT = 128
@@ -18,14 +18,11 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def worker():
-    w = start_worker(
+    with running_worker(
         worker={"api_key": API_KEY, "max_request_bytes": MAX_BYTES, "served_model_name": "kvb"},
         max_model_len=CONTEXT,
-    )
-    try:
+    ) as w:
         yield w
-    finally:
-        assert w.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from worker_support import (
-    MODEL, engine_debug, metric, parse_metrics, start_worker, wait_for, wait_idle,
+    MODEL, engine_debug, metric, parse_metrics, running_worker, start_worker, wait_for, wait_idle,
 )
 
 LONG = {"model": MODEL, "prompt": [1, 2, 3, 4, 5], "max_tokens": 2000, "ignore_eos": True,
@@ -24,11 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def worker():
-    w = start_worker()
-    try:
+    with running_worker() as w:
         yield w
-    finally:
-        assert w.stop()
 
 
 def _events(lines):

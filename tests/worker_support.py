@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -23,6 +24,16 @@ def start_worker(worker: dict[str, Any] | None = None, **engine: Any) -> WorkerT
     ecfg = EngineConfig(model=MODEL, **{**ENGINE_DEFAULTS, **engine})
     wcfg = WorkerConfig(port=0, **(worker or {}))
     return WorkerThread(LLMEngine(ecfg), wcfg).start()
+
+
+@contextmanager
+def running_worker(worker: dict[str, Any] | None = None, **engine: Any) -> Iterator[WorkerThread]:
+    """``start_worker`` for a fixture: always stopped, and the stop must succeed."""
+    w = start_worker(worker, **engine)
+    try:
+        yield w
+    finally:
+        assert w.stop()
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
