@@ -213,7 +213,7 @@ class CPUPagedBackend(SDPABackend):
     """SDPA for prompts, and a C kernel (``kvbaton.engine.cpu_kernel``) for single-token
     decodes that reads each K/V row once from the block-first cache without a gather.
 
-    Float32 on CPU only; ``get_attention_backend("auto")`` picks it there when the kernel
+    Float32 on CPU only; ``create_attention_backend("auto", ...)`` picks it there when the kernel
     builds, and SDPA otherwise.
     """
 

@@ -169,8 +169,7 @@ class LLMEngine:
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(
-            rid, ids, params, self.root_hash(cache_salt), self.config.block_size,
-            self.eos_token_ids, prompt=text,
+            rid, ids, params, self.root_hash(cache_salt), self.config.block_size, prompt=text,
         )
         self.scheduler.add(req)
         return rid

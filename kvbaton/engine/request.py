@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +31,6 @@ class Request:
     params: SamplingParams
     root_hash: BlockHash
     block_size: int
-    eos_token_ids: tuple[int, ...] = ()
-    arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
 
     token_ids: list[int] = field(init=False)
@@ -51,7 +48,6 @@ class Request:
     finish_reason: str | None = field(init=False, default=None)
     stop_reason: str | int | None = field(init=False, default=None)
     generator: torch.Generator | None = field(init=False, default=None)
-    first_token_time: float | None = field(init=False, default=None)
     output_text: str = field(init=False, default="")
     num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
 
