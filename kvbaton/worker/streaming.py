@@ -8,7 +8,7 @@ chunk with empty ``choices`` carries the usage, as OpenAI does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.sampling_params import SamplingParams
@@ -66,6 +66,52 @@ def _error_event(e: Exception) -> str:
     return sse(ApiError(503, str(e), None, "service_unavailable").body())
 
 
+async def _stream_events(
+    stream: RequestStream, obj: str, model: str, params: SamplingParams, include_usage: bool,
+    per_token: bool, make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
+    first_choice: dict[str, Any] | None = None,
+) -> AsyncIterator[str]:
+    """The SSE skeleton both endpoints share: one chunk per output that adds text (or tokens,
+    when the client asked for per-token data), an error event if the engine dies, the usage
+    chunk when asked, then ``[DONE]``. ``make_choice(out, text, sent_tokens, text_offset)``
+    builds the endpoint's choice for one chunk."""
+    created = now_s()
+    deltas = TextDeltas(params.stop)
+    sent_tokens = 0
+    last: RequestOutput | None = None
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        c: dict[str, Any] = {
+            "id": stream.request_id, "object": obj, "created": created, "model": model,
+            "choices": choices,
+        }
+        if include_usage:
+            c["usage"] = None
+        return sse(c)
+
+    if first_choice is not None:
+        yield chunk([first_choice])
+    try:
+        async for out in stream:
+            last = out
+            offset = len(deltas.sent)
+            text = deltas.delta(out.text, out.finished)
+            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
+                continue
+            choice = make_choice(out, text, sent_tokens, offset)
+            sent_tokens = len(out.token_ids)
+            yield chunk([choice])
+    except (EngineDeadError, EngineStoppedError) as e:
+        yield _error_event(e)
+    else:
+        if include_usage and last is not None:
+            yield sse({
+                "id": stream.request_id, "object": obj, "created": created, "model": model,
+                "choices": [], "usage": _usage(last),
+            })
+    yield DONE
+
+
 # ---- completions ----------------------------------------------------------------------------
 
 
@@ -85,46 +131,20 @@ def completion_response(
     }
 
 
-async def completion_events(
+def completion_events(
     state: WorkerState, stream: RequestStream, body: CompletionRequest, model: str,
     params: SamplingParams, include_usage: bool,
 ) -> AsyncIterator[str]:
-    created = now_s()
-    deltas = TextDeltas(params.stop)
-    sent_tokens = 0
+    def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
+        return {
+            "index": 0, "text": text,
+            "logprobs": _completion_lp(state, out, sent, offset) if body.logprobs is not None else None,
+            "finish_reason": out.finish_reason if out.finished else None,
+            **_choice_extras(out, body.return_token_ids, sent),
+        }
+
     per_token = body.logprobs is not None or body.return_token_ids
-    last: RequestOutput | None = None
-    try:
-        async for out in stream:
-            last = out
-            offset = len(deltas.sent)
-            text = deltas.delta(out.text, out.finished)
-            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
-                continue
-            choice: dict[str, Any] = {
-                "index": 0, "text": text,
-                "logprobs": _completion_lp(state, out, sent_tokens, offset)
-                if body.logprobs is not None else None,
-                "finish_reason": out.finish_reason if out.finished else None,
-                **_choice_extras(out, body.return_token_ids, sent_tokens),
-            }
-            sent_tokens = len(out.token_ids)
-            chunk: dict[str, Any] = {
-                "id": stream.request_id, "object": "text_completion", "created": created,
-                "model": model, "choices": [choice],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            yield sse(chunk)
-    except (EngineDeadError, EngineStoppedError) as e:
-        yield _error_event(e)
-    else:
-        if include_usage and last is not None:
-            yield sse({
-                "id": stream.request_id, "object": "text_completion", "created": created,
-                "model": model, "choices": [], "usage": _usage(last),
-            })
-    yield DONE
+    return _stream_events(stream, "text_completion", model, params, include_usage, per_token, choice)
 
 
 # ---- chat completions -----------------------------------------------------------------------
@@ -146,45 +166,22 @@ def chat_response(
     }
 
 
-async def chat_events(
+def chat_events(
     state: WorkerState, stream: RequestStream, body: ChatCompletionRequest, model: str,
     params: SamplingParams, include_usage: bool,
 ) -> AsyncIterator[str]:
-    created = now_s()
-    deltas = TextDeltas(params.stop)
-    sent_tokens = 0
-    per_token = body.logprobs or body.return_token_ids
-    last: RequestOutput | None = None
-
-    def chunk(delta: dict[str, Any], finish: str | None, extra: dict[str, Any]) -> str:
+    def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
         c: dict[str, Any] = {
-            "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}],
+            "index": 0, "delta": {"content": text} if text or not out.finished else {},
+            "logprobs": None, "finish_reason": out.finish_reason if out.finished else None,
+            **_choice_extras(out, body.return_token_ids, sent),
         }
-        if include_usage:
-            c["usage"] = None
-        return sse(c)
+        if body.logprobs:
+            c["logprobs"] = _chat_lp(state, out, sent)
+        return c
 
-    yield chunk({"role": "assistant", "content": ""}, None, {})
-    try:
-        async for out in stream:
-            last = out
-            text = deltas.delta(out.text, out.finished)
-            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
-                continue
-            extra = _choice_extras(out, body.return_token_ids, sent_tokens)
-            if body.logprobs:
-                extra["logprobs"] = _chat_lp(state, out, sent_tokens)
-            sent_tokens = len(out.token_ids)
-            delta = {"content": text} if text or not out.finished else {}
-            yield chunk(delta, out.finish_reason if out.finished else None, extra)
-    except (EngineDeadError, EngineStoppedError) as e:
-        yield _error_event(e)
-    else:
-        if include_usage and last is not None:
-            yield sse({
-                "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [], "usage": _usage(last),
-            })
-    yield DONE
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}
+    per_token = bool(body.logprobs or body.return_token_ids)
+    return _stream_events(stream, "chat.completion.chunk", model, params, include_usage,
+                          per_token, choice, first)
