@@ -97,3 +97,13 @@ def test_kernel_splits_work_across_threads():
     meta = be.prepare([SeqSlice([i], 2, 1) for i in range(4)])
     (group,) = meta.decode_groups
     assert [b for b in group.bounds] == [(0, 2), (2, 4)]
+
+
+def test_auto_falls_back_to_sdpa_without_the_kernel(monkeypatch):
+    from kvbaton.engine import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)  # as when no C compiler exists
+    cache = torch.zeros(2, L, 2, BS, HKV, D)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        CPUPagedBackend(cache, BS)
+    assert create_attention_backend("auto", cache, BS).name == "sdpa"
