@@ -1,38 +1,46 @@
 """KV cache events: what a block pool reports when blocks become findable or stop being so.
 
-Field names follow vLLM's ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` so a later
-publisher can emit them on the wire unchanged.
+The classes are msgspec Structs in vLLM's wire shape (``array_like``, tagged by class name,
+fields in vLLM's order), so the engine's events are encoded as they are, with no copy, and a
+subscriber written for vLLM reads them: ``BlockStored`` is
+``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]``.
+Defaults are always written (no ``omit_defaults``) because vLLM's decoder requires every field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Union
+
+import msgspec
 
 from kvbaton.kv.hashing import BlockHash
 
+DEFAULT_MEDIUM = "device"
 
-@dataclass(frozen=True)
-class BlockStored:
+
+class KVCacheEvent(msgspec.Struct, array_like=True, tag=True, frozen=True, gc=False):
+    """Base of the three events; the tag (first array element) is the class name."""
+
+
+class BlockStored(KVCacheEvent):
     """Full blocks whose KV is written and that can now be found by hash."""
 
     block_hashes: list[BlockHash]
     parent_block_hash: BlockHash | None
     token_ids: list[int]
     block_size: int
-    medium: str = "device"
+    lora_id: int | None = None  # vLLM's field; kvbaton folds adapters into the hash chain
+    medium: str | None = DEFAULT_MEDIUM
 
 
-@dataclass(frozen=True)
-class BlockRemoved:
+class BlockRemoved(KVCacheEvent):
     """Blocks evicted: their hashes no longer find anything."""
 
     block_hashes: list[BlockHash]
-    medium: str = "device"
+    medium: str | None = DEFAULT_MEDIUM
 
 
-@dataclass(frozen=True)
-class AllBlocksCleared:
+class AllBlocksCleared(KVCacheEvent):
     """The whole prefix cache was dropped (reset or restart)."""
 
 
