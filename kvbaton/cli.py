@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(s)
     _add_worker_args(s, default_port=8000)
     s.set_defaults(func=_cmd_serve, parser=s)
+    from kvbaton.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
