@@ -1,0 +1,317 @@
+"""KVIndex: the cluster-wide prefix index the router consults (block hash -> workers).
+
+Fed by every worker's KV event stream (``apply``), it answers one question fast: for a
+request's hash chain, how many leading blocks does each worker hold (``longest_prefix``)?
+
+Layout, chosen for the lookup: each worker gets a slot (a bit), and ``_holders`` maps a block
+hash to the bitmask of workers holding it, so a lookup is one dict probe per block plus integer
+ANDs, whatever the number of workers. Per-worker dicts (hash -> medium bitmask) make removing
+a worker O(its blocks) and give the per-worker counts. Predicted entries (``predict``) live in
+a parallel mask dict with per-entry expiry, so the router's own recent decisions count until
+the worker's events catch up.
+
+What the index claims: for a worker not flagged approximate, exactly the blocks its event
+stream says it holds; for an approximate one (a gap that replay could not fill), a subset of
+them, because entries are dropped at the gap and only later events are applied. A subset only
+costs cache hits, never correctness: the worker verifies every block it reuses.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Sequence
+
+from kvbaton.kv.events import (
+    DEFAULT_MEDIUM,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
+from kvbaton.kv.hashing import BlockHash
+
+WorkerId = Hashable
+
+
+@dataclass
+class WorkerIndexStats:
+    """Per-worker numbers for metrics."""
+
+    blocks: int
+    predicted: int
+    approximate: bool
+    last_seq: int | None
+
+
+class _Worker:
+    __slots__ = ("bit", "blocks", "predicted", "approximate", "last_seq")
+
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
+        self.blocks: dict[BlockHash, int] = {}  # hash -> bitmask of mediums
+        self.predicted: dict[BlockHash, float] = {}  # hash -> expiry (clock time)
+        self.approximate = False
+        self.last_seq: int | None = None
+
+
+class KVIndex:
+    """Block hash -> set of (worker, medium), with longest-prefix lookup. Thread-safe.
+
+    ``clock`` (seconds, monotonic) is injectable so prediction TTLs can be tested.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._workers: dict[WorkerId, _Worker] = {}
+        self._slot_owner: dict[int, WorkerId] = {}
+        self._free_slots: list[int] = []  # min-heap: reuse low slots so masks stay small ints
+        self._next_slot = 0
+        self._holders: dict[BlockHash, int] = {}  # hash -> bitmask of worker slots
+        self._pred_holders: dict[BlockHash, int] = {}
+        # (expiry, tiebreak, worker, hashes): one entry per predict() call, checked lazily.
+        self._pred_expiry: list[tuple[float, int, WorkerId, tuple[BlockHash, ...]]] = []
+        self._tiebreak = itertools.count()
+        self._mediums: dict[str, int] = {}
+
+    # ---- feeding ---------------------------------------------------------------------------
+
+    def apply(self, worker_id: WorkerId, seq: int, events: Iterable[KVEvent]) -> None:
+        """Apply one batch of a worker's stream (``events``: the batch's events, or any
+        object with an ``events`` attribute such as a decoded ``KVEventBatch``).
+
+        ``seq`` is checked against the last one applied: seq 0 starts a fresh stream (a
+        worker's cache is empty when its publisher starts); any other discontinuity (a forward
+        gap, a restart whose first batches were missed, a stream joined late) drops the
+        worker's entries and flags it approximate until an ``AllBlocksCleared`` resyncs it.
+        """
+        evs = getattr(events, "events", events)
+        with self._lock:
+            w = self._worker(worker_id)
+            expected = 0 if w.last_seq is None else w.last_seq + 1
+            if seq != expected:
+                self._clear(w)
+                w.approximate = seq != 0
+            w.last_seq = seq
+            for ev in evs:
+                if isinstance(ev, BlockStored):
+                    self._store(w, ev.block_hashes, ev.medium)
+                elif isinstance(ev, BlockRemoved):
+                    self._remove(w, ev.block_hashes, ev.medium)
+                elif isinstance(ev, AllBlocksCleared):
+                    self._clear(w)
+                    w.approximate = False
+                else:
+                    raise TypeError(f"not a KV event: {type(ev).__name__}")
+
+    def mark_approximate(self, worker_id: WorkerId) -> None:
+        """A gap replay could not fill: drop the worker's entries (they may be stale) and flag
+        it approximate until an ``AllBlocksCleared`` arrives. Predictions are kept: they
+        record where the router sent work, not what the events said."""
+        with self._lock:
+            w = self._worker(worker_id)
+            self._clear(w)
+            w.approximate = True
+
+    def remove_worker(self, worker_id: WorkerId) -> None:
+        """Forget a worker entirely (left the pool); O(its blocks). Unknown ids are ignored."""
+        with self._lock:
+            w = self._workers.pop(worker_id, None)
+            if w is None:
+                return
+            self._clear(w)
+            for h in w.predicted:
+                self._unset(self._pred_holders, h, w.bit)
+            del self._slot_owner[w.bit.bit_length() - 1]
+            heapq.heappush(self._free_slots, w.bit.bit_length() - 1)
+
+    def predict(self, worker_id: WorkerId, hashes: Sequence[BlockHash], ttl_s: float) -> None:
+        """The router just sent ``hashes`` to ``worker_id``: count them as held there for
+        ``ttl_s`` so sibling requests that arrive before the worker's events follow them.
+        A real ``BlockStored`` replaces the prediction; blocks already held are skipped."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            w = self._worker(worker_id)
+            expiry = now + ttl_s
+            added: list[BlockHash] = []
+            for h in hashes:
+                if h in w.blocks:
+                    continue
+                old = w.predicted.get(h)
+                if old is None:
+                    self._pred_holders[h] = self._pred_holders.get(h, 0) | w.bit
+                elif old >= expiry:
+                    continue
+                w.predicted[h] = expiry
+                added.append(h)
+            if added:
+                heapq.heappush(
+                    self._pred_expiry, (expiry, next(self._tiebreak), worker_id, tuple(added))
+                )
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def longest_prefix(
+        self, hashes: Sequence[BlockHash], include_predicted: bool = True
+    ) -> dict[WorkerId, int]:
+        """For each worker holding the chain's first block: how many leading blocks of
+        ``hashes`` it holds (counting stops at its first missing block). Workers with no
+        match are absent. Predicted entries count unless ``include_predicted`` is False."""
+        with self._lock:
+            if not hashes:
+                return {}
+            holders = self._holders.get
+            preds = self._pred_holders
+            if preds:
+                self._expire(self._clock())
+            use_pred = include_predicted and bool(preds)
+            pred = preds.get
+            out: dict[WorkerId, int] = {}
+            alive = holders(hashes[0], 0) | (pred(hashes[0], 0) if use_pred else 0)
+            i = 1
+            n = len(hashes)
+            while alive and i < n:
+                h = hashes[i]
+                mask = holders(h, 0) | (pred(h, 0) if use_pred else 0)
+                gone = alive & ~mask
+                if gone:
+                    self._emit(gone, i, out)
+                    alive &= mask
+                i += 1
+            if alive:
+                self._emit(alive, n, out)
+            return out
+
+    def holders(self, block_hash: BlockHash) -> set[tuple[WorkerId, str]]:
+        """Which (worker, medium) pairs hold ``block_hash`` per the events (no predictions)."""
+        with self._lock:
+            mask = self._holders.get(block_hash, 0)
+            names = {bit: name for name, bit in self._mediums.items()}
+            out: set[tuple[WorkerId, str]] = set()
+            while mask:
+                low = mask & -mask
+                worker_id = self._slot_owner[low.bit_length() - 1]
+                mediums = self._workers[worker_id].blocks[block_hash]
+                for bit, name in names.items():
+                    if mediums & bit:
+                        out.add((worker_id, name))
+                mask ^= low
+            return out
+
+    def is_approximate(self, worker_id: WorkerId) -> bool:
+        """True while the worker's entries are a subset of its cache (an unfilled gap)."""
+        with self._lock:
+            w = self._workers.get(worker_id)
+            return w is not None and w.approximate
+
+    def workers(self) -> list[WorkerId]:
+        with self._lock:
+            return list(self._workers)
+
+    def block_count(self, worker_id: WorkerId) -> int:
+        """Blocks indexed for the worker (from events; 0 if unknown)."""
+        with self._lock:
+            w = self._workers.get(worker_id)
+            return 0 if w is None else len(w.blocks)
+
+    def stats(self) -> dict[WorkerId, WorkerIndexStats]:
+        """Per-worker counts for metrics (expired predictions are purged first)."""
+        with self._lock:
+            self._expire(self._clock())
+            return {
+                wid: WorkerIndexStats(len(w.blocks), len(w.predicted), w.approximate, w.last_seq)
+                for wid, w in self._workers.items()
+            }
+
+    def __len__(self) -> int:
+        """Distinct block hashes indexed (from events)."""
+        with self._lock:
+            return len(self._holders)
+
+    # ---- internals (lock held) -------------------------------------------------------------
+
+    def _emit(self, mask: int, count: int, out: dict[WorkerId, int]) -> None:
+        owner = self._slot_owner
+        while mask:
+            low = mask & -mask
+            out[owner[low.bit_length() - 1]] = count
+            mask ^= low
+
+    def _worker(self, worker_id: WorkerId) -> _Worker:
+        w = self._workers.get(worker_id)
+        if w is None:
+            if self._free_slots:
+                slot = heapq.heappop(self._free_slots)
+            else:
+                slot, self._next_slot = self._next_slot, self._next_slot + 1
+            w = self._workers[worker_id] = _Worker(1 << slot)
+            self._slot_owner[slot] = worker_id
+        return w
+
+    def _medium_bit(self, medium: str | None) -> int:
+        name = DEFAULT_MEDIUM if medium is None else medium
+        bit = self._mediums.get(name)
+        if bit is None:
+            bit = self._mediums[name] = 1 << len(self._mediums)
+        return bit
+
+    def _store(self, w: _Worker, hashes: Sequence[BlockHash], medium: str | None) -> None:
+        mbit = self._medium_bit(medium)
+        blocks, holders, predicted = w.blocks, self._holders, w.predicted
+        for h in hashes:
+            old = blocks.get(h)
+            if old is None:
+                blocks[h] = mbit
+                holders[h] = holders.get(h, 0) | w.bit
+                if predicted and h in predicted:
+                    del predicted[h]
+                    self._unset(self._pred_holders, h, w.bit)
+            else:
+                blocks[h] = old | mbit
+
+    def _remove(self, w: _Worker, hashes: Sequence[BlockHash], medium: str | None) -> None:
+        mbit = self._medium_bit(medium)
+        blocks = w.blocks
+        for h in hashes:
+            old = blocks.get(h)
+            if old is None:
+                continue  # never seen (stream joined after the store, or approximate)
+            left = old & ~mbit
+            if left:
+                blocks[h] = left
+            else:
+                del blocks[h]
+                self._unset(self._holders, h, w.bit)
+
+    def _clear(self, w: _Worker) -> None:
+        for h in w.blocks:
+            self._unset(self._holders, h, w.bit)
+        w.blocks = {}
+
+    @staticmethod
+    def _unset(masks: dict[BlockHash, int], h: BlockHash, bit: int) -> None:
+        left = masks.get(h, 0) & ~bit
+        if left:
+            masks[h] = left
+        else:
+            masks.pop(h, None)
+
+    def _expire(self, now: float) -> None:
+        heap = self._pred_expiry
+        while heap and heap[0][0] <= now:
+            expiry, _, worker_id, hashes = heapq.heappop(heap)
+            w = self._workers.get(worker_id)
+            if w is None:
+                continue
+            for h in hashes:
+                # A later predict() may have extended this entry; only its own expiry ends it.
+                if w.predicted.get(h) == expiry:
+                    del w.predicted[h]
+                    self._unset(self._pred_holders, h, w.bit)

@@ -1,0 +1,312 @@
+"""KVIndex against a brute-force model, plus prediction TTLs on an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbaton.kv.index import KVIndex
+
+
+def H(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+# Chains that share prefixes (A and B share two blocks), so counts differ per worker.
+CHAIN_A = [H(i) for i in range(0, 6)]
+CHAIN_B = CHAIN_A[:2] + [H(i) for i in range(10, 14)]
+CHAIN_C = [H(i) for i in range(20, 26)]
+CHAINS = [CHAIN_A, CHAIN_B, CHAIN_C, CHAIN_A[::-1], CHAIN_A[1:]]
+UNIVERSE = sorted(set(CHAIN_A + CHAIN_B + CHAIN_C))
+WORKERS = ["w0", "w1", "w2"]
+MEDIUMS = ["device", "host"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stored(*hashes: bytes, medium: str = "device") -> BlockStored:
+    return BlockStored(list(hashes), None, [0] * len(hashes), 1, medium=medium)
+
+
+class Model:
+    """The index's contract written the slow, obvious way."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, dict[bytes, set[str]]] = {}
+        self.pred: dict[str, dict[bytes, float]] = {}
+        self.approx: dict[str, bool] = {}
+        self.last: dict[str, int | None] = {}
+
+    def ensure(self, w: str) -> None:
+        if w not in self.blocks:
+            self.blocks[w], self.pred[w], self.approx[w], self.last[w] = {}, {}, False, None
+
+    def apply(self, w: str, seq: int, events: list[KVEvent]) -> None:
+        self.ensure(w)
+        last = self.last[w]
+        if seq != (0 if last is None else last + 1):
+            self.blocks[w] = {}
+            self.approx[w] = seq != 0
+        self.last[w] = seq
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                for h in ev.block_hashes:
+                    if h not in self.blocks[w]:
+                        self.pred[w].pop(h, None)
+                    self.blocks[w].setdefault(h, set()).add(ev.medium)
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    if h in self.blocks[w]:
+                        self.blocks[w][h].discard(ev.medium)
+                        if not self.blocks[w][h]:
+                            del self.blocks[w][h]
+            else:
+                self.blocks[w], self.approx[w] = {}, False
+
+    def longest_prefix(self, chain: list[bytes], now: float, preds: bool) -> dict[str, int]:
+        out = {}
+        for w in self.blocks:
+            n = 0
+            for h in chain:
+                if h in self.blocks[w] or (preds and self.pred[w].get(h, -1.0) > now):
+                    n += 1
+                else:
+                    break
+            if n:
+                out[w] = n
+        return out
+
+
+class Truth:
+    """One worker's real cache and its publisher's sequence counter."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, set[str]] = {}
+        self.next_seq = 0
+
+    def run(self, events: list[KVEvent]) -> int:
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                for h in ev.block_hashes:
+                    self.blocks.setdefault(h, set()).add(ev.medium)
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    if h in self.blocks:
+                        self.blocks[h].discard(ev.medium)
+                        if not self.blocks[h]:
+                            del self.blocks[h]
+            else:
+                self.blocks = {}
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq
+
+
+hash_lists = st.lists(st.sampled_from(UNIVERSE), min_size=1, max_size=6, unique=True)
+events_st = st.lists(
+    st.one_of(
+        st.builds(lambda hs, m: BlockStored(hs, None, [0] * len(hs), 1, medium=m),
+                  hash_lists, st.sampled_from(MEDIUMS)),
+        st.builds(lambda hs, m: BlockRemoved(hs, medium=m), hash_lists, st.sampled_from(MEDIUMS)),
+        st.just(AllBlocksCleared()),
+    ),
+    min_size=0,
+    max_size=4,
+)
+
+
+class IndexMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.index = KVIndex(clock=self.clock)
+        self.model = Model()
+        self.truth = {w: Truth() for w in WORKERS}
+
+    @rule(w=st.sampled_from(WORKERS), events=events_st, delivered=st.booleans())
+    def emit(self, w: str, events: list[KVEvent], delivered: bool) -> None:
+        """A worker publishes a batch; undelivered batches are lost on the wire."""
+        seq = self.truth[w].run(events)
+        if delivered:
+            self.index.apply(w, seq, events)
+            self.model.apply(w, seq, events)
+
+    @rule(w=st.sampled_from(WORKERS), delivered=st.booleans())
+    def restart(self, w: str, delivered: bool) -> None:
+        """A restarted worker's publisher begins again at seq 0 with AllBlocksCleared."""
+        self.truth[w] = Truth()
+        self.emit(w, [AllBlocksCleared()], delivered)
+
+    @rule(w=st.sampled_from(WORKERS))
+    def gap(self, w: str) -> None:
+        self.index.mark_approximate(w)
+        self.model.ensure(w)
+        self.model.blocks[w], self.model.approx[w] = {}, True
+
+    @rule(w=st.sampled_from(WORKERS))
+    def remove_worker(self, w: str) -> None:
+        self.index.remove_worker(w)
+        for d in (self.model.blocks, self.model.pred, self.model.approx, self.model.last):
+            d.pop(w, None)
+
+    @rule(w=st.sampled_from(WORKERS), chain=st.sampled_from(CHAINS), k=st.integers(1, 6),
+          ttl=st.sampled_from([0.5, 1.0, 2.0]))
+    def predict(self, w: str, chain: list[bytes], k: int, ttl: float) -> None:
+        self.index.predict(w, chain[:k], ttl)
+        self.model.ensure(w)
+        now = self.clock.now
+        for h in chain[:k]:
+            if h not in self.model.blocks[w]:
+                self.model.pred[w][h] = max(self.model.pred[w].get(h, -1.0), now + ttl)
+
+    @rule(dt=st.sampled_from([0.25, 0.5, 1.0]))
+    def tick(self, dt: float) -> None:
+        self.clock.now += dt
+
+    @invariant()
+    def lookups_agree(self) -> None:
+        now = self.clock.now
+        for chain in CHAINS:
+            for preds in (True, False):
+                assert self.index.longest_prefix(chain, preds) == \
+                    self.model.longest_prefix(chain, now, preds)
+
+    @invariant()
+    def per_worker_state_agrees(self) -> None:
+        assert sorted(self.index.workers()) == sorted(self.model.blocks)
+        for w in WORKERS:
+            assert self.index.is_approximate(w) == self.model.approx.get(w, False)
+            assert self.index.block_count(w) == len(self.model.blocks.get(w, {}))
+        for h in UNIVERSE:
+            expect = {(w, m) for w, b in self.model.blocks.items() for m in b.get(h, ())}
+            assert self.index.holders(h) == expect
+
+    @invariant()
+    def never_claims_more_than_the_worker_holds(self) -> None:
+        """Caught up with a worker's stream, the index holds exactly its blocks, or a subset
+        of them while approximate."""
+        for w in self.model.blocks:
+            if self.model.last[w] != self.truth[w].next_seq - 1:
+                continue
+            mine, real = self.model.blocks[w], self.truth[w].blocks
+            if self.model.approx[w]:
+                assert all(m <= real.get(h, set()) for h, m in mine.items())
+            else:
+                assert mine == real
+
+
+TestIndexMachine = IndexMachine.TestCase
+TestIndexMachine.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# ---- unit tests ----------------------------------------------------------------------------
+
+
+def test_longest_prefix_counts_leading_blocks_per_worker() -> None:
+    idx = KVIndex()
+    idx.apply("a", 0, [stored(*CHAIN_A)])
+    idx.apply("b", 0, [stored(*CHAIN_A[:3], CHAIN_A[4])])  # hole at block 3
+    idx.apply("c", 0, [stored(*CHAIN_A[1:])])  # lacks the first block
+    assert idx.longest_prefix(CHAIN_A) == {"a": 6, "b": 3}
+    assert idx.longest_prefix(CHAIN_B) == {"a": 2, "b": 2}
+    assert idx.longest_prefix([]) == {}
+    assert idx.block_count("b") == 4 and len(idx) == 6
+
+
+def test_removal_of_one_medium_keeps_the_block() -> None:
+    idx = KVIndex()
+    idx.apply("a", 0, [stored(H(1)), stored(H(1), medium="host")])
+    idx.apply("a", 1, [BlockRemoved([H(1)], medium="device")])
+    assert idx.holders(H(1)) == {("a", "host")}
+    idx.apply("a", 2, [BlockRemoved([H(1)], medium="host")])
+    assert idx.holders(H(1)) == set() and idx.longest_prefix([H(1)]) == {}
+
+
+def test_gap_then_clear_resyncs() -> None:
+    idx = KVIndex()
+    idx.apply("a", 0, [stored(H(1))])
+    idx.apply("a", 2, [stored(H(2))])  # seq 1 missing
+    assert idx.is_approximate("a") and idx.longest_prefix([H(1)]) == {}
+    assert idx.longest_prefix([H(2)]) == {"a": 1}
+    idx.apply("a", 3, [AllBlocksCleared(), stored(H(3))])
+    assert not idx.is_approximate("a") and idx.longest_prefix([H(3)]) == {"a": 1}
+
+
+def test_remove_worker_frees_its_slot_for_reuse() -> None:
+    idx = KVIndex()
+    idx.apply("a", 0, [stored(*CHAIN_A)])
+    idx.apply("b", 0, [stored(*CHAIN_A[:2])])
+    idx.remove_worker("a")
+    idx.remove_worker("nobody")
+    assert idx.longest_prefix(CHAIN_A) == {"b": 2} and len(idx) == 2
+    idx.apply("c", 0, [stored(CHAIN_A[0])])  # reuses a's bit: must not inherit its blocks
+    assert idx.longest_prefix(CHAIN_A) == {"b": 2, "c": 1}
+
+
+def test_not_an_event_is_rejected() -> None:
+    with pytest.raises(TypeError, match="not a KV event"):
+        KVIndex().apply("a", 0, ["BlockStored"])  # type: ignore[list-item]
+
+
+# ---- predictions ---------------------------------------------------------------------------
+
+
+def test_prediction_counts_until_its_ttl() -> None:
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    idx.predict("a", CHAIN_A[:4], ttl_s=2.0)
+    assert idx.longest_prefix(CHAIN_A) == {"a": 4}
+    assert idx.longest_prefix(CHAIN_A, include_predicted=False) == {}
+    clock.now += 1.999
+    assert idx.longest_prefix(CHAIN_A) == {"a": 4}
+    clock.now += 0.001
+    assert idx.longest_prefix(CHAIN_A) == {}
+    assert idx.stats()["a"].predicted == 0
+
+
+def test_prediction_is_replaced_by_the_real_store() -> None:
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    idx.predict("a", CHAIN_A[:4], ttl_s=1.0)
+    idx.apply("a", 0, [stored(*CHAIN_A[:2])])
+    assert idx.stats()["a"].predicted == 2
+    clock.now += 5
+    assert idx.longest_prefix(CHAIN_A) == {"a": 2}  # the stored part outlives the TTL
+
+
+def test_repredicting_extends_the_ttl() -> None:
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    idx.predict("a", CHAIN_A[:2], ttl_s=1.0)
+    clock.now += 0.5
+    idx.predict("a", CHAIN_A[:3], ttl_s=1.0)
+    clock.now += 0.75  # the first prediction's expiry has passed, the second's has not
+    assert idx.longest_prefix(CHAIN_A) == {"a": 3}
+    clock.now += 0.25
+    assert idx.longest_prefix(CHAIN_A) == {}
+
+
+def test_prediction_survives_a_gap_but_not_worker_removal() -> None:
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    idx.predict("a", CHAIN_A[:2], ttl_s=1.0)
+    idx.mark_approximate("a")
+    assert idx.longest_prefix(CHAIN_A) == {"a": 2} and idx.is_approximate("a")
+    idx.remove_worker("a")
+    assert idx.longest_prefix(CHAIN_A) == {} and idx.workers() == []
+
+
+def test_prediction_rejects_a_non_positive_ttl() -> None:
+    with pytest.raises(ValueError, match="ttl_s"):
+        KVIndex().predict("a", CHAIN_A, ttl_s=0)
