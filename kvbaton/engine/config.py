@@ -28,6 +28,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto", "sdpa" or "cpu_paged"
     num_threads: int | None = None
     seed: int = 0
+    lease_ttl_s: float = 30.0  # how long a prefill-only request's KV stays pinned for transfer
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -38,5 +39,7 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.lease_ttl_s <= 0:
+            raise ValueError("lease_ttl_s must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError("load_format must be 'auto' or 'dummy'")

@@ -15,6 +15,8 @@ import torch
 
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.engine.config import EngineConfig
+from kvbaton.engine.kv_handoff import ImportPlan, KVHandoff
+from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.model_runner import ModelRunner
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
@@ -74,6 +76,8 @@ class LLMEngine:
             self.pool, config.max_num_seqs, config.max_num_batched_tokens,
             config.enable_chunked_prefill,
         )
+        self.leases = LeaseTable(config.lease_ttl_s)
+        self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
         self.runner = ModelRunner(
             self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend
         )
@@ -141,11 +145,34 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        lease_ttl_s: float | None = None,
+        first_token: tuple[int, float | None] | None = None,
     ) -> str:
         """Queue a request; raises ValueError (naming the problem) for inputs that can never
         run: empty prompt, unknown token ids, or prompt + max_tokens beyond the context or
-        the whole KV cache."""
+        the whole KV cache.
+
+        ``lease_ttl_s``: a prefill-only request; when it finishes its prompt's blocks stay
+        pinned under a lease (``RequestOutput.kv_lease``) for a decode worker to fetch.
+        ``first_token``: the (token id, logprob) a prefill worker already sampled; generation
+        continues after it, recomputing the prompt here (the fallback when a transfer fails).
+        """
         params = params or SamplingParams()
+        req = self._new_request(prompt, params, request_id, cache_salt)
+        req.lease_ttl_s = lease_ttl_s
+        if first_token is not None:
+            self._append_first_token(req, first_token)
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _new_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None,
+        cache_salt: str | None,
+        new_id: bool = True,
+    ) -> Request:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -168,11 +195,67 @@ class LLMEngine:
                 f"request needs {need_blocks} KV blocks; the cache has {self.pool.num_blocks}"
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(
+        if new_id and (rid in self.scheduler.requests or rid in self.handoff.plans):
+            raise ValueError(f"duplicate request id {rid!r}")
+        return Request(
             rid, ids, params, self.root_hash(cache_salt), self.config.block_size, prompt=text,
         )
-        self.scheduler.add(req)
-        return rid
+
+    def _append_first_token(self, req: Request, first_token: tuple[int, float | None]) -> None:
+        tok, logprob = first_token
+        if not isinstance(tok, int) or not 0 <= tok < self.model_config.vocab_size:
+            raise ValueError(f"first token id must be an integer in [0, {self.model_config.vocab_size})")
+        req.token_ids.append(tok)
+        if req.params.logprobs is not None:
+            # Top-n alternatives of the first token stay on the prefill worker.
+            req.logprobs.append(0.0 if logprob is None else logprob)
+
+    # ---- KV handoff (disaggregated prefill/decode) ------------------------------------------
+
+    def reserve_import(
+        self,
+        prompt_token_ids: Sequence[int],
+        handle_hashes: Sequence[BlockHash],
+        request_id: str,
+        cache_salt: str | None = None,
+    ) -> ImportPlan | None:
+        """Reserve blocks for a prompt whose KV comes from a prefill worker (see
+        :mod:`kvbaton.engine.kv_handoff`); None when the cache cannot hold it right now."""
+        ids = list(prompt_token_ids)
+        self._new_request(ids, SamplingParams(max_tokens=1), request_id, cache_salt)  # validates
+        return self.handoff.reserve(request_id, ids, self.root_hash(cache_salt), tuple(handle_hashes))
+
+    def commit_import(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        first_token: tuple[int, float | None],
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queue the request whose blocks ``reserve_import`` reserved and a transfer filled."""
+        plan = self.handoff.plans.get(request_id)
+        if plan is None:
+            raise ValueError(f"no import reserved for request {request_id!r}")
+        try:
+            req = self._new_request(plan.prompt_token_ids, params, request_id, cache_salt, new_id=False)
+            self._append_first_token(req, first_token)
+        except ValueError:
+            self.handoff.cancel(request_id)
+            raise
+        self.handoff.commit(request_id, req)
+        return request_id
+
+    def cancel_import(self, request_id: str) -> bool:
+        """Free the blocks of a reserved import that will not be committed."""
+        return self.handoff.cancel(request_id)
+
+    def release_lease(self, lease_id: str) -> bool:
+        """End a lease now (its blocks are freed at the next ``collect_leases``)."""
+        return self.leases.release(lease_id)
+
+    def collect_leases(self) -> int:
+        """Free blocks of leases released or past their deadline; engine thread only."""
+        return self.handoff.collect_leases()
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request at any point; its blocks are freed. False if unknown/finished."""
@@ -185,6 +268,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that gained tokens or ended."""
+        self.handoff.collect_leases()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -214,20 +298,29 @@ class LLMEngine:
         prev_text = req.output_text
         # Detokenizing every step costs O(n) per token; do it only when someone reads it.
         text = self._detokenize(req) if (params.stop or self.incremental_detokenize) else None
+        end: tuple[str, str | int | None] | None = None
         if not params.ignore_eos and tok in self.eos_token_ids:
-            self.scheduler.finish(req, "stop", None)
+            end = ("stop", None)
         elif tok in params.stop_token_ids:
-            self.scheduler.finish(req, "stop", tok)
+            end = ("stop", tok)
         elif text is not None and (hit := self._find_stop(text, prev_text, params.stop)):
             text = text[: hit[0]]
-            self.scheduler.finish(req, "stop", hit[1])
+            end = ("stop", hit[1])
         elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
-            self.scheduler.finish(req, "length", None)
+            end = ("length", None)
+        lease = None
+        if end is not None:
+            hold = req.lease_ttl_s is not None
+            kept = self.scheduler.finish(req, end[0], end[1], keep_blocks=hold)
+            if hold:
+                lease = self.handoff.lease_out(req, kept, req.lease_ttl_s)  # type: ignore[arg-type]
         if text is None and req.finished:
             text = self._detokenize(req)
         if text is not None:
             req.output_text = text
-        return self._make_output(req)
+        out = self._make_output(req)
+        out.kv_lease = lease
+        return out
 
     @staticmethod
     def _find_stop(text: str, prev_text: str, stops: list[str]) -> tuple[int, str] | None:
@@ -268,7 +361,10 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         """Assert block accounting: every block's refs equal the live requests holding it."""
-        self.pool.check_integrity(self.scheduler.block_refs())
+        refs = self.scheduler.block_refs()
+        for b, n in self.handoff.block_refs().items():
+            refs[b] = refs.get(b, 0) + n
+        self.pool.check_integrity(refs)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -279,4 +375,9 @@ class LLMEngine:
             "prefix_cache_queries": self.pool.prefix_queries,
             "prefix_cache_hits": self.pool.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_leases_active": len(self.leases),
+            "kv_leases_created": self.leases.num_created,
+            "kv_leases_released": self.leases.num_released,
+            "kv_leases_expired": self.leases.num_expired,
+            "kv_blocks_imported": self.handoff.num_imported_blocks,
         }

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvbaton.engine.kv_handoff import LeaseInfo
 
 
 @dataclass
@@ -26,3 +30,4 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     new_token_ids: list[int] = field(default_factory=list)
+    kv_lease: LeaseInfo | None = None  # prefill-only requests: the lease on the prompt's KV

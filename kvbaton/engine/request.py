@@ -50,6 +50,8 @@ class Request:
     generator: torch.Generator | None = field(init=False, default=None)
     output_text: str = field(init=False, default="")
     num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
+    # Prefill-only: keep the prompt's blocks under a lease of this many seconds when finished.
+    lease_ttl_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -70,10 +70,17 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        """Mark ``req`` finished and free everything it holds."""
+    def finish(
+        self,
+        req: Request,
+        reason: str,
+        stop_reason: str | int | None = None,
+        keep_blocks: bool = False,
+    ) -> list[int]:
+        """Mark ``req`` finished and free everything it holds; with ``keep_blocks`` its block
+        references are returned to the caller instead (a lease takes them over)."""
         if req.finished:
-            return
+            return []
         req.status = RequestStatus.FINISHED
         req.finish_reason, req.stop_reason = reason, stop_reason
         if req in self.running:
@@ -83,8 +90,13 @@ class Scheduler:
                 self.waiting.remove(req)
             except ValueError:
                 pass
-        self._free_blocks(req)
+        kept: list[int] = []
+        if keep_blocks:
+            kept, req.block_ids, req.num_committed_blocks = req.block_ids, [], 0
+        else:
+            self._free_blocks(req)
         self.requests.pop(req.request_id, None)
+        return kept
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -125,6 +137,8 @@ class Scheduler:
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
+        if req.block_ids:
+            return self._admit_preloaded(req, budget, out)
         # Longest cached prefix, leaving at least one token to compute for the logits.
         hashes = req.full_block_hashes()
         max_blocks = (req.num_tokens - 1) // self.block_size
@@ -148,6 +162,18 @@ class Scheduler:
             req.num_cached_tokens = num_cached
             self.pool.prefix_queries += req.num_tokens
             self.pool.prefix_hits += num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        out.scheduled.append(ScheduledRequest(req, n))
+        return True
+
+    def _admit_preloaded(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
+        """Admit a request that arrived owning blocks with its prompt's KV already in them
+        (imported from a prefill worker): only its remaining tokens are computed."""
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if not self._ensure_blocks(req, req.num_computed_tokens + n):
+            return False
+        self.waiting.popleft()
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         out.scheduled.append(ScheduledRequest(req, n))
@@ -198,7 +224,8 @@ class Scheduler:
     def block_refs(self) -> dict[int, int]:
         """Block -> number of live requests holding it (for integrity checks)."""
         refs: dict[int, int] = {}
-        for req in self.running:
+        # Waiting requests hold blocks only when they arrived with imported KV.
+        for req in (*self.running, *self.waiting):
             for b in req.block_ids:
                 refs[b] = refs.get(b, 0) + 1
         return refs
