@@ -1,0 +1,242 @@
+"""TCP transport, client side: fetches blocks from a ``TransferServer`` (tcp_server.py).
+
+Block bytes go from the KV tensor's memory to the socket with ``sendmsg`` over memoryviews of
+the source rows (one iovec per run of contiguous blocks), and from the socket into the
+destination rows with ``recvmsg_into``; Python never copies a block. Each block's CRC-32 is
+checked on arrival. On CUDA tensors both ends stage through pinned host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import torch
+
+from kvbaton.kv.codec import checksum
+from kvbaton.kv.spec import KVSpec
+from kvbaton.kv.transfer import sockio, wire
+from kvbaton.kv.transfer.blocks import DEFAULT_STAGING_BYTES, BlockIO, check_kv
+from kvbaton.kv.transfer.handshake import client_handshake, remote_error, server_handshake
+from kvbaton.kv.transfer.sockio import Deadline
+from kvbaton.kv.transfer.transport import (
+    ChecksumError,
+    FetchStats,
+    PeerClosed,
+    ProtocolError,
+    Transport,
+    TransferError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Conn:
+    """One authenticated connection to a peer."""
+
+    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
+        self.sock = sock
+        self.key = key
+        self.reused = False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TransferClient(Transport):
+    """Fetches leased blocks from :class:`TransferServer` peers over TCP.
+
+    ``timeout_s`` bounds each whole call (connect, handshake, request, every payload byte):
+    size it for the largest fetch. Idle connections are kept per peer and reused (a reused one
+    the peer has meanwhile closed is replaced once, transparently). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        fingerprint: str,
+        secret: bytes | None = None,
+        timeout_s: float = 10.0,
+        max_idle_per_peer: int = 2,
+        socket_buffer_bytes: int | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self.max_idle_per_peer = max_idle_per_peer
+        self.socket_buffer_bytes = socket_buffer_bytes
+        self.staging_bytes = staging_bytes
+        self._spec_msg = wire.SpecMsg.of(spec)
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._staging: list[torch.Tensor] = []  # pinned CUDA staging buffers are slow to make: reuse
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def fetch(
+        self,
+        host: str,
+        port: int,
+        lease_id: str,
+        block_indexes: list[int],
+        dst: torch.Tensor,
+        dst_block_ids: list[int],
+    ) -> FetchStats:
+        """See :meth:`Transport.fetch`. On failure ``dst[dst_block_ids]`` holds unspecified bytes."""
+        self._check_fetch_args(block_indexes, dst, dst_block_ids)
+        t0 = time.perf_counter()
+        if not block_indexes:
+            return FetchStats(0, 0, 0.0)
+        n = len(block_indexes)
+        deadline = Deadline(self.timeout_s, f"fetch of {n} blocks (lease {lease_id!r}) from {host}:{port}")
+        conn, header = self._exchange(host, port, wire.FetchRequest(lease_id, list(block_indexes)), deadline)
+        try:
+            if not isinstance(header, wire.BlocksHeader):
+                raise ProtocolError(f"expected blocks, got {type(header).__name__}")
+            if header.block_bytes != self.spec.bytes_per_block or len(header.checksums) != n:
+                raise ProtocolError(
+                    f"server announced {len(header.checksums)} blocks of {header.block_bytes} bytes; "
+                    f"asked for {n} of {self.spec.bytes_per_block}"
+                )
+            self._receive(conn.sock, deadline, header.checksums, block_indexes, dst, dst_block_ids)
+        except BaseException:
+            conn.close()  # the stream may hold the rest of a payload: never reuse it
+            raise
+        self._checkin(conn)
+        return FetchStats(n * self.spec.bytes_per_block, n, time.perf_counter() - t0)
+
+    def release(self, host: str, port: int, lease_id: str) -> bool:
+        """See :meth:`Transport.release`."""
+        deadline = Deadline(self.timeout_s, f"release of lease {lease_id!r} at {host}:{port}")
+        conn, reply = self._exchange(host, port, wire.ReleaseRequest(lease_id), deadline)
+        if isinstance(reply, wire.ReleaseReply):
+            self._checkin(conn)
+            return reply.released
+        conn.close()
+        raise ProtocolError(f"expected released, got {type(reply).__name__}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+            self._staging.clear()
+        for c in conns:
+            c.close()
+
+    def __enter__(self) -> "TransferClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_fetch_args(self, block_indexes: list[int], dst: torch.Tensor, dst_block_ids: list[int]) -> None:
+        check_kv(dst, self.spec, "dst")
+        if len(block_indexes) != len(dst_block_ids):
+            raise ValueError(
+                f"block_indexes has {len(block_indexes)} entries but dst_block_ids has {len(dst_block_ids)}"
+            )
+        if any(i < 0 for i in block_indexes):
+            raise ValueError("block_indexes must be >= 0")
+        bad = [b for b in dst_block_ids if not 0 <= b < dst.shape[0]]
+        if bad:
+            raise ValueError(f"dst_block_ids {bad[:5]} are outside dst's {dst.shape[0]} blocks")
+        if len(set(dst_block_ids)) != len(dst_block_ids):
+            raise ValueError("dst_block_ids contains duplicates")
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        deadline: Deadline,
+        checksums: list[int],
+        block_indexes: list[int],
+        dst: torch.Tensor,
+        dst_block_ids: list[int],
+    ) -> None:
+        io = self._block_io(dst)
+        try:
+            for chunk in io.write(dst_block_ids):
+                sockio.recv_all(sock, chunk.iov, deadline)
+                for k, view in enumerate(chunk.blocks):
+                    pos = chunk.start + k
+                    if checksum(view) != checksums[pos]:
+                        raise ChecksumError(
+                            f"block {pos} of the fetch (lease index {block_indexes[pos]}, destination "
+                            f"block {dst_block_ids[pos]}) failed its CRC-32 check",
+                            pos,
+                            block_indexes[pos],
+                            dst_block_ids[pos],
+                        )
+        finally:
+            if io.staging is not None:
+                with self._lock:
+                    self._staging.append(io.staging)
+
+    def _block_io(self, dst: torch.Tensor) -> BlockIO:
+        if dst.device.type != "cuda":
+            return BlockIO(dst, self.spec)
+        with self._lock:
+            spare = self._staging.pop() if self._staging else None
+        if spare is not None and spare.numel() < self.spec.bytes_per_block:
+            spare = None
+        return BlockIO(dst, self.spec, self.staging_bytes, staging=spare)
+
+    def _exchange(
+        self, host: str, port: int, msg: wire.Message, deadline: Deadline
+    ) -> tuple[_Conn, wire.Message]:
+        """Send one request and read its reply frame, retrying once if a cached connection is stale."""
+        for attempt in range(2):
+            conn = self._checkout(host, port, deadline, allow_idle=attempt == 0)
+            try:
+                sockio.send_msg(conn.sock, msg, deadline)
+                reply = sockio.recv_msg(conn.sock, deadline)
+            except PeerClosed:
+                conn.close()
+                if conn.reused and attempt == 0:
+                    continue  # the peer dropped it while idle; nothing was processed
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if isinstance(reply, wire.Error):
+                # A refused request leaves the stream in sync, so the connection stays usable.
+                self._checkin(conn)
+                raise remote_error(reply)
+            return conn, reply
+        raise AssertionError("unreachable")
+
+    def _checkout(self, host: str, port: int, deadline: Deadline, allow_idle: bool) -> _Conn:
+        key = (host, port)
+        with self._lock:
+            if self._closed:
+                raise TransferError("the client is closed")
+            idle = self._idle.get(key)
+            if allow_idle and idle:
+                conn = idle.pop()
+                conn.reused = True
+                return conn
+        sock = sockio.connect(host, port, deadline, self.socket_buffer_bytes)
+        try:
+            client_handshake(sock, self._spec_msg, self.fingerprint, self.secret, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock, key)
+
+    def _checkin(self, conn: _Conn) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(conn.key, [])
+            if not self._closed and len(idle) < self.max_idle_per_peer:
+                idle.append(conn)
+                return
+        conn.close()

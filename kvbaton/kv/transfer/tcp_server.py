@@ -1,0 +1,328 @@
+"""TCP transport, server side: serves one worker's leased KV blocks to its peers.
+
+One thread accepts; each connection gets its own thread (the socket calls and CRC-32 release
+the GIL). A connection handshakes once, then serves any number of fetch and release requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbaton.kv.codec import checksum
+from kvbaton.kv.spec import KVSpec
+from kvbaton.kv.transfer import sockio, wire
+from kvbaton.kv.transfer.blocks import DEFAULT_STAGING_BYTES, BlockIO, check_kv
+from kvbaton.kv.transfer.handshake import server_handshake
+from kvbaton.kv.transfer.sockio import Deadline
+from kvbaton.kv.transfer.transport import (
+    AuthError,
+    BlockSource,
+    LeaseError,
+    PeerClosed,
+    ProtocolError,
+    SpecMismatch,
+    TransferError,
+    TransferTimeout,
+    TransportServer,
+)
+
+log = logging.getLogger(__name__)
+_JOIN_S = 5.0
+
+
+@dataclass
+class Faults:
+    """TEST-ONLY misbehaviour injected into fetch payloads: ``server.faults = Faults(...)``.
+
+    Applies to every fetch until reset to None. Byte counts are of block payload (after the
+    header frame). The source tensor is never modified.
+    """
+
+    corrupt_block_index: int | None = None  # flip a byte of the block at this fetch position, on the wire
+    stall_after_bytes: int | None = None  # then stop sending until the client hangs up or the server stops
+    close_after_bytes: int | None = None  # then drop the connection
+
+
+@dataclass
+class ServerStats:
+    """Counters of what the server did and refused (read them; the server updates them)."""
+
+    connections: int = 0
+    fetches: int = 0
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+    releases: int = 0
+    auth_failures: int = 0
+    spec_mismatches: int = 0
+    lease_errors: int = 0
+    errors: list[str] = field(default_factory=list)  # last few connection failures, for debugging
+
+
+class _LeaseChecksums:
+    """Per-lease block checksums, computed on the first send: blocks under a lease are immutable.
+
+    Bounded (least recently used leases dropped), so leases that expire unreleased cost little.
+    """
+
+    def __init__(self, max_leases: int = 4096) -> None:
+        self.max_leases = max_leases
+        self._by_lease: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, lease_id: str, block_ids: list[int]) -> list[int | None]:
+        with self._lock:
+            known = self._by_lease.get(lease_id)
+            if known is None:
+                return [None] * len(block_ids)
+            self._by_lease.move_to_end(lease_id)
+            return [known.get(b) for b in block_ids]
+
+    def put(self, lease_id: str, block_ids: list[int], sums: list[int]) -> None:
+        with self._lock:
+            known = self._by_lease.setdefault(lease_id, {})
+            self._by_lease.move_to_end(lease_id)
+            known.update(zip(block_ids, sums))
+            while len(self._by_lease) > self.max_leases:
+                self._by_lease.popitem(last=False)
+
+    def drop(self, lease_id: str) -> None:
+        with self._lock:
+            self._by_lease.pop(lease_id, None)
+
+
+class TransferServer(TransportServer):
+    """Serves blocks of ``kv`` (CPU or CUDA, block-first, of ``spec``) under the leases of ``source``.
+
+    ``io_timeout_s`` bounds a handshake and the sending of one reply (a client that stops
+    reading is dropped); ``idle_timeout_s`` closes connections with no request for that long.
+    With ``secret`` set, only peers holding the same secret are served.
+    """
+
+    def __init__(
+        self,
+        kv: torch.Tensor,
+        spec: KVSpec,
+        fingerprint: str,
+        source: BlockSource,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        secret: bytes | None = None,
+        io_timeout_s: float = 30.0,
+        idle_timeout_s: float = 300.0,
+        max_connections: int = 256,
+        socket_buffer_bytes: int | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ) -> None:
+        check_kv(kv, spec, "kv")
+        self.kv, self.spec, self.fingerprint, self.source = kv, spec, fingerprint, source
+        self.host, self.port, self.secret = host, port, secret
+        self.io_timeout_s, self.idle_timeout_s = io_timeout_s, idle_timeout_s
+        self.max_connections = max_connections
+        self.socket_buffer_bytes, self.staging_bytes = socket_buffer_bytes, staging_bytes
+        self.faults: Faults | None = None
+        self.stats = ServerStats()
+        self._spec_msg = wire.SpecMsg.of(spec)
+        self._checksums = _LeaseChecksums()
+        self._listener: socket.socket | None = None
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._acceptor: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the transfer server is not started")
+        return self.host, self.port
+
+    def start(self) -> "TransferServer":
+        if self._listener is not None:
+            raise RuntimeError("the transfer server is already started")
+        self._listener = sockio.listen(self.host, self.port, self.socket_buffer_bytes)
+        self.port = self._listener.getsockname()[1]
+        self._listener.settimeout(0.2)  # so the accept loop notices stop() promptly
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"kv-transfer-accept:{self.port}", daemon=True)
+        self._acceptor.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._acceptor is not None:
+            self._acceptor.join(_JOIN_S)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = dict(self._conns)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv or send
+            except OSError:
+                pass
+        for thread in conns.values():
+            thread.join(_JOIN_S)
+
+    def put_checksums(self, lease_id: str, block_ids: list[int], checksums: list[int]) -> None:
+        """Hand over checksums computed elsewhere (``codec.block_checksums`` when the lease was
+        made) so sends skip computing them. Without this they are computed on the first send."""
+        if len(block_ids) != len(checksums):
+            raise ValueError(f"{len(block_ids)} block_ids but {len(checksums)} checksums")
+        self._checksums.put(lease_id, list(block_ids), list(checksums))
+
+    def __enter__(self) -> "TransferServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("kv transfer server: accept failed: %s", exc)
+                self._stopping.wait(0.1)
+                continue
+            sockio.configure(sock)
+            thread = threading.Thread(target=self._serve, args=(sock, peer), name=f"kv-transfer:{peer}", daemon=True)
+            with self._lock:
+                if len(self._conns) >= self.max_connections or self._stopping.is_set():
+                    sock.close()
+                    continue
+                self._conns[sock] = thread
+                self.stats.connections += 1
+            thread.start()
+
+    def _serve(self, sock: socket.socket, peer: object) -> None:
+        try:
+            server_handshake(sock, self._spec_msg, self.fingerprint, self.secret, Deadline(self.io_timeout_s, f"handshake with {peer}"))
+            io = BlockIO(self.kv, self.spec, self.staging_bytes)
+            while not self._stopping.is_set():
+                req = sockio.recv_msg(sock, Deadline(self.idle_timeout_s, f"waiting for a request from {peer}"))
+                deadline = Deadline(self.io_timeout_s, f"reply to {peer}")
+                if isinstance(req, wire.FetchRequest):
+                    if not self._fetch(sock, io, req, deadline):
+                        return
+                elif isinstance(req, wire.ReleaseRequest):
+                    self._checksums.drop(req.lease_id)
+                    released = self._call_source(sock, deadline, self.source.release, req.lease_id)
+                    if released is not None:
+                        self._count(releases=1)
+                        sockio.send_msg(sock, wire.ReleaseReply(bool(released)), deadline)
+                else:
+                    sockio.send_msg(sock, wire.Error("protocol", f"unexpected {type(req).__name__}"), deadline)
+                    return
+        except (PeerClosed, TransferTimeout) as exc:
+            if not self._stopping.is_set():
+                log.debug("kv transfer server: %s", exc)
+        except TransferError as exc:
+            self._record_failure(exc, peer)
+        except Exception:
+            log.exception("kv transfer server: connection from %s failed", peer)
+        finally:
+            with self._lock:
+                self._conns.pop(sock, None)
+            sock.close()
+
+    def _record_failure(self, exc: TransferError, peer: object) -> None:
+        if isinstance(exc, AuthError):
+            self._count(auth_failures=1)
+            log.warning("kv transfer server: refused %s: %s", peer, exc)
+        elif isinstance(exc, SpecMismatch):
+            self._count(spec_mismatches=1)
+            log.warning("kv transfer server: refused %s: %s", peer, exc)
+        else:
+            log.info("kv transfer server: connection from %s: %s", peer, exc)
+        with self._lock:
+            self.stats.errors = [*self.stats.errors[-9:], f"{type(exc).__name__}: {exc}"]
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, d in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + d)
+
+    def _call_source(self, sock: socket.socket, deadline: Deadline, fn, *args):  # noqa: ANN001, ANN202
+        """``fn(*args)``, or None after telling the client why it failed."""
+        try:
+            return fn(*args)
+        except LeaseError as exc:
+            self._count(lease_errors=1)
+            self._checksums.drop(args[0])
+            sockio.send_msg(sock, wire.Error("lease", str(exc)), deadline)
+        except Exception as exc:
+            log.exception("kv transfer server: block source failed")
+            sockio.send_msg(sock, wire.Error("internal", f"block source failed: {type(exc).__name__}: {exc}"), deadline)
+        return None
+
+    # -- fetch ------------------------------------------------------------------------------
+
+    def _fetch(self, sock: socket.socket, io: BlockIO, req: wire.FetchRequest, deadline: Deadline) -> bool:
+        """Serve one fetch; False when the connection must close (a fault was injected)."""
+        ids = self._call_source(sock, deadline, self.source.resolve, req.lease_id, req.block_indexes)
+        if ids is None:
+            return True
+        ids = [int(b) for b in ids]
+        if len(ids) != len(req.block_indexes) or any(not 0 <= b < io.num_blocks for b in ids):
+            log.error("kv transfer server: block source resolved %s to invalid block ids", req.lease_id)
+            sockio.send_msg(sock, wire.Error("internal", "block source returned invalid block ids"), deadline)
+            return True
+        sums = self._checksums.get(req.lease_id, ids)
+        missing = [p for p, s in enumerate(sums) if s is None]
+        if missing:
+            missing_ids = [ids[p] for p in missing]
+            computed = [checksum(v) for chunk in io.read(missing_ids) for v in chunk.blocks]
+            self._checksums.put(req.lease_id, missing_ids, computed)
+            for p, s in zip(missing, computed):
+                sums[p] = s
+        sockio.send_msg(sock, wire.BlocksHeader(io.block_bytes, sums), deadline)
+        faults = self.faults
+        if faults is not None:
+            return self._send_faulty(sock, io, ids, deadline, faults)
+        for chunk in io.read(ids):
+            sockio.send_all(sock, chunk.iov, deadline)
+        self._count(fetches=1, blocks_sent=len(ids), bytes_sent=len(ids) * io.block_bytes)
+        return True
+
+    def _send_faulty(self, sock: socket.socket, io: BlockIO, ids: list[int], deadline: Deadline, faults: Faults) -> bool:
+        limit = faults.stall_after_bytes if faults.stall_after_bytes is not None else faults.close_after_bytes
+        sent = 0
+        for chunk in io.read(ids):
+            iov: list[memoryview] = list(chunk.blocks)
+            k = (faults.corrupt_block_index if faults.corrupt_block_index is not None else -1) - chunk.start
+            if 0 <= k < len(iov):
+                bad = bytearray(iov[k])  # a copy: the source block stays intact
+                bad[len(bad) // 2] ^= 0xFF
+                iov[k] = memoryview(bad)
+            if limit is not None:
+                iov = _first_bytes(iov, limit - sent)
+            sockio.send_all(sock, iov, deadline)
+            sent += sum(len(v) for v in iov)
+            if limit is not None and sent >= limit:
+                if faults.stall_after_bytes is not None:
+                    while not self._stopping.is_set() and not select.select([sock], [], [], 0.05)[0]:
+                        pass  # until the client hangs up (readable at EOF) or the server stops
+                return False
+        return True
+
+
+def _first_bytes(iov: list[memoryview], n: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for v in iov:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= len(out[-1])
+    return out
