@@ -1,0 +1,196 @@
+"""The router's FastAPI app: the cluster's OpenAI-compatible front door.
+
+``/v1/completions`` and ``/v1/chat/completions`` (streaming or not), ``/v1/models``,
+``/health`` (200 while at least one decode-capable worker is healthy, else 503) and
+``/metrics``. Requests are validated and tokenized here (:mod:`frontend`), run over the
+workers by the :class:`Orchestrator`, and formatted for the client (:mod:`responses`).
+
+Client disconnects: while the router waits for the first token or collects a whole response
+it watches the connection, and a client that leaves cancels the work (the worker streams
+are closed, which aborts the requests there, and an unconsumed KV lease is released); a
+streaming response closes its worker stream however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvbaton.router.config import RouterConfig
+from kvbaton.router.frontend import Frontend, Prepared
+from kvbaton.router.metrics import CONTENT_TYPE, RouterMetrics
+from kvbaton.router.orchestrator import Job, Orchestrator
+from kvbaton.router.policies import PrefixOverlap
+from kvbaton.router.pool import WorkerPool
+from kvbaton.router.relay import MidStreamError, RelayStream
+from kvbaton.router.responses import ClientView
+from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
+from kvbaton.worker.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+
+T = TypeVar("T")
+
+
+class RouterState:
+    """What the routes share: config, pool, metrics, frontend, orchestrator."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Any | None = None,
+                 overlap: PrefixOverlap | None = None) -> None:
+        self.config = config
+        self.pool = WorkerPool(config)
+        self.metrics = RouterMetrics(self.pool)
+        self.frontend = Frontend(config, tokenizer)
+        self.orchestrator = Orchestrator(config, self.pool, self.metrics, overlap)
+        self.created = int(time.time())
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM: refuse new requests and report 'draining' on /health."""
+        self.draining = True
+
+    def mid_stream_failure(self, stream: RelayStream, e: MidStreamError) -> None:
+        self.metrics.worker_errors.labels(stream.worker.url, e.kind).inc()
+        self.metrics.request_failures.labels("mid_stream").inc()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """``await work``, or cancel it and return None if the client leaves first (a
+    RelayStream it produced anyway is closed)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        return None
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if not task.cancelled() and task.exception() is None:
+                result = task.result()
+                if isinstance(result, RelayStream):
+                    await result.aclose()
+
+
+class _RelayResponse(StreamingResponse):
+    """SSE response that closes its worker stream however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], stream: RelayStream, on_done: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream = stream
+        self._on_done = on_done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
+            self._on_done()
+
+
+async def _collect(state: RouterState, view: ClientView, job: Job, stream: RelayStream) -> dict[str, Any]:
+    """A whole response; a stream that breaks is retried (the client has seen nothing)."""
+    while True:
+        try:
+            return await view.body(stream)
+        except MidStreamError as e:
+            state.metrics.worker_errors.labels(stream.worker.url, e.kind).inc()
+            failure = e
+        finally:
+            await stream.aclose()
+        try:
+            stream = await state.orchestrator.retry(job, failure.kind)
+        except ApiError:
+            state.metrics.request_failures.labels("mid_stream").inc()
+            raise failure.error from None
+
+
+def create_app(config: RouterConfig, tokenizer: Any | None = None,
+               overlap: PrefixOverlap | None = None) -> FastAPI:
+    """The router app; its lifespan discovers the workers and runs the health poller.
+    ``tokenizer`` overrides the one loaded from ``config.model``; ``overlap`` is the
+    prefix-overlap provider (default: nothing cached)."""
+    state = RouterState(config, tokenizer, overlap)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.pool.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            await state.orchestrator.drain()
+            await state.pool.stop()
+
+    app = FastAPI(title="kvbaton router", lifespan=lifespan)
+    app.state.router = state
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    install_error_handlers(app)
+
+    async def serve(request: Request, prep: Prepared, arrival: float) -> Response:
+        if state.draining:
+            raise ApiError(503, "the router is shutting down", None, "service_unavailable")
+        job = state.orchestrator.new_job(prep.request_id, prep.token_ids, prep.max_tokens, prep.fields, arrival)
+        stream = await until_disconnect(request, state.orchestrator.open(job))
+        if stream is None:
+            return Response(status_code=499)
+        view = ClientView(prep)
+        if prep.stream:
+            events = view.events(stream, lambda e: state.mid_stream_failure(stream, e))
+            return _RelayResponse(events, stream, lambda: state.orchestrator.finished(job))
+        try:
+            body = await until_disconnect(request, _collect(state, view, job, stream))
+        finally:
+            await stream.aclose()
+            state.orchestrator.finished(job)
+        return Response(status_code=499) if body is None else JSONResponse(body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        prep = await state.frontend.completion(body, state.pool.max_model_len())
+        return await serve(request, prep, arrival)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        prep = await state.frontend.chat(body, state.pool.max_model_len())
+        return await serve(request, prep, arrival)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": state.created, "owned_by": "kvbaton",
+                 "root": config.model, "max_model_len": state.pool.max_model_len()}
+                for n in config.model_names
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = bool(state.pool.decode_candidates())
+        status = "draining" if state.draining else ("ok" if ok else "unhealthy")
+        body = {"status": status, "workers": [w.describe() for w in state.pool.workers]}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

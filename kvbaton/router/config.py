@@ -1,0 +1,207 @@
+"""RouterConfig: the flat, frozen set of knobs of the router, and its command-line flags.
+
+Every field has one flag (``add_router_args``); validation errors name the flag, so the CLI
+can hand them to ``parser.error`` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from kvbaton.router.policies import POLICIES
+
+# Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
+# the decode worker itself: below it a remote prefill costs more (an extra HTTP leg and a KV
+# transfer) than it saves. A placeholder until the lead measures the crossover.
+DEFAULT_DISAGG_MIN_TOKENS = 256
+DEFAULT_POLICY = "least_load"
+ROLES = ("prefill", "decode", "both")
+
+
+def normalize_worker_url(url: str, flag: str = "--worker") -> str:
+    """``http://host:port`` (trailing ``/`` and ``/v1`` dropped); ValueError naming ``flag``."""
+    text = url.strip().rstrip("/")
+    if text.endswith("/v1"):
+        text = text[: -len("/v1")]
+    try:
+        parsed = httpx.URL(text)
+    except Exception as e:  # httpx raises InvalidURL and friends
+        raise ValueError(f"{flag}: invalid URL {url!r}: {e}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{flag}: expected http://HOST:PORT, got {url!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Settings of one router process.
+
+    Workers come from three lists: ``workers`` (role discovered from the worker's
+    ``/kv/info``), ``prefill_workers`` and ``decode_workers`` (used only for that role; the
+    worker must report that role or ``both``). Timeouts are seconds: ``connect_timeout_s``
+    for opening any connection to a worker, ``prefill_timeout_s`` for the whole prefill leg,
+    ``request_timeout_s`` for each wait on the decode stream (its first token, then every gap
+    between chunks), ``health_timeout_s`` for ``/health``, ``/kv/info``, ``/kv/release``.
+    """
+
+    workers: tuple[str, ...] = ()
+    prefill_workers: tuple[str, ...] = ()
+    decode_workers: tuple[str, ...] = ()
+    model: str = "smollm2-135m"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefill_policy: str = DEFAULT_POLICY
+    decode_policy: str = DEFAULT_POLICY
+    disagg_min_tokens: int = DEFAULT_DISAGG_MIN_TOKENS
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 1.0
+    connect_timeout_s: float = 2.0
+    prefill_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0
+    # Retries of a request that failed before its first token reached the client, each on a
+    # decode worker not tried yet.
+    max_retries: int = 1
+    api_key: str | None = None
+    # Sent as 'Authorization: Bearer ...' to workers started with --api-key.
+    worker_api_key: str | None = None
+    max_request_bytes: int = 8 << 20
+    drain_timeout_s: float = 5.0
+    max_logprobs: int = 20
+    # As the worker: chat requests without max_tokens generate at most this many tokens (and
+    # never past the context); completions default to 16.
+    default_chat_max_tokens: int = 1024
+    default_completion_max_tokens: int = 16
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        lists = (("workers", "--worker"), ("prefill_workers", "--prefill"), ("decode_workers", "--decode"))
+        for name, flag in lists:
+            urls = tuple(normalize_worker_url(u, flag) for u in getattr(self, name))
+            for u in urls:
+                if u in seen:
+                    raise ValueError(f"{flag}: worker {u} is listed twice")
+                seen.add(u)
+            object.__setattr__(self, name, urls)
+        if not seen:
+            raise ValueError("--worker: at least one worker URL is required (or --prefill/--decode)")
+        if not self.workers and not self.decode_workers:
+            raise ValueError("--decode: at least one decode-capable worker (--worker or --decode) is required")
+        for name, flag in (("prefill_policy", "--prefill-policy"), ("decode_policy", "--decode-policy")):
+            value = getattr(self, name)
+            if value not in POLICIES:
+                raise ValueError(f"{flag}: unknown policy {value!r} (known: {', '.join(sorted(POLICIES))})")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.disagg_min_tokens < 0:
+            raise ValueError(f"--disagg-min-tokens: must be >= 0, got {self.disagg_min_tokens}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries: must be >= 0, got {self.max_retries}")
+        positive = (
+            ("health_interval_s", "--health-interval"), ("health_timeout_s", "--health-timeout"),
+            ("connect_timeout_s", "--connect-timeout"), ("prefill_timeout_s", "--prefill-timeout"),
+            ("request_timeout_s", "--request-timeout"),
+        )
+        for name, flag in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag}: must be > 0, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout: must be >= 0, got {self.drain_timeout_s}")
+        if self.max_request_bytes < 1024:
+            raise ValueError("--max-request-bytes: must be >= 1024")
+        if self.default_chat_max_tokens < 1 or self.default_completion_max_tokens < 1:
+            raise ValueError("default max tokens must be >= 1")
+
+    def worker_specs(self) -> list[tuple[str, str | None]]:
+        """(url, declared role or None) for every worker, in flag order."""
+        return (
+            [(u, None) for u in self.workers]
+            + [(u, "prefill") for u in self.prefill_workers]
+            + [(u, "decode") for u in self.decode_workers]
+        )
+
+    @property
+    def model_names(self) -> list[str]:
+        """The names the API accepts in ``model``: the served name first, then ``model``."""
+        return list(dict.fromkeys(n for n in (self.served_model_name, self.model) if n))
+
+
+def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
+    """Add the router's flags to ``parser``.
+
+    ``common=False`` leaves out the flags a combined command (``kvbaton serve``) already has
+    for its workers: ``--model``, ``--host``, ``--port``, ``--api-key``,
+    ``--served-model-name``, ``--max-request-bytes``, ``--drain-timeout``, ``--log-level``,
+    and the worker lists; pass their values to ``router_config_from_args`` as overrides.
+    """
+    if common:
+        parser.add_argument("--worker", action="append", default=[], metavar="URL",
+                            help="a worker (role from its /kv/info); repeatable")
+        parser.add_argument("--prefill", action="append", default=[], metavar="URL",
+                            help="a worker used only for prefill legs; repeatable")
+        parser.add_argument("--decode", action="append", default=[], metavar="URL",
+                            help="a worker used only for decode legs; repeatable")
+        parser.add_argument("--model", default="smollm2-135m",
+                            help="tokenizer/chat template source, as for workers: built-in name, .gguf or HF dir")
+        parser.add_argument("--served-model-name", default=None,
+                            help="another name the API accepts in the 'model' field")
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+        parser.add_argument("--api-key", default=None,
+                            help="require 'Authorization: Bearer KEY' (/health and /metrics stay open)")
+        parser.add_argument("--max-request-bytes", type=int, default=8 << 20)
+        parser.add_argument("--drain-timeout", type=float, default=5.0,
+                            help="seconds in-flight requests may finish after SIGTERM")
+        parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    names = ", ".join(sorted(POLICIES))
+    parser.add_argument("--policy", default=None, help=f"placement policy for both legs ({names})")
+    parser.add_argument("--prefill-policy", default=None, help=f"policy for prefill legs (default {DEFAULT_POLICY})")
+    parser.add_argument("--decode-policy", default=None, help=f"policy for decode legs (default {DEFAULT_POLICY})")
+    parser.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS,
+                        help="prefill remotely only when at least this many prompt tokens are uncached "
+                             "on the chosen decode worker")
+    parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between worker /health polls")
+    parser.add_argument("--health-timeout", type=float, default=1.0,
+                        help="timeout of /health, /kv/info and /kv/release calls")
+    parser.add_argument("--connect-timeout", type=float, default=2.0, help="timeout to connect to a worker")
+    parser.add_argument("--prefill-timeout", type=float, default=60.0, help="timeout of a whole prefill leg")
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="longest wait for the decode worker's first token and between its chunks")
+    parser.add_argument("--max-retries", type=int, default=1,
+                        help="retries on another decode worker before the first token reached the client")
+    parser.add_argument("--worker-api-key", default=None, help="bearer token the router sends to workers")
+
+
+def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig:
+    """The RouterConfig of parsed flags; ``overrides`` replace fields (e.g. the worker URLs
+    ``serve`` started). ValueError names the offending flag."""
+    if args.policy is not None and (args.prefill_policy or args.decode_policy):
+        raise ValueError("--policy: give either --policy or --prefill-policy/--decode-policy, not both")
+    kw: dict[str, Any] = dict(
+        prefill_policy=args.policy or args.prefill_policy or DEFAULT_POLICY,
+        decode_policy=args.policy or args.decode_policy or DEFAULT_POLICY,
+        disagg_min_tokens=args.disagg_min_tokens,
+        health_interval_s=args.health_interval,
+        health_timeout_s=args.health_timeout,
+        connect_timeout_s=args.connect_timeout,
+        prefill_timeout_s=args.prefill_timeout,
+        request_timeout_s=args.request_timeout,
+        max_retries=args.max_retries,
+        worker_api_key=args.worker_api_key,
+    )
+    common = dict(
+        workers="worker", prefill_workers="prefill", decode_workers="decode", model="model",
+        served_model_name="served_model_name", host="host", port="port", api_key="api_key",
+        max_request_bytes="max_request_bytes", drain_timeout_s="drain_timeout", log_level="log_level",
+    )
+    for name, attr in common.items():
+        if hasattr(args, attr):
+            value = getattr(args, attr)
+            kw[name] = tuple(value) if isinstance(value, list) else value
+    kw.update(overrides)
+    return RouterConfig(**kw)

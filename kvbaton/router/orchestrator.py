@@ -1,0 +1,360 @@
+"""The disaggregated flow (DESIGN.md §4) and its failure outcomes.
+
+For each request: choose a decode worker; if the prompt part it does not hold is at least
+``disagg_min_tokens`` and a prefill worker is available, run the prefill leg there and send
+the decode leg with the KV handle it returned, else send the decode leg alone (the decode
+worker prefills). Outcomes, none of which hangs (every call has a timeout):
+
+- prefill leg unreachable, timed out, 5xx or a bad handle: the decode worker prefills
+  (a fallback, counted by reason); a 4xx is the client's fault and is returned as is;
+- the first token already ends the request (EOS, a stop, or ``max_tokens`` 1): answered from
+  the prefill response (path ``direct``) and the lease released;
+- decode leg fails before its first chunk (unreachable, 5xx, transfer failure 502, error
+  event, dropped, timed out): retried on another decode worker (``max_retries``), keeping the
+  handle only if the failed worker never received it; else the client gets the error;
+- a worker's 4xx: returned unchanged, never retried;
+- an unconsumed handle (the decode leg never produced a chunk, the client left, an error) is
+  released with ``POST /kv/release`` on the prefill worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from kvbaton.kv.handle import KVHandle
+from kvbaton.kv.hashing import hash_block_chain, root_hash
+from kvbaton.router.config import RouterConfig
+from kvbaton.router.metrics import RouterMetrics
+from kvbaton.router.policies import NoPrefixOverlap, PrefixOverlap, RoutingRequest, make_policy
+from kvbaton.router.pool import Worker, WorkerPool
+from kvbaton.router.relay import (
+    CLEANUP_TIMEOUT_S, DONE, LegFailure, RelayStream, WorkerApiError, close_quietly, sse_events,
+    transport_failure,
+)
+from kvbaton.worker.protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefilled:
+    """A prefill leg's answer: the handle (raw, forwarded unchanged) and where it lives."""
+
+    worker: Worker
+    handle: KVHandle
+    raw: dict[str, Any]
+    response: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """One client request as the orchestrator runs it.
+
+    ``fields`` are the sampling fields forwarded verbatim to both legs (temperature, seed,
+    stop, logprobs, cache_salt...). ``lease`` is a prefill answer whose handle no decode
+    worker has consumed yet: whoever clears it owns releasing it.
+    """
+
+    routing: RoutingRequest
+    fields: dict[str, Any]
+    arrival: float
+    retries_left: int
+    routed_at: float = 0.0
+    path: str | None = None  # set when the first chunk arrives (disagg, local, direct)
+    tried: list[Worker] = field(default_factory=list)
+    lease: Prefilled | None = None
+
+
+class Orchestrator:
+    """Runs requests over the worker pool: placement, the two legs, retries, fallbacks."""
+
+    def __init__(
+        self, config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,
+        overlap: PrefixOverlap | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.overlap = overlap or NoPrefixOverlap()
+        self.prefill_policy = make_policy(config.prefill_policy, self.overlap)
+        self.decode_policy = make_policy(config.decode_policy, self.overlap)
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self.pool.client is not None, "the worker pool is not started"
+        return self.pool.client
+
+    # ---- jobs and placement ------------------------------------------------------------
+
+    def new_job(self, request_id: str, token_ids: list[int], max_tokens: int,
+                fields: dict[str, Any], arrival: float) -> Job:
+        """A job with the prompt's block hashes under the cluster's model fingerprint."""
+        salt = fields.get("cache_salt")
+        fp, bs = self.pool.cluster.fingerprint, self.pool.cluster.block_size
+        hashes = tuple(hash_block_chain(root_hash(fp, salt), token_ids, bs)) if fp and bs else ()
+        routing = RoutingRequest(request_id, tuple(token_ids), hashes, bs, salt, max_tokens)
+        return Job(routing, fields, arrival, self.config.max_retries)
+
+    def place(self, job: Job) -> tuple[Worker, Worker | None]:
+        """The decode worker and, when the request is worth disaggregating, a prefill one."""
+        req = job.routing
+        candidates = self.pool.decode_candidates(exclude=job.tried)
+        if not candidates:
+            raise ApiError(503, "no healthy decode worker is available", None, "service_unavailable")
+        decoder = self.decode_policy.choose(req, candidates, "decode")
+        cached = min(self.overlap.cached_tokens(req, decoder), req.num_prompt_tokens)
+        if req.num_prompt_tokens - cached < self.config.disagg_min_tokens or decoder.model_fingerprint is None:
+            return decoder, None
+        prefills = self.pool.prefill_candidates(exclude=[decoder])
+        if not prefills:
+            if self.pool.has_dedicated_prefill():
+                self.metrics.fallbacks.labels("no_prefill_worker").inc()
+            return decoder, None
+        return decoder, self.prefill_policy.choose(req, prefills, "prefill")
+
+    # ---- the flow ------------------------------------------------------------------------
+
+    async def open(self, job: Job) -> RelayStream:
+        """Run the request up to its first chunk. Raises ApiError (incl. a worker's 4xx as
+        WorkerApiError) if it fails before that; a cancelled call leaves nothing behind."""
+        try:
+            decoder, prefiller = self.place(job)
+            job.routed_at = time.monotonic()
+            if prefiller is not None:
+                job.lease = await self._prefill(job, prefiller)
+                if job.lease is not None and self._finished_by_first_token(job, job.lease):
+                    return self._direct(job, job.lease)
+            return await self._decode(job, decoder)
+        except BaseException:
+            self.release_lease(job)
+            raise
+
+    async def retry(self, job: Job, reason: str) -> RelayStream:
+        """After a mid-stream failure nobody saw (non-streaming clients): the whole request
+        again on another decode worker, prefilled there. ApiError if none is left."""
+        nxt = self._next_decoder(job)
+        if nxt is None:
+            raise ApiError(502, f"decode failed ({reason}) and no other decode worker is available",
+                           None, "upstream_error")
+        job.retries_left -= 1
+        self.metrics.retries.labels(reason).inc()
+        return await self._decode(job, nxt)
+
+    def _next_decoder(self, job: Job) -> Worker | None:
+        if job.retries_left <= 0:
+            return None
+        candidates = self.pool.decode_candidates(exclude=job.tried)
+        return self.decode_policy.choose(job.routing, candidates, "decode") if candidates else None
+
+    def _finished_by_first_token(self, job: Job, pre: Prefilled) -> bool:
+        return pre.handle.finish_reason is not None or job.routing.max_tokens == 1
+
+    def _record_first(self, job: Job, path: str) -> None:
+        """Routing time, TTFT and the path, once per request (a retry after a mid-stream
+        failure is the same request)."""
+        if job.path is None:
+            job.path = path
+            self.metrics.ttft_routing.labels(path).observe(job.routed_at - job.arrival)
+            self.metrics.ttft.labels(path).observe(time.monotonic() - job.arrival)
+            self.metrics.requests.labels(path).inc()
+
+    # ---- prefill leg ---------------------------------------------------------------------
+
+    async def _prefill(self, job: Job, worker: Worker) -> Prefilled | None:
+        """The prefill leg; None (fallback counted) when the decode worker should prefill."""
+        body = {
+            "model": worker.model_name, "prompt": list(job.routing.token_ids), **job.fields,
+            "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True},
+        }
+        timeout = httpx.Timeout(self.config.prefill_timeout_s, connect=self.config.connect_timeout_s)
+        started = time.monotonic()
+        in_flight = self.pool.begin(worker, job.routing.num_prompt_tokens)
+        try:
+            r = await self.client.post(f"{worker.url}/v1/completions", json=body, timeout=timeout)
+        except httpx.HTTPError as e:
+            failure = transport_failure(worker, e, "prefill")
+            if failure.kind == "connect":
+                self.pool.mark_down(worker, str(failure))
+            return self._prefill_fallback(worker, failure.kind, str(failure))
+        finally:
+            in_flight.done()
+        if 400 <= r.status_code < 500:
+            raise WorkerApiError(r.status_code, _json_or_text(r))
+        if r.status_code != 200:
+            return self._prefill_fallback(worker, "http_5xx", f"answered {r.status_code}")
+        data = _json_or_text(r)
+        raw = data.get("kv_transfer_params") if isinstance(data, dict) else None
+        try:
+            handle = KVHandle.from_dict(raw)
+            if handle.num_prompt_tokens != job.routing.num_prompt_tokens:
+                raise ValueError("kv_transfer_params.num_prompt_tokens: not the prompt's length")
+        except ValueError as e:
+            if isinstance(raw, dict) and isinstance(raw.get("lease_id"), str):
+                self._spawn(self._release(worker, raw["lease_id"]))
+            return self._prefill_fallback(worker, "bad_handle", str(e))
+        self.metrics.ttft_prefill.labels("disagg").observe(time.monotonic() - started)
+        return Prefilled(worker, handle, raw, data)  # type: ignore[arg-type]
+
+    def _prefill_fallback(self, worker: Worker, kind: str, detail: str) -> None:
+        log.warning("prefill leg on %s failed (%s: %s); the decode worker prefills", worker.url, kind, detail)
+        self.metrics.worker_errors.labels(worker.url, kind).inc()
+        self.metrics.fallbacks.labels(f"prefill_{kind}").inc()
+        return None
+
+    def _direct(self, job: Job, pre: Prefilled) -> RelayStream:
+        """Answer from the prefill response: its first token already ended the request."""
+        self.release_lease(job)
+        choice = dict((pre.response.get("choices") or [{}])[0])
+        choice["finish_reason"] = pre.handle.finish_reason or "length"
+        self._record_first(job, "direct")
+        stream = RelayStream(pre.worker, "direct", {"choices": [choice]})
+        stream.usage = pre.response.get("usage")
+        return stream
+
+    # ---- decode leg ----------------------------------------------------------------------
+
+    async def _decode(self, job: Job, decoder: Worker) -> RelayStream:
+        """The decode leg up to its first chunk, retried on other decode workers."""
+        while True:
+            job.tried.append(decoder)
+            try:
+                return await self._open_decode(job, decoder)
+            except LegFailure as f:
+                self.metrics.worker_errors.labels(decoder.url, f.kind).inc()
+                if f.kind == "connect":
+                    self.pool.mark_down(decoder, str(f))
+                if not f.handle_intact:
+                    self.release_lease(job)
+                nxt = self._next_decoder(job)
+                if nxt is None:
+                    self.metrics.request_failures.labels("before_first_token").inc()
+                    raise f.client_error from None
+                log.warning("decode leg on %s failed (%s); retrying on %s", decoder.url, f, nxt.url)
+                job.retries_left -= 1
+                self.metrics.retries.labels(f.kind).inc()
+                decoder = nxt
+
+    async def _open_decode(self, job: Job, worker: Worker) -> RelayStream:
+        req = job.routing
+        body: dict[str, Any] = {
+            "model": worker.model_name, "prompt": list(req.token_ids), **job.fields,
+            "max_tokens": req.max_tokens, "stream": True, "stream_options": {"include_usage": True},
+        }
+        lease = job.lease
+        if lease is not None:
+            body["kv_transfer_params"] = lease.raw
+        path = "disagg" if lease is not None else "local"
+        timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
+        request = self.client.build_request("POST", f"{worker.url}/v1/completions", json=body, timeout=timeout)
+        in_flight = self.pool.begin(worker, req.num_prompt_tokens + req.max_tokens)
+        started = time.monotonic()
+        response: httpx.Response | None = None
+        try:
+            try:
+                response = await self.client.send(request, stream=True)
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._decode_status_failure(job, worker, response)
+                events = sse_events(response)
+                first = await anext(events, DONE)
+            except httpx.HTTPError as e:
+                raise transport_failure(worker, e, "decode") from None
+            if first == DONE:
+                raise LegFailure("dropped", ApiError(
+                    502, f"decode worker {worker.url} ended the stream before any token", None,
+                    "upstream_error"))
+            assert isinstance(first, dict)
+            if "error" in first:
+                raise LegFailure("error_event", WorkerApiError(502, first))
+        except BaseException:
+            in_flight.done()
+            await close_quietly(response)
+            raise
+        first_at = time.monotonic()
+        job.lease = None  # tokens come after the transfer: the handle is consumed
+        first_decode = job.path is None
+        self._record_first(job, path)
+        if path == "local" and first_decode:
+            self.metrics.ttft_first_decode.labels(path).observe(first_at - started)
+
+        def on_usage(chunk: dict[str, Any]) -> None:
+            if path == "disagg":
+                self._record_transfer(chunk.get("kv_transfer_params"), first_at - started)
+
+        return RelayStream(worker, path, first, events, response, in_flight, on_usage)
+
+    def _decode_status_failure(self, job: Job, worker: Worker, r: httpx.Response) -> Exception:
+        body = _json_or_text(r)
+        if 400 <= r.status_code < 500:
+            return WorkerApiError(r.status_code, body)
+        if r.status_code == 502 and job.lease is not None:
+            self.metrics.transfer_failures.labels("failed").inc()
+            return LegFailure("transfer_failed", WorkerApiError(502, body))
+        return LegFailure("http_5xx", WorkerApiError(r.status_code, body))
+
+    def _record_transfer(self, kv: Any, first_chunk_s: float) -> None:
+        """Metrics from the decode worker's report (the usage chunk's kv_transfer_params)."""
+        if not isinstance(kv, dict):
+            return
+        outcome = str(kv.get("outcome", "unknown"))
+        self.metrics.transfers.labels(outcome).inc()
+        if outcome == "recomputed":
+            self.metrics.transfer_failures.labels("recomputed").inc()
+        nbytes = kv.get("bytes")
+        if isinstance(nbytes, (int, float)) and nbytes > 0:
+            self.metrics.transfer_bytes.inc(nbytes)
+        transfer_s = kv.get("transfer_s")
+        transfer_s = float(transfer_s) if isinstance(transfer_s, (int, float)) and transfer_s >= 0 else 0.0
+        self.metrics.ttft_transfer.labels("disagg").observe(transfer_s)
+        self.metrics.ttft_first_decode.labels("disagg").observe(max(0.0, first_chunk_s - transfer_s))
+
+    def finished(self, job: Job) -> None:
+        """The response to the client ended (however it ended)."""
+        if job.path is not None:
+            self.metrics.e2e.labels(job.path).observe(time.monotonic() - job.arrival)
+
+    # ---- leases and background work ------------------------------------------------------
+
+    def release_lease(self, job: Job) -> None:
+        """Release the job's unconsumed lease, if any, in the background (safe to call from a
+        cancelled task: the release runs in its own task)."""
+        lease, job.lease = job.lease, None
+        if lease is not None:
+            self._spawn(self._release(lease.worker, lease.handle.lease_id))
+
+    async def _release(self, worker: Worker, lease_id: str) -> None:
+        try:
+            r = await self.client.post(f"{worker.url}/kv/release", json={"lease_id": lease_id},
+                                       timeout=self.config.health_timeout_s)
+            released = r.status_code == 200 and bool(_json_or_text(r).get("released"))
+            result = "released" if released else ("gone" if r.status_code == 200 else "failed")
+        except (httpx.HTTPError, AttributeError):
+            result = "failed"
+        if result == "failed":
+            # The lease's TTL frees the blocks anyway; this only costs that long.
+            log.warning("could not release lease %s on %s", lease_id, worker.url)
+        self.metrics.lease_releases.labels(result).inc()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait (bounded) for background releases to finish; called at shutdown."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=CLEANUP_TIMEOUT_S + self.config.health_timeout_s)
+
+
+def _json_or_text(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
