@@ -238,15 +238,11 @@ class TransferServer(TransportServer):
             sock.close()
 
     def _record_failure(self, exc: TransferError, peer: object) -> None:
-        if isinstance(exc, AuthError):
-            self._count(auth_failures=1)
-            log.warning("kv transfer server: refused %s: %s", peer, exc)
-        elif isinstance(exc, SpecMismatch):
-            self._count(spec_mismatches=1)
-            log.warning("kv transfer server: refused %s: %s", peer, exc)
-        else:
-            log.info("kv transfer server: connection from %s: %s", peer, exc)
-        with self._lock:
+        counter = {AuthError: "auth_failures", SpecMismatch: "spec_mismatches"}.get(type(exc))
+        log.log(logging.WARNING if counter else logging.INFO, "kv transfer server: refused %s: %s", peer, exc)
+        with self._lock:  # one step, so a reader never sees the count without the message
+            if counter:
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             self.stats.errors = [*self.stats.errors[-9:], f"{type(exc).__name__}: {exc}"]
 
     def _count(self, **deltas: int) -> None:
@@ -274,7 +270,18 @@ class TransferServer(TransportServer):
         ids = self._call_source(sock, deadline, self.source.resolve, req.lease_id, req.block_indexes)
         if ids is None:
             return True
-        ids = [int(b) for b in ids]
+        # A source may pin the lease while its blocks are read (so an expiry mid-send cannot
+        # hand them to another request); ``end`` unpins, whatever happens to the send.
+        end = getattr(self.source, "end", None)
+        try:
+            return self._send_blocks(sock, io, req, [int(b) for b in ids], deadline)
+        finally:
+            if end is not None:
+                end(req.lease_id)
+
+    def _send_blocks(
+        self, sock: socket.socket, io: BlockIO, req: wire.FetchRequest, ids: list[int], deadline: Deadline
+    ) -> bool:
         if len(ids) != len(req.block_indexes) or any(not 0 <= b < io.num_blocks for b in ids):
             log.error("kv transfer server: block source resolved %s to invalid block ids", req.lease_id)
             sockio.send_msg(sock, wire.Error("internal", "block source returned invalid block ids"), deadline)

@@ -87,6 +87,9 @@ class BlockSource(Protocol):
         """Free the lease's blocks. True if it was held, False if already released or expired."""
         ...
 
+    # Optional: ``end(lease_id)`` is called after every successful ``resolve`` once the
+    # blocks were sent (or the send failed), so a source can pin a lease while it is read.
+
 
 class Transport(ABC):
     """Client side of the data plane: copies leased blocks from a peer's KV into local blocks.
