@@ -132,6 +132,7 @@ async def send_turn(client: httpx.AsyncClient, endpoint: Endpoint, session: "Ses
     pieces: list[str] = []
     chunk_times: list[float] = []
     done = finished = False
+    finish_time = 0.0
     usage: dict[str, Any] | None = None
     start = time.perf_counter()
     rec.start_s = start - run_start
@@ -154,7 +155,8 @@ async def send_turn(client: httpx.AsyncClient, endpoint: Endpoint, session: "Ses
                     rec.error = f"stream error: {str(msg)[:MAX_ERROR_CHARS]}"
                     return rec
                 text, fin = _chunk_text(chunk)
-                finished = finished or fin
+                if fin and not finished:
+                    finished, finish_time = True, time.perf_counter()
                 if text:
                     chunk_times.append(time.perf_counter())
                     pieces.append(text)
@@ -171,8 +173,13 @@ async def send_turn(client: httpx.AsyncClient, endpoint: Endpoint, session: "Ses
         rec.error = "stream ended before [DONE]"
         return rec
     if not chunk_times:
-        rec.error = "no content in the response"
-        return rec
+        # Tokens that decode to no text yet (a partial UTF-8 character, held back by the
+        # server) still count when usage says they were generated: the first text-bearing
+        # event is then the one that finished the request.
+        if not (usage and usage.get("completion_tokens") and finished):
+            rec.error = "no content in the response"
+            return rec
+        chunk_times.append(finish_time)
     rec.ok = True
     rec.text = "".join(pieces)
     rec.ttft_s = chunk_times[0] - start

@@ -108,8 +108,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
     """The aggregate metrics of one run, keyed as in `vllm bench serve`'s result JSON.
 
     Throughputs divide by ``duration_s`` (the run's wall time). ``input_lens``, ``output_lens``,
-    ``ttfts`` (s) and ``itls`` (s, one list per request) list completed requests only;
-    ``errors`` holds the first distinct failure messages, ``failed`` counts them all.
+    ``ttfts`` (s), ``itls`` (s, one list per request) and ``e2els`` (s, ours) list completed
+    requests only; ``errors`` holds the first distinct failure messages (vLLM keeps one per
+    request), ``failed`` counts them all.
     """
     percentiles = tuple(percentiles)
     done = [r for r in records if r.ok]
@@ -137,6 +138,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
         "output_lens": [r.output_tokens for r in done],
         "ttfts": [r.ttft_s for r in done],
         "itls": [list(r.itls_s) for r in done],
+        "e2els": [r.e2el_s for r in done],
         "errors": errors,
     }
     out.update(_latency_block(done, percentiles))

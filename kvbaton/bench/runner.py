@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -53,25 +54,41 @@ class WorkloadOptionError(ValueError):
     """The workload name or one of its options is invalid (the message names it)."""
 
 
-def build_sessions(cfg: BenchConfig, seed: int | None = None, tokenizer: Any = None) -> list:
-    """The workload's sessions for ``seed`` (default ``cfg.seed``)."""
+def make_bench_workload(cfg: BenchConfig, seed: int | None = None, tokenizer: Any = None) -> Any:
+    """The configured workload for ``seed`` (default ``cfg.seed``); its options are checked
+    here, the sessions are only built by ``workload_sessions``."""
     from kvbaton.bench.workloads import make_workload
 
     tok = tokenizer if tokenizer is not None else load_bench_tokenizer(cfg)
     try:
-        wl = make_workload(cfg.workload, tokenizer=tok, seed=cfg.seed if seed is None else seed,
-                           num_sessions=cfg.num_prompts, **dict(cfg.workload_options))
-        return list(wl.sessions())
-    except (ValueError, OSError) as e:  # bad option, unreadable trace or tokenizer path
+        return make_workload(cfg.workload, tokenizer=tok, seed=cfg.seed if seed is None else seed,
+                             num_sessions=cfg.num_prompts, **dict(cfg.workload_options))
+    except ValueError as e:
         raise WorkloadOptionError(str(e)) from None
+
+
+def workload_sessions(workload: Any) -> list:
+    """The workload's sessions; WorkloadOptionError for what only building them finds (e.g. an
+    unreadable or malformed trace file)."""
+    try:
+        return list(workload.sessions())
+    except (ValueError, OSError) as e:
+        raise WorkloadOptionError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str | None) -> Any:
+    # One object per name: the corpus caches its tokenized text per tokenizer object, so
+    # repeated runs in one process (sweeps, tests) tokenize it once.
+    from kvbaton.bench.workloads import load_tokenizer
+
+    return load_tokenizer(name)
 
 
 def load_bench_tokenizer(cfg: BenchConfig) -> Any:
     """The tokenizer the workload measures prompt lengths with (``--tokenizer``)."""
-    from kvbaton.bench.workloads import load_tokenizer
-
     try:
-        return load_tokenizer(cfg.tokenizer)
+        return _tokenizer(cfg.tokenizer)
     except (ValueError, OSError) as e:
         raise WorkloadOptionError(f"--tokenizer {cfg.tokenizer}: {e}") from None
 
@@ -186,8 +203,9 @@ async def _run_async(cfg: BenchConfig, sessions: Sequence, seed: int, load: Load
 def run_bench(cfg: BenchConfig, sessions: Sequence | None = None) -> dict:
     """Run the configured workload once; the result dict (vLLM-style keys plus ours)."""
     if sessions is None:
+        workload = make_bench_workload(cfg)
         check_servers(cfg, [cfg.base_url])
-        sessions = build_sessions(cfg)
+        sessions = workload_sessions(workload)
     return asyncio.run(_run_async(cfg, sessions, cfg.seed, cfg.load, "bench"))
 
 
@@ -199,13 +217,14 @@ def run_sweep(cfg: BenchConfig, concurrencies: Sequence[int]) -> dict:
     """
     if not concurrencies or any(c < 1 for c in concurrencies):
         raise ValueError("concurrency levels must be integers >= 1")
-    check_servers(cfg, [cfg.base_url])
     tok = load_bench_tokenizer(cfg)
+    workloads = [make_bench_workload(cfg, seed=cfg.seed + i, tokenizer=tok) for i in range(len(concurrencies))]
+    check_servers(cfg, [cfg.base_url])
     levels = []
     for i, c in enumerate(concurrencies):
         seed = cfg.seed + i
         load = dataclasses.replace(cfg.load, max_concurrency=c, seed=seed)
-        sessions = build_sessions(cfg, seed=seed, tokenizer=tok)
+        sessions = workload_sessions(workloads[i])
         levels.append(asyncio.run(_run_async(cfg, sessions, seed, load, f"concurrency {c}")))
     xs = [float(c) for c in concurrencies]
     knee = find_knee(xs, [lv["output_throughput"] or 0.0 for lv in levels])
@@ -296,5 +315,6 @@ def run_compare(cfg: BenchConfig, targets: Sequence[tuple[str, str]], rounds: in
         raise ValueError(f"target names must be distinct, got {names}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    workload = make_bench_workload(cfg)
     check_servers(cfg, [url for _, url in targets])
-    return asyncio.run(_compare_async(cfg, targets, build_sessions(cfg), rounds))
+    return asyncio.run(_compare_async(cfg, targets, workload_sessions(workload), rounds))
