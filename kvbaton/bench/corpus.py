@@ -141,6 +141,13 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def head_text(tokenizer: Any, text: str, n: int) -> str:
+    """The start of ``text`` that covers its first ``n`` tokens (all of it if it has fewer), so
+    a shorter piece is a true prefix of a longer one, token for token."""
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if n >= len(spans) else text[: spans[n - 1][1]]
+
+
 class TextSampler:
     """Cuts seeded windows of the corpus into text of an exact token length.
 
