@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -67,6 +68,18 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-request-bytes", type=int, default=8 << 20)
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests may finish after SIGTERM before being aborted")
+    k = p.add_argument_group("KV transfer (disaggregated prefill/decode)")
+    k.add_argument("--kv-port", type=int, default=0,
+                   help="port of this worker's KV transfer server (prefill roles; 0 = any free)")
+    k.add_argument("--kv-secret", default=os.environ.get("KVBATON_KV_SECRET"),
+                   help="shared secret that authenticates transfer peers (HMAC); default "
+                        "$KVBATON_KV_SECRET; use it whenever workers span hosts")
+    k.add_argument("--kv-transfer-timeout", type=float, default=10.0,
+                   help="seconds one KV fetch may take before it counts as failed")
+    k.add_argument("--kv-transfer-failure", default="recompute", choices=["recompute", "fail"],
+                   help="what a decode request does when its KV fetch fails")
+    k.add_argument("--kv-lease-ttl", type=float, default=30.0,
+                   help="seconds a prefill worker keeps a prompt's KV pinned for the decode side")
 
 
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
@@ -78,9 +91,12 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
         wcfg = WorkerConfig(
             host=args.host, port=args.port, role=role, api_key=args.api_key,
             served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
-            drain_timeout_s=args.drain_timeout, log_level=args.log_level,
+            drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
+            kv_secret=args.kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
+            kv_transfer_failure=args.kv_transfer_failure,
         )
-        ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args))
+        ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len,
+                            lease_ttl_s=args.kv_lease_ttl, **_engine_kwargs(args))
     except ValueError as e:
         parser.error(str(e))
     try:
@@ -118,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate, parser=g)
     w = sub.add_parser("worker", help="run one engine behind an OpenAI-compatible HTTP API")
     w.add_argument("--role", default="both", choices=["prefill", "decode", "both"],
-                   help="disaggregation role (only 'both' serves whole requests today)")
+                   help="prefill: answers prefill-only requests with a KV handle; decode: "
+                        "imports KV by handle; both: either (every role serves whole requests)")
     _add_engine_args(w)
     _add_worker_args(w, default_port=8100)
     w.set_defaults(func=_cmd_worker, parser=w)

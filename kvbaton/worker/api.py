@@ -8,6 +8,7 @@ all encoding (prompts, chat templates) happens on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -19,12 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.kv.handle import KVHandle
 from kvbaton.worker.async_engine import AsyncEngine
 from kvbaton.worker.stream import (
     EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream,
 )
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
+from kvbaton.worker.kv_connector import KVConnector
 from kvbaton.worker.metrics import CONTENT_TYPE, WorkerMetrics
 from kvbaton.worker.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields,
@@ -50,6 +53,8 @@ class WorkerState:
         self.root_model = engine.config.model
         self.created = int(time.time())
         self.draining = False
+        self.worker_id = f"{config.role}-{uuid.uuid4().hex[:12]}"
+        self.kv = KVConnector(engine, self.engine, config, self.worker_id, self.metrics.registry)
 
     def resolve_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
@@ -192,6 +197,71 @@ async def _respond(
     return JSONResponse(body(final))
 
 
+async def _prefill_only(
+    request: Request, state: WorkerState, body: CompletionRequest, name: str,
+    prompt: str | list[int], params: SamplingParams, rid: str,
+) -> Response:
+    """Run the prompt, sample the first token, and answer with a KV handle (the blocks stay
+    leased for the decode worker)."""
+    if state.config.role == "decode":
+        raise ApiError(400, "kv_transfer_params: this is a decode worker; send prefill-only "
+                       "requests to a prefill worker", "kv_transfer_params", "invalid_value")
+    if body.stream:
+        raise ApiError(400, "stream: a prefill-only request (do_remote_decode) answers once; "
+                       "set stream to false", "stream", "invalid_value")
+    one = dataclasses.replace(params, max_tokens=1)
+    gen = GenerationRequest(one, prompt=prompt, cache_salt=body.cache_salt,
+                            lease_ttl_s=state.engine.engine.leases.default_ttl_s)
+    stream = await _start(state, gen, rid, {}, "prompt")
+    final = await _collect(request, stream, state.engine)
+    if final is None:
+        return Response(status_code=499)
+    if final.kv_lease is None:  # aborted (drain) before the prompt finished
+        raise ApiError(503, "the prefill was aborted", None, "service_unavailable")
+    handle = state.kv.handle_for(final, body.max_tokens)
+    return JSONResponse(completion_response(state, final, body, name, {"kv_transfer_params": handle}))
+
+
+async def _with_handle(
+    state: WorkerState, body: CompletionRequest, prompt: str | list[int], params: SamplingParams,
+    rid: str, ktp: dict[str, Any],
+) -> tuple[GenerationRequest, dict[str, Any]]:
+    """A decode request with a KV handle: import the prompt's KV (or, if that fails, recompute
+    it here or refuse, by policy) and continue after the first token."""
+    if state.config.role == "prefill":
+        raise ApiError(400, "kv_transfer_params: this is a prefill worker; it does not import "
+                       "KV", "kv_transfer_params", "invalid_value")
+    try:
+        handle = KVHandle.from_dict(ktp)
+    except ValueError as e:
+        raise ApiError(400, str(e), "kv_transfer_params", "invalid_value") from None
+    if not isinstance(prompt, list):
+        raise ApiError(400, "prompt: a request with a KV handle must send the prompt as token "
+                       "ids", "prompt", "invalid_type")
+    if params.max_tokens < 2:
+        raise ApiError(400, "max_tokens: must be >= 2 with a KV handle (the prefill worker "
+                       "already sampled the first token)", "max_tokens", "invalid_value")
+    if state.draining:
+        raise ApiError(503, "the worker is shutting down", None, "service_unavailable")
+    first = (handle.first_token_id, handle.first_token_logprob)
+    try:
+        res = await state.kv.import_kv(rid, prompt, handle, body.cache_salt)
+    except ValueError as e:
+        raise _value_error(e, {}, "prompt") from None
+    if res.plan is not None:
+        gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt,
+                                first_token=first, imported=True)
+        return gen, {"kv_transfer_params": res.report()}
+    if state.config.kv_transfer_failure == "fail":
+        state.kv.count_failure(recomputed=False)
+        raise ApiError(502, f"KV transfer failed: {res.error}", "kv_transfer_params",
+                       "kv_transfer_failed")
+    state.kv.count_failure(recomputed=True)
+    res.outcome = "recomputed"
+    gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt, first_token=first)
+    return gen, {"kv_transfer_params": res.report()}
+
+
 def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
     """The worker app; its lifespan starts and stops the engine thread."""
     state = WorkerState(engine, config)
@@ -199,10 +269,12 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
+        state.kv.start()
         try:
             yield
         finally:
             state.draining = True
+            state.kv.stop()
             await state.engine.stop()
 
     app = FastAPI(title="kvbaton worker", lifespan=lifespan)
@@ -226,13 +298,19 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         max_tokens = config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
         params = _sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
+        ktp = body.kv_transfer_params
+        if ktp is not None and ktp.get("do_remote_decode"):
+            return await _prefill_only(request, state, body, name, prompt, params, rid)
         gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt)
+        extras: dict[str, Any] | None = None
+        if ktp is not None:
+            gen, extras = await _with_handle(state, body, prompt, params, rid, ktp)
         stream = await _start(state, gen, rid, {}, "prompt")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
             request, state, stream, body.stream,
-            lambda: completion_events(state, stream, body, name, params, include_usage),
-            lambda final: completion_response(state, final, body, name),
+            lambda: completion_events(state, stream, body, name, params, include_usage, extras),
+            lambda final: completion_response(state, final, body, name, extras),
         )
 
     @app.post("/v1/chat/completions")
@@ -263,6 +341,21 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
             lambda: chat_events(state, stream, body, name, params, include_usage),
             lambda final: chat_response(state, final, body, name),
         )
+
+    @app.get("/kv/info")
+    async def kv_info() -> dict[str, Any]:
+        return state.kv.info()
+
+    @app.post("/kv/release")
+    async def kv_release(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        lease_id = body.get("lease_id") if isinstance(body, dict) else None
+        if not isinstance(lease_id, str):
+            raise ApiError(400, "lease_id: required string", "lease_id", "invalid_value")
+        return {"released": state.engine.engine.release_lease(lease_id)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -52,7 +52,7 @@ class _Abort:
 @dataclass
 class _Call:
     fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None  # None: fire and forget (``post``)
 
 
 class _Stop:
@@ -190,6 +190,18 @@ class AsyncEngine:
         self._dispatch_aborted(rids, time.monotonic())
         return len(rids)
 
+    def post(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Run ``fn(engine)`` on the engine thread soon, without waiting (cleanups that must
+        happen even from a cancelled coroutine). Errors are logged."""
+
+        def run(eng: LLMEngine) -> None:
+            try:
+                fn(eng)
+            except Exception:  # noqa: BLE001
+                log.exception("posted engine call failed")
+
+        self._cmds.put(_Call(run, None))
+
     async def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 10.0) -> T:
         """Run ``fn(engine)`` on the engine thread between steps and return its result."""
         self._check_accepting()
@@ -249,8 +261,8 @@ class AsyncEngine:
         self._streams.clear()
 
     @staticmethod
-    def _resolve(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
-        if fut.done():
+    def _resolve(fut: asyncio.Future[Any] | None, result: Any = None, exc: BaseException | None = None) -> None:
+        if fut is None or fut.done():
             return
         if exc is not None:
             fut.set_exception(exc)
@@ -273,6 +285,7 @@ class AsyncEngine:
                 self.last_heartbeat = time.monotonic()
                 if not self._handle_commands(block=not eng.has_unfinished_requests()):
                     break
+                eng.collect_leases()  # released/expired leases free their blocks even when idle
                 outputs = eng.step() if eng.has_unfinished_requests() else []
                 # Publish stats before the outputs, so a client that saw its request end
                 # never reads a snapshot from before that step.
@@ -308,7 +321,8 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if isinstance(cmd, (_Add, _Call)):
-                self._post(self._resolve, cmd.future, None, stopped)
+                if cmd.future is not None:
+                    self._post(self._resolve, cmd.future, None, stopped)
         try:
             self.stats_snapshot = self.engine.stats()
         except Exception:  # noqa: BLE001
@@ -368,5 +382,12 @@ class AsyncEngine:
             params = dataclasses.replace(
                 params, max_tokens=max(1, min(req.default_max_tokens, room))
             )
-        eng.add_request(prompt, params, request_id, req.cache_salt)
+        if req.imported:
+            assert req.first_token is not None
+            eng.commit_import(request_id, params, req.first_token, req.cache_salt)
+        else:
+            eng.add_request(
+                prompt, params, request_id, req.cache_salt,
+                lease_ttl_s=req.lease_ttl_s, first_token=req.first_token,
+            )
         self._live.add(request_id)

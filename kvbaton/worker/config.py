@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES = ("prefill", "decode", "both")
+TRANSFER_FAILURE_POLICIES = ("recompute", "fail")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """Settings of one worker process besides its engine's :class:`EngineConfig`.
 
-    ``role`` is stored and reported (``/health``, ``/v1/models``); only ``both`` serves whole
-    requests today, the disaggregated roles arrive with the router. ``served_model_name`` is
+    ``role``: ``prefill`` workers answer prefill-only requests with a KV handle and serve the
+    leased blocks; ``decode`` workers fetch them; ``both`` do either and also serve whole
+    requests (every role serves whole requests: that is the fallback). ``served_model_name`` is
     an extra name the API accepts in the ``model`` field besides the engine's ``--model``.
     """
 
@@ -34,12 +36,28 @@ class WorkerConfig:
     default_chat_max_tokens: int = 1024
     default_completion_max_tokens: int = 16
     log_level: str = "WARNING"
+    # KV transfer (disaggregation): the transfer server's port (0 = any free one), a shared
+    # secret that authenticates peers (HMAC over the handshake), how long one fetch may take,
+    # and what a decode request does when its fetch fails.
+    kv_port: int = 0
+    kv_secret: str | None = None
+    kv_transfer_timeout_s: float = 10.0
+    kv_transfer_failure: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.kv_port < 65536:
+            raise ValueError(f"kv_port must be in [0, 65535], got {self.kv_port}")
+        if self.kv_transfer_timeout_s <= 0:
+            raise ValueError("kv_transfer_timeout_s must be > 0")
+        if self.kv_transfer_failure not in TRANSFER_FAILURE_POLICIES:
+            raise ValueError(
+                f"kv_transfer_failure must be one of {', '.join(TRANSFER_FAILURE_POLICIES)}, "
+                f"got {self.kv_transfer_failure!r}"
+            )
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
         if self.drain_timeout_s < 0 or self.heartbeat_timeout_s <= 0 or self.idle_poll_s <= 0:

@@ -76,6 +76,9 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
     # vLLM extension: return the generated token ids (choices[].token_ids).
     return_token_ids: bool = False
+    # vLLM/llm-d disaggregation: {"do_remote_decode": true} asks for a prefill-only run that
+    # answers with a KV handle; a handle (do_remote_prefill) makes this a decode request.
+    kv_transfer_params: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:

@@ -37,6 +37,12 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     cache_salt: str | None = None
     default_max_tokens: int | None = None
+    # Disaggregation: keep the prompt's KV under a lease of this many seconds (prefill side);
+    # continue after a first token sampled elsewhere; commit the KV import reserved under
+    # this request's id (decode side).
+    lease_ttl_s: float | None = None
+    first_token: tuple[int, float | None] | None = None
+    imported: bool = False
 
 
 class RequestStream:

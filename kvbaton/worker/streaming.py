@@ -69,12 +69,13 @@ def _error_event(e: Exception) -> str:
 async def _stream_events(
     stream: RequestStream, obj: str, model: str, params: SamplingParams, include_usage: bool,
     per_token: bool, make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
-    first_choice: dict[str, Any] | None = None,
+    first_choice: dict[str, Any] | None = None, usage_extras: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE skeleton both endpoints share: one chunk per output that adds text (or tokens,
     when the client asked for per-token data), an error event if the engine dies, the usage
     chunk when asked, then ``[DONE]``. ``make_choice(out, text, sent_tokens, text_offset)``
-    builds the endpoint's choice for one chunk."""
+    builds the endpoint's choice for one chunk; ``usage_extras`` are top-level fields of the
+    usage chunk (the KV import report of a decode request)."""
     created = now_s()
     deltas = TextDeltas(params.stop)
     sent_tokens = 0
@@ -107,7 +108,7 @@ async def _stream_events(
         if include_usage and last is not None:
             yield sse({
                 "id": stream.request_id, "object": obj, "created": created, "model": model,
-                "choices": [], "usage": _usage(last),
+                "choices": [], "usage": _usage(last), **(usage_extras or {}),
             })
     yield DONE
 
@@ -116,7 +117,8 @@ async def _stream_events(
 
 
 def completion_response(
-    state: WorkerState, out: RequestOutput, body: CompletionRequest, model: str
+    state: WorkerState, out: RequestOutput, body: CompletionRequest, model: str,
+    extras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": 0,
@@ -127,13 +129,13 @@ def completion_response(
     }
     return {
         "id": out.request_id, "object": "text_completion", "created": now_s(), "model": model,
-        "choices": [choice], "usage": _usage(out),
+        "choices": [choice], "usage": _usage(out), **(extras or {}),
     }
 
 
 def completion_events(
     state: WorkerState, stream: RequestStream, body: CompletionRequest, model: str,
-    params: SamplingParams, include_usage: bool,
+    params: SamplingParams, include_usage: bool, usage_extras: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
         return {
@@ -144,7 +146,8 @@ def completion_events(
         }
 
     per_token = body.logprobs is not None or body.return_token_ids
-    return _stream_events(stream, "text_completion", model, params, include_usage, per_token, choice)
+    return _stream_events(stream, "text_completion", model, params, include_usage, per_token,
+                          choice, usage_extras=usage_extras)
 
 
 # ---- chat completions -----------------------------------------------------------------------

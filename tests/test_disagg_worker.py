@@ -1,0 +1,225 @@
+"""Prefill and decode workers handing KV over the transfer data plane, without the router.
+
+A prefill worker answers a prefill-only request with a KV handle; a decode worker given the
+handle fetches the missing blocks and decodes. Every test ends with block accounting back at
+baseline on both workers: no leaked blocks, imports or leases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import GREEDY, random_prompts
+from tests.worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
+
+MAX_TOKENS = GREEDY.max_tokens
+
+
+def completion(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: Any) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, **extra}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def prefill(url: str, prompt: list[int], **extra: Any) -> dict[str, Any]:
+    r = completion(url, prompt, kv_transfer_params={"do_remote_decode": True}, **extra)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def decode(url: str, prompt: list[int], handle: dict[str, Any], **extra: Any) -> httpx.Response:
+    return completion(url, prompt, kv_transfer_params=handle, **extra)
+
+
+def settle(*urls: str) -> None:
+    """Both workers idle, leases ended, no blocks used, integrity checks pass."""
+    for url in urls:
+        wait_for(lambda: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
+
+
+@pytest.fixture(scope="module")
+def pd():
+    with running_worker({"role": "prefill"}) as p, running_worker({"role": "decode"}) as d:
+        yield p, d
+
+
+@pytest.mark.parametrize("length", [7, 16, 45, 300])
+def test_disaggregated_output_equals_colocated(pd, plain_reference, length: int) -> None:
+    p, d = pd
+    prompt = random_prompts(1, length, length, seed=100 + length)[0]
+    pre = prefill(p.url, prompt)
+    handle = pre["kv_transfer_params"]
+    assert handle["num_prompt_tokens"] == length and len(handle["block_hashes"]) == length // 16
+    assert pre["choices"][0]["token_ids"] == [handle["first_token_id"]]
+    r = decode(d.url, prompt, handle)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["token_ids"] == plain_reference(prompt)
+    report = body["kv_transfer_params"]
+    assert report["outcome"] == "fetched" and report["blocks_fetched"] == -(-length // 16)
+    settle(p.url, d.url)
+
+
+def test_decode_worker_fetches_only_what_it_does_not_cache(pd, plain_reference) -> None:
+    p, d = pd
+    shared = random_prompts(1, 96, 96, seed=7)[0]
+    a = shared + random_prompts(1, 20, 20, seed=8)[0]
+    b = shared + random_prompts(1, 5, 5, seed=9)[0]
+    for prompt, fetched in ((a, 8), (b, 1)):
+        r = decode(d.url, prompt, prefill(p.url, prompt)["kv_transfer_params"])
+        body = r.json()
+        assert body["choices"][0]["token_ids"] == plain_reference(prompt)
+        assert body["kv_transfer_params"]["blocks_fetched"] == fetched
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    settle(p.url, d.url)
+
+
+def test_streaming_decode_reports_the_import_in_the_usage_chunk(pd, plain_reference) -> None:
+    p, d = pd
+    prompt = random_prompts(1, 40, 40, seed=11)[0]
+    handle = prefill(p.url, prompt)["kv_transfer_params"]
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True,
+            "kv_transfer_params": handle}
+    tokens: list[int] = []
+    report = None
+    with httpx.stream("POST", f"{d.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            import json
+
+            chunk = json.loads(line[6:])
+            for c in chunk["choices"]:
+                tokens += c.get("token_ids") or []
+            if chunk.get("usage"):
+                report = chunk["kv_transfer_params"]
+    assert tokens == plain_reference(prompt)
+    assert report is not None and report["outcome"] == "fetched"
+    settle(p.url, d.url)
+
+
+def test_first_token_that_ends_the_request_frees_the_lease_at_once(pd) -> None:
+    p, _ = pd
+    prompt = random_prompts(1, 20, 20, seed=12)[0]
+    handle = prefill(p.url, prompt, max_tokens=1)["kv_transfer_params"]
+    assert handle["finish_reason"] == "length"
+    settle(p.url)
+
+
+def test_expired_lease_makes_the_decode_side_recompute(plain_reference) -> None:
+    with running_worker({"role": "prefill"}, lease_ttl_s=0.2) as p, \
+            running_worker({"role": "decode"}) as d:
+        prompt = random_prompts(1, 50, 50, seed=13)[0]
+        handle = prefill(p.url, prompt)["kv_transfer_params"]
+        settle(p.url)  # the lease expired and its blocks are back
+        r = decode(d.url, prompt, handle)
+        body = r.json()
+        assert body["choices"][0]["token_ids"] == plain_reference(prompt)
+        assert body["kv_transfer_params"]["outcome"] == "recomputed"
+        assert "Lease" in body["kv_transfer_params"]["error"]
+        settle(d.url)
+        m = parse_metrics(httpx.get(f"{d.url}/metrics").text)
+        assert metric(m, "kvbaton:kv_transfer_outcomes_total", outcome="recomputed") == 1
+
+
+def test_dead_prefill_worker_recompute_or_fail_by_policy(plain_reference) -> None:
+    prompt = random_prompts(1, 33, 33, seed=14)[0]
+    with running_worker({"role": "decode"}) as d, \
+            running_worker({"role": "decode", "kv_transfer_failure": "fail"}) as strict:
+        with running_worker({"role": "prefill"}) as p:
+            handle = prefill(p.url, prompt)["kv_transfer_params"]
+        # The prefill worker is gone: nothing listens on the handle's port any more.
+        body = decode(d.url, prompt, handle).json()
+        assert body["choices"][0]["token_ids"] == plain_reference(prompt)
+        assert body["kv_transfer_params"]["outcome"] == "recomputed"
+        r = decode(strict.url, prompt, handle)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "kv_transfer_failed"
+        settle(d.url, strict.url)
+
+
+def test_corrupted_block_is_refused_and_never_used(pd, plain_reference) -> None:
+    from kvbaton.kv.transfer.tcp_server import Faults
+
+    p, d = pd
+    prompt = random_prompts(1, 64, 64, seed=15)[0]
+    handle = prefill(p.url, prompt)["kv_transfer_params"]
+    p.state.kv.server.faults = Faults(corrupt_block_index=2)
+    try:
+        body = decode(d.url, prompt, handle).json()
+    finally:
+        p.state.kv.server.faults = None
+    report = body["kv_transfer_params"]
+    assert report["outcome"] == "recomputed" and "Checksum" in report["error"]
+    assert body["choices"][0]["token_ids"] == plain_reference(prompt)
+    # The corrupt block was never registered: a second decode fetches and matches again.
+    again = decode(d.url, prompt, prefill(p.url, prompt)["kv_transfer_params"]).json()
+    assert again["choices"][0]["token_ids"] == plain_reference(prompt)
+    settle(p.url, d.url)
+
+
+def test_handle_for_another_model_or_tenant_is_refused(plain_reference) -> None:
+    # The refused peer cannot release the lease over the data plane; its deadline frees it.
+    with running_worker({"role": "prefill"}, lease_ttl_s=1.0) as p, \
+            running_worker({"role": "decode"}, dtype="bfloat16") as other:
+        prompt = random_prompts(1, 30, 30, seed=16)[0]
+        handle = prefill(p.url, prompt)["kv_transfer_params"]
+        body = decode(other.url, prompt, handle).json()
+        assert body["kv_transfer_params"]["outcome"] == "recomputed"
+        assert "model" in body["kv_transfer_params"]["error"]
+        settle(p.url, other.url)
+
+
+def test_tenant_salt_mismatch_is_not_served(pd) -> None:
+    p, d = pd
+    prompt = random_prompts(1, 48, 48, seed=17)[0]
+    handle = prefill(p.url, prompt, cache_salt="tenant-a")["kv_transfer_params"]
+    body = decode(d.url, prompt, handle, cache_salt="tenant-b").json()
+    assert body["kv_transfer_params"]["outcome"] == "recomputed"
+    assert "block_hashes" in body["kv_transfer_params"]["error"]
+    settle(p.url, d.url)
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda h: h.pop("lease_id"), "lease_id"),
+        (lambda h: h.update(block_hashes=["zz"]), "block_hashes"),
+        (lambda h: h.update(remote_port=70000), "remote_port"),
+        (lambda h: h.update(num_prompt_tokens=3), "num_prompt_tokens"),
+    ],
+)
+def test_malformed_handles_are_400s(pd, mutate, field: str) -> None:
+    p, d = pd
+    prompt = random_prompts(1, 40, 40, seed=18)[0]
+    handle = prefill(p.url, prompt)["kv_transfer_params"]
+    lease_id = handle["lease_id"]
+    mutate(handle)
+    r = decode(d.url, prompt, handle)
+    assert r.status_code == 400 and field in r.json()["error"]["message"]
+    # Nothing was fetched, so the lease is still held until someone releases it (the router
+    # does on errors) or it expires.
+    assert httpx.post(f"{p.url}/kv/release", json={"lease_id": lease_id}).json() == {"released": True}
+    settle(p.url, d.url)
+
+
+def test_roles_refuse_the_other_leg(pd) -> None:
+    p, d = pd
+    prompt = random_prompts(1, 20, 20, seed=19)[0]
+    r = completion(d.url, prompt, kv_transfer_params={"do_remote_decode": True})
+    assert r.status_code == 400 and "decode worker" in r.json()["error"]["message"]
+    handle = prefill(p.url, prompt)["kv_transfer_params"]
+    r = decode(p.url, prompt, handle)
+    assert r.status_code == 400 and "prefill worker" in r.json()["error"]["message"]
+    r = completion(p.url, prompt, kv_transfer_params={"do_remote_decode": True}, stream=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    assert httpx.post(f"{p.url}/kv/release", json={"lease_id": handle["lease_id"]}).json() == {"released": True}
+    assert httpx.post(f"{p.url}/kv/release", json={"lease_id": handle["lease_id"]}).json() == {"released": False}
+    assert httpx.post(f"{p.url}/kv/release", json={}).status_code == 400
+    info = httpx.get(f"{p.url}/kv/info").json()
+    assert info["role"] == "prefill" and info["transfer_address"] is not None
+    assert httpx.get(f"{d.url}/kv/info").json()["transfer_address"] is None
+    settle(p.url, d.url)
