@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from typing import Any, Callable
 
 from kvbaton.bench.client import ENDPOINT_TYPES, BenchError
 from kvbaton.bench.load import LoadConfig
 from kvbaton.bench.metrics import parse_slo
+from kvbaton.bench.workloads import OPTIONS, WORKLOAD_NAMES
 
-WORKLOADS = ("random", "shared-prefix", "multi-turn", "mixed", "trace")
-# Named workload flags -> the make_workload option they set (only when given on the command line).
-WORKLOAD_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = ()
+# Flags whose name is not simply the option's with dashes (``--kind`` or ``--block-size`` alone
+# would not say what they are about).
+_FLAG_NAMES = {"kind": "--corpus-kind", "block_size": "--trace-block-size"}
+
+
+def option_flag(option: str) -> str:
+    """The command-line flag that sets workload option ``option``."""
+    return _FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+
+
+def _workload_flags() -> dict[str, tuple[type, dict[str, Any]]]:
+    """option -> (type, {workload: default}) over every workload's options."""
+    out: dict[str, tuple[type, dict[str, Any]]] = {}
+    for workload, options in OPTIONS.items():
+        for name, default in options.items():
+            out.setdefault(name, (type(default), {}))[1][workload] = default
+    return out
 
 
 def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
@@ -82,15 +99,18 @@ def _add_common(p: argparse.ArgumentParser, with_base_url: bool = True) -> None:
     srv.add_argument("--request-timeout", type=POS_FLOAT, default=300.0,
                      help="seconds of silence from the server before a request fails (default %(default)s)")
     wl = p.add_argument_group("workload")
-    wl.add_argument("--workload", default="random", choices=WORKLOADS)
+    wl.add_argument("--workload", default="random", choices=WORKLOAD_NAMES)
     wl.add_argument("--num-prompts", type=POS_INT, default=1000,
                     help="sessions to generate (= requests for single-turn workloads; default %(default)s)")
     wl.add_argument("--seed", type=NONNEG_INT, default=0)
     wl.add_argument("--tokenizer", default=None,
                     help="tokenizer that sizes prompts: a model dir, 'tiny-random', or the bundled SmolLM2 (default)")
-    wl.add_argument("--trace-file", default=None, help="JSONL trace for --workload trace")
-    for flag, kind, _ in WORKLOAD_FLAGS:
-        wl.add_argument(flag, type=kind, default=None, help="passed to the workload")
+    for option, (kind, defaults) in _workload_flags().items():
+        shown = ", ".join(f"{w}: {os.path.basename(d) if option == 'trace_file' else d}"
+                          for w, d in defaults.items())
+        wl.add_argument(option_flag(option), dest=f"wl_{option}", type=kind, default=None,
+                        metavar=option.upper(),
+                        help=f"workload option {option} (default {shown})")
     wl.add_argument("--workload-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                     help="any other workload option (repeatable)")
     ld = p.add_argument_group("load")
@@ -139,14 +159,15 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from kvbaton.bench.runner import BenchConfig
 
     options: dict[str, Any] = {k.replace("-", "_"): _option_value(v) for k, v in args.workload_opt}
-    for flag, _, option in WORKLOAD_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            options[option] = value
-    if args.trace_file is not None:
-        options["trace_file"] = args.trace_file
-    if args.workload == "trace" and "trace_file" not in options:
-        parser.error("--workload trace needs --trace-file")
+    accepted = OPTIONS[args.workload]
+    for option in _workload_flags():
+        value = getattr(args, f"wl_{option}")
+        if value is None:
+            continue
+        if option not in accepted:
+            parser.error(f"{option_flag(option)} does not apply to --workload {args.workload} "
+                         f"(it takes {', '.join(option_flag(o) for o in accepted)})")
+        options[option] = value
     try:
         load = LoadConfig(max_concurrency=args.max_concurrency, request_rate=args.request_rate,
                           burstiness=args.burstiness, duration_s=args.duration,
@@ -169,7 +190,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(format_result(res), flush=True)
     if args.result_file:
         print(f"result: {write_json(res, args.result_file)}", flush=True)
-    return 0
+    return _nothing_completed([res])
 
 
 def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -183,7 +204,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     result = Path(args.result_file or args.result_default)
     print(f"result: {write_json(sweep, result)}", flush=True)
     print(f"plot: {plot_sweep(sweep, args.plot_file or result.with_suffix('.png'))}", flush=True)
-    return 0
+    return _nothing_completed(sweep["levels"])
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -197,6 +218,18 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(format_compare(cmp), flush=True)
     if args.result_file:
         print(f"result: {write_json(cmp, args.result_file)}", flush=True)
+    return _nothing_completed(cmp["targets"])
+
+
+def _nothing_completed(results: list[dict]) -> int:
+    """Exit code 1 if some run finished without a single successful request (a broken
+    endpoint should fail a script), else 0."""
+    for res in results:
+        if res["completed"] == 0:
+            first = res["errors"][0] if res["errors"] else "no request was sent"
+            where = f" ({res['name']})" if "name" in res else ""
+            print(f"kvbaton bench: error: no request succeeded{where}: {first}", file=sys.stderr, flush=True)
+            return 1
     return 0
 
 
@@ -208,7 +241,9 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     try:
         return args.bench_func(args, parser)
     except WorkloadOptionError as e:
-        parser.error(f"workload {args.workload}: {e}")
+        # Name the flag the user typed, not the option's Python name.
+        msg = re.sub(r"option '(\w+)'", lambda m: option_flag(m.group(1)), str(e))
+        parser.error(f"--workload {args.workload}: {msg}")
     except BenchError as e:
         print(f"kvbaton bench: error: {e}", file=sys.stderr, flush=True)
         return 1

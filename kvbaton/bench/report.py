@@ -28,7 +28,7 @@ def format_result(res: Mapping[str, Any]) -> str:
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=w, c="=")]
 
     def row(label: str, value: Any, digits: int = 2) -> None:
-        lines.append(f"{label:<38}{_fmt(value, digits):>12}")
+        lines.append(f"{label:<32}{_fmt(value, digits):>18}")
 
     def section(title: str) -> None:
         lines.append("{s:{c}^{n}}".format(s=f" {title} ", n=w, c="-"))
