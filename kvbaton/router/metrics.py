@@ -21,6 +21,10 @@ from kvbaton.worker.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 
 PREFIX = "kvbaton:router_"
 PATHS = ("disagg", "local", "direct")
+# Label values created up front, so every series exists (at 0) from the first scrape.
+FALLBACK_REASONS = ("prefill_connect", "prefill_timeout", "prefill_http_5xx", "prefill_bad_handle",
+                    "prefill_dropped", "no_prefill_worker")
+LEG_FAILURES = ("connect", "timeout", "http_5xx", "transfer_failed", "error_event", "dropped")
 
 __all__ = ["CONTENT_TYPE", "PATHS", "PREFIX", "RouterMetrics"]
 
@@ -85,6 +89,15 @@ class RouterMetrics:
         self.lease_releases = Counter(PREFIX + "lease_releases", "POST /kv/release calls for unconsumed "
                                       "KV handles, by result (released, gone, failed).", ["result"], registry=r)
         r.register(_PoolCollector(pool))
+        initial = (
+            (self.requests, PATHS), (self.transfers, ("fetched", "local", "recomputed")),
+            (self.transfer_failures, ("recomputed", "failed")), (self.fallbacks, FALLBACK_REASONS),
+            (self.retries, LEG_FAILURES), (self.request_failures, ("before_first_token", "mid_stream")),
+            (self.lease_releases, ("released", "gone", "failed")),
+        )
+        for family, values in initial:
+            for v in values:
+                family.labels(v)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
