@@ -12,6 +12,7 @@ import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ from kvbaton.kv.transfer.transport import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _JOIN_S = 5.0
 
 
@@ -250,13 +252,13 @@ class TransferServer(TransportServer):
             for name, d in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + d)
 
-    def _call_source(self, sock: socket.socket, deadline: Deadline, fn, *args):  # noqa: ANN001, ANN202
-        """``fn(*args)``, or None after telling the client why it failed."""
+    def _call_source(self, sock: socket.socket, deadline: Deadline, fn: Callable[..., T], lease_id: str, *args: Any) -> T | None:
+        """``fn(lease_id, *args)``, or None after telling the client why it failed."""
         try:
-            return fn(*args)
+            return fn(lease_id, *args)
         except LeaseError as exc:
             self._count(lease_errors=1)
-            self._checksums.drop(args[0])
+            self._checksums.drop(lease_id)
             sockio.send_msg(sock, wire.Error("lease", str(exc)), deadline)
         except Exception as exc:
             log.exception("kv transfer server: block source failed")
