@@ -261,3 +261,20 @@ def test_prefix_cache_counters_are_scraped_for_kvbaton_and_vllm_names():
     assert scrape(vl) == (10.0, 5.0)
     assert scrape("other_metric 1\n") is None
     assert scrape("", status=404) is None
+
+
+# ---- compare's rounds ----------------------------------------------------------------------
+
+def test_compare_rounds_are_contiguous_and_restart_trace_time():
+    from kvbaton.bench.runner import compare_ratios, split_rounds
+
+    ss = [Session(f"t{i}", (Turn("x", 1),), arrival_s=float(i)) for i in range(10)]
+    rounds = split_rounds(ss, 4)
+    assert [[s.session_id for s in r] for r in rounds] == [
+        ["t0", "t1"], ["t2", "t3", "t4"], ["t5", "t6"], ["t7", "t8", "t9"]]
+    assert [[s.arrival_s for s in r] for r in rounds][1] == [0.0, 1.0, 2.0]
+    assert len(split_rounds(ss[:2], 4)) == 2  # never an empty round
+    ratios = compare_ratios([{"name": "a", "output_throughput": 10.0, "p90_ttft_ms": None},
+                             {"name": "b", "output_throughput": 25.0, "p90_ttft_ms": 3.0}])
+    assert ratios["a"]["output_throughput"] == 1.0 and ratios["b"]["output_throughput"] == 2.5
+    assert ratios["b"]["p90_ttft_ms"] is None  # no baseline value, no ratio

@@ -143,3 +143,13 @@ def test_knee_needs_three_distinct_points_and_a_straight_line_has_no_bend():
         find_knee([1, 2, 3], [1, 2])
     k = find_knee([1, 2, 4, 8], [3, 6, 12, 24])
     assert k is not None and k.gain_after == pytest.approx(1.0)
+
+
+def test_knee_sentence_says_when_added_concurrency_stops_paying():
+    from kvbaton.bench.report import describe_knee
+
+    bent = find_knee([1, 2, 4, 8, 16], [10, 20, 40, 80, 82])
+    assert describe_knee(bent.as_dict()).startswith("knee at concurrency 8")
+    straight = find_knee([1, 2, 4, 8], [3, 6, 12, 24])
+    assert describe_knee(straight.as_dict()).startswith("no knee")
+    assert "three or more" in describe_knee(None)

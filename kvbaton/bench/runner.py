@@ -240,7 +240,7 @@ def run_sweep(cfg: BenchConfig, concurrencies: Sequence[int]) -> dict:
 def split_rounds(sessions: Sequence, rounds: int) -> list[list]:
     """Contiguous, near-equal chunks; trace arrivals shifted so each round starts at 0."""
     rounds = max(1, min(rounds, len(sessions)))
-    bounds = [round(i * len(sessions) / rounds) for i in range(rounds + 1)]
+    bounds = [i * len(sessions) // rounds for i in range(rounds + 1)]
     out = []
     for a, b in zip(bounds, bounds[1:]):
         chunk = list(sessions[a:b])
