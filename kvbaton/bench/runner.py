@@ -20,6 +20,7 @@ import httpx
 from kvbaton.bench.client import BenchError, Endpoint, api_root, list_models, scrape_prefix_cache, send_turn
 from kvbaton.bench.load import LoadConfig, LoadResult, drive
 from kvbaton.bench.metrics import RequestRecord, find_knee, per_tag, summarize
+from kvbaton.models.registry import BUNDLED_SMOLLM2
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -122,7 +123,7 @@ async def resolve_endpoint(client: httpx.AsyncClient, cfg: BenchConfig, base_url
                     api_key=cfg.api_key, temperature=cfg.temperature)
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled,
@@ -162,7 +163,7 @@ def _result(cfg: BenchConfig, endpoint: Endpoint, load: LoadConfig, seed: int,
         "base_url": endpoint.base_url,
         "endpoint_type": endpoint.endpoint_type,
         "model_id": endpoint.model,
-        "tokenizer_id": cfg.tokenizer or "smollm2-135m",
+        "tokenizer_id": cfg.tokenizer or BUNDLED_SMOLLM2,
         "num_prompts": cfg.num_prompts,
         # As vLLM: an infinite rate is the string "inf" (JSON has no infinity).
         "request_rate": load.request_rate if math.isfinite(load.request_rate) else "inf",
