@@ -112,12 +112,79 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return _run_worker(args, parser, args.role)
 
 
+def _cmd_router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvbaton.router.config import router_config_from_args
+    from kvbaton.router.server import run_router
+
+    try:
+        cfg = router_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return run_router(cfg, announce=lambda line: print(line, flush=True))
+    except (ValueError, OSError) as e:
+        print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+# Flags of `serve` that each worker process gets unchanged.
+_WORKER_PASSTHROUGH = (
+    "model", "dtype", "device", "load_format", "block_size", "num_kv_blocks", "max_num_seqs",
+    "max_num_batched_tokens", "max_model_len", "served_model_name", "log_level",
+    "kv_transfer_timeout", "kv_transfer_failure", "kv_lease_ttl", "max_request_bytes",
+    "drain_timeout",
+)
+
+
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    # Until the router exists, `serve` is one worker that does both prefill and decode.
-    return _run_worker(args, parser, "both")
+    """A router on --host/--port in front of worker processes on 127.0.0.1."""
+    from kvbaton.router.config import router_config_from_args
+    from kvbaton.router.local_cluster import LocalCluster, worker_specs
+    from kvbaton.router.server import run_router
+
+    colocated = args.colocated or 0
+    default = 0 if colocated else 1
+    prefill = default if args.prefill is None else args.prefill
+    decode = default if args.decode is None else args.decode
+    passthrough: list[str] = []
+    for name in _WORKER_PASSTHROUGH:
+        value = getattr(args, name)
+        if value is not None:
+            passthrough += [f"--{name.replace('_', '-')}", str(value)]
+    if args.no_prefix_caching:
+        passthrough.append("--no-prefix-caching")
+    try:
+        specs = worker_specs(prefill, decode, colocated, passthrough,
+                             args.threads_per_worker or args.threads)
+        # Validate the router's flags before starting anything.
+        router_config_from_args(args, workers=("http://127.0.0.1:1",), prefill_workers=(), decode_workers=())
+    except ValueError as e:
+        parser.error(str(e))
+
+    def serve(urls: list[tuple[str, str]]) -> int:
+        cfg = router_config_from_args(
+            args,
+            prefill_workers=tuple(u for r, u in urls if r == "prefill"),
+            decode_workers=tuple(u for r, u in urls if r == "decode"),
+            workers=tuple(u for r, u in urls if r == "both"),
+        )
+        return run_router(cfg, announce=lambda line: print(line, flush=True))
+
+    cluster = LocalCluster(specs, kv_secret=args.kv_secret)
+    print(f"kvbaton serve: starting {prefill} prefill, {decode} decode and {colocated} colocated "
+          f"worker(s) with {specs[0].args[-1]} thread(s) each", flush=True)
+    try:
+        return cluster.run(serve)
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvbaton.router.config import add_router_args
+
     parser = argparse.ArgumentParser(prog="kvbaton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one or more prompts (offline)")
@@ -139,9 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(w)
     _add_worker_args(w, default_port=8100)
     w.set_defaults(func=_cmd_worker, parser=w)
-    s = sub.add_parser("serve", help="serve the bundled model on localhost (OpenAI-compatible)")
+    r = sub.add_parser("router", help="the OpenAI front door for prefill/decode/colocated workers")
+    add_router_args(r)
+    r.set_defaults(func=_cmd_router, parser=r)
+    s = sub.add_parser(
+        "serve", help="a router plus prefill and decode worker processes on this machine "
+                      "(default: 1 prefill + 1 decode, the bundled model)")
     _add_engine_args(s)
     _add_worker_args(s, default_port=8000)
+    t = s.add_argument_group("topology")
+    t.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1; 0 with --colocated)")
+    t.add_argument("--decode", type=int, default=None, help="decode workers (default 1; 0 with --colocated)")
+    t.add_argument("--colocated", type=int, default=None, help="workers that do both (role 'both')")
+    t.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads of each worker (default: cores / workers)")
+    add_router_args(s, common=False)
     s.set_defaults(func=_cmd_serve, parser=s)
     from kvbaton.bench.cli import add_bench_parser
 

@@ -218,7 +218,7 @@ async def _prefill_only(
         return Response(status_code=499)
     if final.kv_lease is None:  # aborted (drain) before the prompt finished
         raise ApiError(503, "the prefill was aborted", None, "service_unavailable")
-    handle = state.kv.handle_for(final, body.max_tokens)
+    handle = state.kv.handle_for(final)
     return JSONResponse(completion_response(state, final, body, name, {"kv_transfer_params": handle}))
 
 

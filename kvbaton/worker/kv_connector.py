@@ -145,14 +145,16 @@ class KVConnector:
 
     # ---- prefill side ----------------------------------------------------------------------
 
-    def handle_for(self, final: RequestOutput, client_max_tokens: int | None) -> dict[str, Any]:
+    def handle_for(self, final: RequestOutput) -> dict[str, Any]:
         """The KV handle a finished prefill-only request answers with."""
         lease = final.kv_lease
         assert lease is not None and self.transfer_address is not None
         host, port = self.transfer_address
-        # The first token already ends the client's request when it is a stop, or when the
-        # client asked for one token only: then nobody will fetch, so free the blocks now.
-        done = final.finish_reason == "stop" or client_max_tokens == 1
+        # The first token already ends the request when it is a stop (EOS, stop string or
+        # id): nobody will fetch, so free the blocks now. (A prefill-only request always asks
+        # for one token, so max_tokens says nothing about the client's own limit; the router
+        # knows that and releases the lease itself when the client wanted one token.)
+        done = final.finish_reason == "stop"
         if done:
             self.engine.leases.release(lease.lease_id)
         handle = KVHandle(
