@@ -8,6 +8,7 @@ forwarded, so the workers' defaults stay the defaults.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,9 @@ class Frontend:
     def __init__(self, config: RouterConfig, tokenizer: Any | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_router_tokenizer(config.model)
+        # Tokenization runs on worker threads; HF fast tokenizers can raise "Already borrowed"
+        # when one object is used from two threads at once.
+        self._lock = threading.Lock()
 
     def resolve_model(self, name: str | None) -> str:
         names = self.config.model_names
@@ -63,7 +67,8 @@ class Frontend:
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         # The same steps as LLMEngine.apply_chat_template, so the router's ids equal what a
@@ -73,7 +78,8 @@ class Frontend:
             raise ApiError(400, f"messages: model {self.config.model!r} has no chat template",
                            "messages", "invalid_value")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            with self._lock:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises for conversations a template rejects
             raise ApiError(400, f"messages: the chat template failed: {e}", "messages", "invalid_value") from None
         return self._encode(text)
