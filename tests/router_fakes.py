@@ -50,7 +50,8 @@ class FakeWorker:
     """One fake worker. Set the fault attributes at any time (tests run it in a thread):
 
     ``decode_fault``: None, ``"500"``, ``"502"``, ``"400"``, ``"hang"`` (no answer),
-    ``"error_event"`` (an error event instead of a first token), ``"drop"`` (close the
+    ``"error_event"`` (an error event instead of a first token), ``"transfer_event"`` (one
+    that says the KV transfer failed), ``"drop"`` (close the
     stream after ``drop_after`` chunks), ``"stall"`` (stop sending after ``drop_after``
     chunks). ``prefill_fault``: None, ``"500"``, ``"400"``, ``"hang"``, ``"bad_handle"``,
     ``"finish"`` (the first token ends the request). ``healthy`` drives ``/health``;
@@ -183,8 +184,9 @@ class FakeWorker:
         done = False
         offset = 0
         try:
-            if fault == "error_event":
-                yield sse({"error": {"message": "fake engine died", "type": "server_error", "param": None,
+            if fault in ("error_event", "transfer_event"):
+                message = "fake engine died" if fault == "error_event" else "fake KV transfer failed"
+                yield sse({"error": {"message": message, "type": "server_error", "param": None,
                                      "code": "service_unavailable"}})
                 yield "data: [DONE]\n\n"
                 done = True

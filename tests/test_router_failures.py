@@ -114,6 +114,18 @@ def test_transfer_failure_retries_on_another_decoder_without_the_handle() -> Non
     assert metric(m, "kvbaton:router_retries_total", reason="transfer_failed") == 1
 
 
+def test_transfer_failure_reported_as_an_error_event_is_retried_without_the_handle() -> None:
+    p, d1, d2 = FakeWorker("prefill", "p"), FakeWorker("decode", "d1"), FakeWorker("decode", "d2")
+    d1.decode_fault = "transfer_event"
+    with cluster(p, d1, d2, decode_policy="round_robin") as r:
+        resp = post(r.url, {"prompt": LONG, "max_tokens": 3})
+        m = metrics(r.url)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected_text(3)
+    assert "kv_transfer_params" in d1.decodes[0] and "kv_transfer_params" not in d2.decodes[0]
+    assert metric(m, "kvbaton:router_transfer_failures_total", outcome="failed") == 1
+    assert metric(m, "kvbaton:router_retries_total", reason="transfer_failed") == 1
+
+
 def test_unreachable_decoder_is_retried_with_the_handle_kept() -> None:
     p, d1, d2 = FakeWorker("prefill", "p"), FakeWorker("decode", "d1"), FakeWorker("decode", "d2")
     with cluster(p, d1, d2, decode_policy="round_robin", health_interval_s=60) as r:

@@ -272,7 +272,7 @@ class Orchestrator:
                     "upstream_error"))
             assert isinstance(first, dict)
             if "error" in first:
-                raise LegFailure("error_event", WorkerApiError(502, first))
+                raise self._error_event_failure(job, first)
         except BaseException:
             in_flight.done()
             await close_quietly(response)
@@ -298,6 +298,16 @@ class Orchestrator:
             self.metrics.transfer_failures.labels("failed").inc()
             return LegFailure("transfer_failed", WorkerApiError(502, body))
         return LegFailure("http_5xx", WorkerApiError(r.status_code, body))
+
+    def _error_event_failure(self, job: Job, event: dict[str, Any]) -> LegFailure:
+        # A streaming decode worker under the 'fail' transfer policy may report the failed
+        # transfer as an error event instead of a 502; its code or message says so.
+        err = event.get("error") if isinstance(event.get("error"), dict) else {}
+        said = f"{err.get('code') or ''} {err.get('message') or ''}".lower()
+        if job.lease is not None and "transfer" in said:
+            self.metrics.transfer_failures.labels("failed").inc()
+            return LegFailure("transfer_failed", WorkerApiError(502, event))
+        return LegFailure("error_event", WorkerApiError(502, event))
 
     def _record_transfer(self, kv: Any, first_chunk_s: float) -> None:
         """Metrics from the decode worker's report (the usage chunk's kv_transfer_params)."""
