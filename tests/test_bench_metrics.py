@@ -153,3 +153,16 @@ def test_knee_sentence_says_when_added_concurrency_stops_paying():
     straight = find_knee([1, 2, 4, 8], [3, 6, 12, 24])
     assert describe_knee(straight.as_dict()).startswith("no knee")
     assert "three or more" in describe_knee(None)
+
+
+def test_usage_cached_token_rate_counts_only_requests_that_reported_it() -> None:
+    from kvbaton.bench.runner import _usage_cached_rate
+
+    recs = [
+        RequestRecord("a", 0, ok=True, prompt_tokens=100, cached_tokens=50),
+        RequestRecord("b", 0, ok=True, prompt_tokens=300, cached_tokens=250),
+        RequestRecord("c", 0, ok=True, prompt_tokens=1000, cached_tokens=None),  # not reported
+        RequestRecord("d", 0, ok=False, error="boom", prompt_tokens=0, cached_tokens=0),
+    ]
+    assert _usage_cached_rate(recs) == 300 / 400
+    assert _usage_cached_rate(recs[2:]) is None

@@ -153,6 +153,15 @@ def _hit_rate(delta: tuple[float, float] | None) -> float | None:
     return None if delta is None or delta[0] <= 0 else delta[1] / delta[0]
 
 
+def _usage_cached_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Prompt tokens the server reported as cached (``usage.prompt_tokens_details``) over all
+    prompt tokens of the requests that reported it: the hit rate seen by clients, which works
+    behind a router that has no prefix-cache counters of its own."""
+    reported = [r for r in records if r.ok and r.cached_tokens is not None]
+    total = sum(r.prompt_tokens for r in reported)
+    return sum(r.cached_tokens or 0 for r in reported) / total if total > 0 else None
+
+
 def _result(cfg: BenchConfig, endpoint: Endpoint, load: LoadConfig, seed: int,
             records: list[RequestRecord], duration_s: float, cache: tuple[float, float] | None,
             runs: Sequence[LoadResult]) -> dict:
@@ -173,6 +182,7 @@ def _result(cfg: BenchConfig, endpoint: Endpoint, load: LoadConfig, seed: int,
     out.update(summarize(records, duration_s, cfg.slo))
     out.update({
         "prefix_cache_hit_rate": _hit_rate(cache),
+        "usage_cached_token_rate": _usage_cached_rate(records),
         "per_tag": per_tag(records),
         "slo": dict(cfg.slo) if cfg.slo else None,
         "workload": {"name": cfg.workload, "options": dict(cfg.workload_options)},
@@ -288,9 +298,9 @@ async def _compare_async(cfg: BenchConfig, targets: Sequence[tuple[str, str]], s
 
 
 COMPARE_METRICS = (
-    "request_throughput", "output_throughput", "request_goodput", "mean_ttft_ms", "p90_ttft_ms",
-    "p99_ttft_ms", "mean_tpot_ms", "p90_tpot_ms", "p90_itl_ms", "mean_e2el_ms", "p90_e2el_ms",
-    "prefix_cache_hit_rate",
+    "request_throughput", "output_throughput", "request_goodput", "mean_ttft_ms",
+    "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
+    "p90_itl_ms", "mean_e2el_ms", "p90_e2el_ms", "prefix_cache_hit_rate", "usage_cached_token_rate",
 )
 
 
