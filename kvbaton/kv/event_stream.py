@@ -1,0 +1,285 @@
+"""KV event stream: workers publish their block pool's events over ZMQ; the router subscribes.
+
+Wire shape (vLLM's ``ZmqEventPublisher``, so a subscriber written for vLLM reads ours):
+
+- PUB socket, multipart ``[topic, seq, payload]``: ``seq`` is the batch's sequence number,
+  8 bytes big-endian, from 0 per publisher; ``payload`` is ``KVEventBatch`` msgpack-encoded
+  as ``[ts, [event, ...], dp_rank]`` (events as in ``kvbaton.kv.events``).
+- ROUTER socket for replay: a client (REQ, or DEALER sending an empty delimiter first) sends
+  a start seq (8 bytes big-endian) and receives ``[seq, payload]`` for every buffered batch
+  with ``seq >= start``, then the end marker ``[-1 as 8 signed bytes, b""]``.
+
+One addition that vLLM subscribers ignore: the topic frame is ``<topic>|<stream id>`` (hex
+of 8 random bytes per publisher). SUB filters match by prefix, so subscribing to ``<topic>``
+still works, and our subscriber uses the id to tell a restarted worker (a new stream, whose
+first batches it may have missed) from duplicates of batches it already got by replay.
+Every publisher's first batch (seq 0) is ``[AllBlocksCleared]``: a (re)started worker's
+cache is empty, and that batch resyncs whatever an index believed about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import msgspec
+import zmq
+
+from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+log = logging.getLogger(__name__)
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+TOPIC_STREAM_SEP = b"|"
+_ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One published batch: ``[ts, events, data_parallel_rank]`` on the wire."""
+
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    return _encoder.encode(batch)
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """Raises ``msgspec.DecodeError`` (a ``ValueError``) on a malformed payload."""
+    return _decoder.decode(payload)
+
+
+def split_topic(frame: bytes) -> tuple[bytes, bytes | None]:
+    """``(topic, stream id)``; the id is None for publishers that do not send one (vLLM)."""
+    topic, sep, stream = frame.rpartition(TOPIC_STREAM_SEP)
+    return (topic, stream) if sep else (frame, None)
+
+
+def check_endpoint(name: str, endpoint: str) -> None:
+    if not isinstance(endpoint, str) or not endpoint.startswith(_ENDPOINT_SCHEMES):
+        raise ValueError(f"{name}: expected a ZMQ endpoint like tcp://host:port, got {endpoint!r}")
+
+
+def _bind(sock: zmq.Socket, name: str, endpoint: str) -> str:
+    check_endpoint(name, endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise ValueError(f"{name}: cannot bind {endpoint!r}: {e}") from e
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+_STOP = object()
+_GAP = object()  # marks where the sink dropped events, so the loss shows up as a seq gap
+
+
+class KVEventPublisher:
+    """Publishes one worker's KV events; ``publish`` is its block pool's event sink.
+
+    ``publish`` may be called from any thread (the engine's): it only enqueues. A publisher
+    thread owns the sockets (ZMQ sockets are not thread-safe), batches events for up to
+    ``batch_interval_s`` or ``max_batch_events``, numbers and sends batches, keeps the last
+    ``buffer_steps`` for replay, serves replay requests, and sends an empty batch after
+    ``heartbeat_s`` of silence so subscribers notice a lost last batch. If the queue holds
+    ``max_queue_events`` (the thread cannot keep up), further events are dropped and one
+    sequence number is skipped, so subscribers see a gap that replay cannot fill (their
+    index then flags this worker approximate) rather than silently diverging.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:0",
+        replay_endpoint: str | None = "tcp://127.0.0.1:0",
+        *,
+        topic: str = "kv-events",
+        dp_rank: int = 0,
+        buffer_steps: int = 10_000,
+        max_batch_events: int = 1024,
+        batch_interval_s: float = 0.005,
+        heartbeat_s: float | None = 1.0,
+        max_queue_events: int = 1_000_000,
+        hwm: int = 100_000,
+    ) -> None:
+        for name, value in (("buffer_steps", buffer_steps), ("max_batch_events", max_batch_events),
+                            ("max_queue_events", max_queue_events), ("hwm", hwm)):
+            _positive(name, value)
+        if batch_interval_s < 0:
+            raise ValueError(f"batch_interval_s must be >= 0, got {batch_interval_s!r}")
+        if heartbeat_s is not None:
+            _positive("heartbeat_s", heartbeat_s)
+        if TOPIC_STREAM_SEP.decode() in topic:
+            raise ValueError(f"topic must not contain {TOPIC_STREAM_SEP.decode()!r}: {topic!r}")
+        self.stream_id = os.urandom(8).hex().encode()
+        self._topic = topic.encode() + TOPIC_STREAM_SEP + self.stream_id
+        self._dp_rank = dp_rank
+        self._max_batch = max_batch_events
+        self._interval = batch_interval_s
+        self._heartbeat = heartbeat_s
+        self._max_queue = max_queue_events
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self._overflowed = False
+        self.dropped_events = 0
+        self._enqueued = 0  # written by publish() callers only
+        self._sent = 0  # written by the publisher thread only
+        self._seq = -1
+        # Tests set this to drop chosen seqs on the PUB socket only (still kept for replay).
+        self._wire_filter: Callable[[int], bool] | None = None
+
+        ctx = zmq.Context.instance()
+        self._pub = ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, hwm)
+        self.endpoint = _bind(self._pub, "endpoint", endpoint)
+        self._replay: zmq.Socket | None = None
+        self.replay_endpoint: str | None = None
+        if replay_endpoint is not None:
+            self._replay = ctx.socket(zmq.ROUTER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            # A replay sends up to the whole buffer at once; the default HWM would drop most.
+            self._replay.setsockopt(zmq.SNDHWM, buffer_steps + 16)
+            try:
+                self.replay_endpoint = _bind(self._replay, "replay_endpoint", replay_endpoint)
+            except ValueError:
+                self._pub.close(linger=0)
+                raise
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kv-event-publisher", daemon=True)
+        self._thread.start()
+
+    # ---- producer side (any thread) --------------------------------------------------------
+
+    def publish(self, event: KVEvent) -> None:
+        """Enqueue one event; never blocks. Events after ``close()`` are dropped."""
+        if self._closed:
+            self.dropped_events += 1
+            return
+        if self._queue.qsize() >= self._max_queue:
+            self._overflowed = True
+            self.dropped_events += 1
+            return
+        if self._overflowed:
+            self._overflowed = False
+            self._queue.put(_GAP)
+        self._enqueued += 1
+        self._queue.put(event)
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last batch sent (-1 before the first)."""
+        return self._seq
+
+    def flush(self, timeout_s: float = 1.0) -> bool:
+        """Wait until every event published so far has been sent; False on timeout."""
+        target = self._enqueued
+        deadline = time.monotonic() + timeout_s
+        while self._sent < target:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Send what is queued (within ``timeout_s``), stop the thread, close the sockets.
+        Never hangs: sockets linger 0, and the wait is bounded."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("KV event publisher thread did not stop within %.1fs", timeout_s)
+
+    # ---- publisher thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._send([AllBlocksCleared()], from_queue=False)
+            self._loop()
+        except Exception:
+            log.exception("KV event publisher thread failed")
+        finally:
+            self._pub.close(linger=0)
+            if self._replay is not None:
+                self._replay.close(linger=0)
+
+    def _loop(self) -> None:
+        pending: list[KVEvent] = []
+        deadline: float | None = None  # when the pending batch must go out
+        last_send = time.monotonic()
+        while True:
+            self._serve_replay()
+            now = time.monotonic()
+            # Bounded waits keep replay requests served while the engine is idle.
+            wait = 0.02 if deadline is None else max(0.0, deadline - now)
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item is _STOP:
+                    if pending:
+                        self._send(pending)
+                    return
+                if item is _GAP:
+                    if pending:
+                        self._send(pending)
+                        pending, deadline = [], None
+                    self._seq += 1  # the lost events' seq: never sent, never in the buffer
+                else:
+                    pending.append(item)  # type: ignore[arg-type]
+                    if deadline is None:
+                        deadline = now + self._interval
+                if len(pending) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            now = time.monotonic()
+            if pending and (len(pending) >= self._max_batch or deadline is None or now >= deadline):
+                self._send(pending)
+                pending, deadline, last_send = [], None, now
+            elif not pending and self._heartbeat and now - last_send >= self._heartbeat:
+                self._send([], from_queue=False)
+                last_send = now
+
+    def _send(self, events: list[KVEvent], from_queue: bool = True) -> None:
+        self._seq += 1
+        payload = encode_batch(KVEventBatch(time.time(), events, self._dp_rank))
+        seq = self._seq
+        if self._wire_filter is None or self._wire_filter(seq):
+            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+        self._buffer.append((seq, payload))
+        if from_queue:
+            self._sent += len(events)
+
+    def _serve_replay(self) -> None:
+        sock = self._replay
+        while sock is not None and sock.poll(0):
+            frames = sock.recv_multipart()
+            if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
+                log.warning("ignoring malformed KV replay request (%d frames)", len(frames))
+                continue
+            client, start = frames[0], int.from_bytes(frames[2], "big")
+            for seq, payload in self._buffer:
+                if seq >= start:
+                    sock.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+            sock.send_multipart((client, b"", END_SEQ, b""))

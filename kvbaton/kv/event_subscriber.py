@@ -1,0 +1,267 @@
+"""KVEventSubscriber: follows many workers' KV event streams, in order, filling gaps by replay.
+
+The wire format and the publisher are in ``kvbaton.kv.event_stream``. One SUB socket per
+worker, so a batch's worker is known from its socket whatever topic the worker publishes on
+(vLLM's default topic is empty). Per worker the subscriber tracks the stream id (from the
+topic, when the publisher sends one) and the next expected seq:
+
+- the expected seq: deliver it;
+- a later seq (batches lost): replay from the expected one via the worker's ROUTER socket,
+  deliver what came back in order, then carry on;
+- an earlier seq from the same stream: a duplicate of a batch already replayed, skipped;
+- a new stream (the worker restarted) or the first contact: its start may have been missed,
+  so replay from seq 0 unless this is seq 0.
+
+When replay cannot fill a gap (no replay endpoint, timeout, or the ring buffer no longer
+holds the missing batches) ``on_gap(worker_id)`` is called and delivery resumes at the
+current batch; a ``KVIndex`` then drops that worker's entries and flags it approximate.
+Replays run on the subscriber thread, so one bounded by ``replay_timeout_s`` delays the other
+workers' batches by at most that long; they are queued, not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import msgspec
+import zmq
+
+from kvbaton.kv.event_stream import END_SEQ, KVEventBatch, check_endpoint, decode_batch, split_topic
+
+log = logging.getLogger(__name__)
+
+WorkerId = Hashable
+BatchCallback = Callable[[WorkerId, int, KVEventBatch], None]
+GapCallback = Callable[[WorkerId], None]
+
+
+@dataclass(frozen=True)
+class WorkerEndpoints:
+    """Where one worker publishes (``pub``) and serves replay (``replay``; None: no replay)."""
+
+    pub: str
+    replay: str | None = None
+
+
+class _Stream:
+    __slots__ = ("worker_id", "sock", "replay", "stream", "next_seq")
+
+    def __init__(self, worker_id: WorkerId, sock: zmq.Socket, replay: str | None) -> None:
+        self.worker_id = worker_id
+        self.sock = sock
+        self.replay = replay
+        self.stream: bytes | None = None
+        self.next_seq: int | None = None  # None until the first batch
+
+
+class KVEventSubscriber:
+    """Delivers every worker's batches in seq order to ``on_batch(worker_id, seq, batch)``.
+
+    Callbacks run on the subscriber's own thread; an exception in one is logged and the
+    stream goes on. ``close()`` returns within its timeout whatever the peers do.
+    """
+
+    def __init__(
+        self,
+        workers: dict[WorkerId, WorkerEndpoints],
+        on_batch: BatchCallback,
+        on_gap: GapCallback | None = None,
+        *,
+        topic: str = "",
+        replay_timeout_s: float = 1.0,
+        poll_interval_s: float = 0.05,
+        rcvhwm: int = 100_000,
+    ) -> None:
+        if not replay_timeout_s > 0:
+            raise ValueError(f"replay_timeout_s must be > 0, got {replay_timeout_s!r}")
+        if not poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {poll_interval_s!r}")
+        self._on_batch = on_batch
+        self._on_gap = on_gap
+        self._topic = topic.encode()
+        self._replay_timeout = replay_timeout_s
+        self._poll_ms = max(1, int(poll_interval_s * 1000))
+        self._rcvhwm = rcvhwm
+        self._ctx = zmq.Context.instance()
+        self._commands: queue.SimpleQueue[tuple[WorkerId, zmq.Socket | None, str | None]] = (
+            queue.SimpleQueue()
+        )
+        self._stop = threading.Event()
+        self.gaps = 0  # unrecoverable gaps (on_gap calls)
+        self.replays = 0  # replay requests made
+        for worker_id, eps in workers.items():
+            self.add_worker(worker_id, eps)
+        self._thread = threading.Thread(target=self._run, name="kv-event-subscriber", daemon=True)
+        self._thread.start()
+
+    def add_worker(self, worker_id: WorkerId, endpoints: WorkerEndpoints) -> None:
+        """Follow one more worker (replacing any stream under the same id). Thread-safe."""
+        check_endpoint(f"workers[{worker_id!r}].pub", endpoints.pub)
+        if endpoints.replay is not None:
+            check_endpoint(f"workers[{worker_id!r}].replay", endpoints.replay)
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        try:
+            sock.connect(endpoints.pub)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise ValueError(f"workers[{worker_id!r}].pub: cannot connect: {e}") from e
+        # Created here so a bad endpoint raises in the caller; the queue hand-off is the
+        # memory barrier ZMQ asks for when a socket moves to another thread.
+        self._commands.put((worker_id, sock, endpoints.replay))
+
+    def remove_worker(self, worker_id: WorkerId) -> None:
+        """Stop following a worker; its batches stop being delivered. Thread-safe."""
+        self._commands.put((worker_id, None, None))
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread and close its sockets; waits at most ``timeout_s`` (plus one
+        replay timeout if a replay is in flight)."""
+        self._stop.set()
+        self._thread.join(timeout_s + self._replay_timeout)
+        if self._thread.is_alive():
+            log.warning("KV event subscriber thread did not stop in time (stuck callback?)")
+
+    # ---- subscriber thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        streams: dict[WorkerId, _Stream] = {}
+        by_sock: dict[zmq.Socket, _Stream] = {}
+        poller = zmq.Poller()
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(streams, by_sock, poller)
+                for sock, _ in poller.poll(self._poll_ms):
+                    st = by_sock.get(sock)
+                    # Bounded drain per socket so one busy worker cannot starve the others.
+                    for _ in range(256):
+                        if st is None or self._stop.is_set():
+                            break
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._receive(st, frames)
+        except Exception:
+            log.exception("KV event subscriber thread failed")
+        finally:
+            for st in streams.values():
+                st.sock.close(linger=0)
+            while True:  # sockets handed over but never picked up
+                try:
+                    _, sock, _ = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if sock is not None:
+                    sock.close(linger=0)
+
+    def _apply_commands(
+        self, streams: dict[WorkerId, _Stream], by_sock: dict[zmq.Socket, _Stream],
+        poller: zmq.Poller,
+    ) -> None:
+        while True:
+            try:
+                worker_id, sock, replay = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            old = streams.pop(worker_id, None)
+            if old is not None:
+                poller.unregister(old.sock)
+                del by_sock[old.sock]
+                old.sock.close(linger=0)
+            if sock is not None:
+                st = streams[worker_id] = _Stream(worker_id, sock, replay)
+                by_sock[sock] = st
+                poller.register(sock, zmq.POLLIN)
+
+    def _receive(self, st: _Stream, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) < 8:
+            log.warning("worker %r: ignoring malformed KV event message", st.worker_id)
+            return
+        _, stream = split_topic(frames[0])
+        seq, payload = int.from_bytes(frames[1][:8], "big"), frames[2]
+        if st.next_seq is None or (stream is not None and stream != st.stream):
+            st.stream = stream
+            st.next_seq = 0
+        elif seq < st.next_seq:
+            if not (stream is None and seq == 0):
+                return  # already delivered (by replay)
+            st.next_seq = 0  # a publisher without stream ids restarted
+        if seq > st.next_seq:
+            self._catch_up(st, seq)
+        if seq == st.next_seq:
+            self._deliver(st, seq, payload)
+
+    def _catch_up(self, st: _Stream, seq: int) -> None:
+        """Batches ``next_seq .. seq-1`` are missing: replay them, or report the gap."""
+        start = st.next_seq
+        assert start is not None
+        got = self._replay(st, start)
+        if got and got[0][0] == start:
+            for rseq, payload in got:
+                if rseq != st.next_seq:
+                    break  # the buffer itself skips a seq (publisher overflow)
+                self._deliver(st, rseq, payload)
+        if st.next_seq is not None and st.next_seq < seq:
+            log.warning("worker %r: KV event batches %d..%d lost", st.worker_id, st.next_seq,
+                        seq - 1)
+            self.gaps += 1
+            if self._on_gap is not None:
+                try:
+                    self._on_gap(st.worker_id)
+                except Exception:
+                    log.exception("on_gap callback failed for worker %r", st.worker_id)
+            st.next_seq = seq
+
+    def _replay(self, st: _Stream, start: int) -> list[tuple[int, bytes]] | None:
+        """Buffered batches from ``start`` on, in order; None without endpoint or on timeout."""
+        if st.replay is None:
+            return None
+        self.replays += 1
+        # A fresh DEALER per request: a late answer to a timed-out request cannot be
+        # mistaken for the answer to the next one.
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        deadline = time.monotonic() + self._replay_timeout
+        out: list[tuple[int, bytes]] = []
+        try:
+            sock.connect(st.replay)
+            sock.send_multipart((b"", start.to_bytes(8, "big")))
+            while True:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not sock.poll(left_ms):
+                    log.warning("worker %r: KV event replay timed out", st.worker_id)
+                    return None
+                frames = sock.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                if frames[1] == END_SEQ:
+                    return out
+                out.append((int.from_bytes(frames[1], "big"), frames[2]))
+        except zmq.ZMQError as e:
+            log.warning("worker %r: KV event replay failed: %s", st.worker_id, e)
+            return None
+        finally:
+            sock.close(linger=0)
+
+    def _deliver(self, st: _Stream, seq: int, payload: bytes) -> None:
+        st.next_seq = seq + 1
+        try:
+            batch = decode_batch(payload)
+        except msgspec.DecodeError as e:
+            log.warning("worker %r: undecodable KV event batch %d: %s", st.worker_id, seq, e)
+            self.gaps += 1
+            if self._on_gap is not None:
+                self._on_gap(st.worker_id)
+            return
+        try:
+            self._on_batch(st.worker_id, seq, batch)
+        except Exception:
+            log.exception("on_batch callback failed for worker %r", st.worker_id)
