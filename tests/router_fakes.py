@@ -70,6 +70,7 @@ class FakeWorker:
         self.drop_after = 2
         self.chunk_delay_s = 0.0
         self.prefill_delay_s = 0.0
+        self.transfer_outcome = "fetched"  # what the usage chunk reports for a handle
         self.lock = threading.Lock()
         self.prefills: list[dict[str, Any]] = []
         self.decodes: list[dict[str, Any]] = []
@@ -218,7 +219,7 @@ class FakeWorker:
                                          "prompt_tokens_details": {"cached_tokens": 0}},
             }
             if handle is not None:
-                usage_chunk["kv_transfer_params"] = {"outcome": "fetched", "blocks_fetched": 3,
+                usage_chunk["kv_transfer_params"] = {"outcome": self.transfer_outcome, "blocks_fetched": 3,
                                                      "bytes": TRANSFER_BYTES, "transfer_s": TRANSFER_S,
                                                      "error": None}
             yield sse(usage_chunk)

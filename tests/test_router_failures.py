@@ -189,6 +189,26 @@ def test_decoder_dying_mid_stream_sends_an_error_event_then_done(fault: str) -> 
     assert metric(m, "kvbaton:router_request_failures_total", stage="mid_stream") == 1
 
 
+@pytest.mark.parametrize("case", ["drop", "recomputed"])
+def test_lease_the_decode_worker_did_not_confirm_is_released(case: str) -> None:
+    p, d = FakeWorker("prefill", "p"), FakeWorker("decode", "d")
+    if case == "drop":
+        d.decode_fault = "drop"
+    else:
+        d.transfer_outcome = "recomputed"
+    with cluster(p, d) as r:
+        status, events = stream_events(r.url, {"prompt": LONG, "max_tokens": 4,
+                                               "stream_options": {"include_usage": True}})
+        wait_until(lambda: p.releases == p.leases, what="the lease release")
+        m = metrics(r.url)
+    assert status == 200 and len(p.leases) == 1
+    if case == "recomputed":
+        assert events[-2]["usage"]["completion_tokens"] == 4
+        assert metric(m, "kvbaton:router_transfer_failures_total", outcome="recomputed") == 1
+    else:
+        assert "error" in events[-2]
+
+
 def test_non_streaming_request_is_retried_after_a_mid_stream_drop() -> None:
     d1, d2 = FakeWorker("both", "d1"), FakeWorker("both", "d2")
     d1.decode_fault = "drop"

@@ -278,17 +278,28 @@ class Orchestrator:
             await close_quietly(response)
             raise
         first_at = time.monotonic()
-        job.lease = None  # tokens come after the transfer: the handle is consumed
+        # From here the lease is the decode worker's: its tokens come after the transfer, and
+        # it releases the lease. Only if its usage chunk never confirms that (the stream broke,
+        # or it recomputed after a failed fetch) does the router release it too (idempotent).
+        job.lease = None
         first_decode = job.path is None
         self._record_first(job, path)
         if path == "local" and first_decode:
             self.metrics.ttft_first_decode.labels(path).observe(first_at - started)
+        confirmed = False
 
         def on_usage(chunk: dict[str, Any]) -> None:
+            nonlocal confirmed
             if path == "disagg":
-                self._record_transfer(chunk.get("kv_transfer_params"), first_at - started)
+                kv = chunk.get("kv_transfer_params")
+                self._record_transfer(kv, first_at - started)
+                confirmed = isinstance(kv, dict) and kv.get("outcome") in ("fetched", "local")
 
-        return RelayStream(worker, path, first, events, response, in_flight, on_usage)
+        def on_close() -> None:
+            if lease is not None and not confirmed:
+                self._spawn(self._release(lease.worker, lease.handle.lease_id))
+
+        return RelayStream(worker, path, first, events, response, in_flight, on_usage, on_close)
 
     def _decode_status_failure(self, job: Job, worker: Worker, r: httpx.Response) -> Exception:
         body = _json_or_text(r)

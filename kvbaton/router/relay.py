@@ -112,7 +112,7 @@ class RelayStream:
     Iterating yields the worker's chunk objects (``choices`` chunks, then one usage chunk)
     starting with the first one, already received; it raises :class:`MidStreamError` if the
     stream breaks before a ``finish_reason``. ``aclose()`` (idempotent) closes the worker
-    stream, which aborts the request there, and ends its in-flight charge.
+    stream, which aborts the request there, ends its in-flight charge and runs ``on_close``.
     """
 
     def __init__(
@@ -124,6 +124,7 @@ class RelayStream:
         response: httpx.Response | None = None,
         in_flight: InFlight | None = None,
         on_usage: Callable[[dict[str, Any]], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.worker = worker
         self.path = path
@@ -136,6 +137,7 @@ class RelayStream:
         self._response = response
         self._in_flight = in_flight
         self._on_usage = on_usage
+        self._on_close = on_close
         self._closed = False
 
     def _take(self, chunk: dict[str, Any]) -> dict[str, Any]:
@@ -181,3 +183,5 @@ class RelayStream:
         await close_quietly(self._response)
         if self._in_flight is not None:
             self._in_flight.done()
+        if self._on_close is not None:
+            self._on_close()
