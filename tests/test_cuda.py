@@ -51,3 +51,43 @@ def test_cuda_bf16_runs_and_seeded_sampling_is_reproducible():
     b = [o.token_ids for o in llm.generate(prompts, p)]
     assert a == b and all(len(t) == 16 for t in a)
     _clean(llm)
+
+
+def test_cuda_disaggregated_handoff_over_the_data_plane_equals_plain():
+    """Prefill on one CUDA engine, fetch its leased blocks over the TCP data plane (through
+    pinned staging) into another CUDA engine, decode there: same tokens as a plain run."""
+    from kvbaton.kv.transfer.tcp import TransferClient
+    from kvbaton.kv.transfer.tcp_server import TransferServer
+    from kvbaton.worker.kv_connector import _LeaseSource
+
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    p = make_llm(dtype="float32", device="cuda").engine
+    d = make_llm(dtype="float32", device="cuda").engine
+    plain = make_llm(dtype="float32", device="cuda", enable_prefix_caching=False)
+    server = TransferServer(p.runner.kv_cache, p.kv_spec, p.model_fingerprint, _LeaseSource(p.leases)).start()
+    client = TransferClient(d.kv_spec, d.model_fingerprint)
+    try:
+        for i, prompt in enumerate(random_prompts(4, 10, 300, seed=34)):
+            p.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                          f"p{i}", lease_ttl_s=30)
+            pout = [o for o in iter_until_done(p) if o.request_id == f"p{i}"][-1]
+            plan = d.reserve_import(prompt, pout.kv_lease.block_hashes, f"d{i}")
+            host, port = server.address
+            client.fetch(host, port, pout.kv_lease.lease_id, plan.fetch_indexes, d.runner.kv_cache,
+                         plan.dst_block_ids)
+            assert client.release(host, port, pout.kv_lease.lease_id)
+            d.commit_import(f"d{i}", params, (pout.token_ids[0], None))
+            dout = [o for o in iter_until_done(d) if o.request_id == f"d{i}"][-1]
+            assert dout.token_ids == plain.generate([prompt], params)[0].token_ids
+        p.collect_leases()
+        for eng in (p, d):
+            assert eng.pool.num_used_blocks == 0
+            eng.check_integrity()
+    finally:
+        client.close()
+        server.stop()
+
+
+def iter_until_done(eng):
+    while eng.has_unfinished_requests():
+        yield from eng.step()
