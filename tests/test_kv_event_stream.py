@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -133,12 +134,14 @@ def test_wire_shape_is_vllm_readable(closers: list[Any]) -> None:
     sub.setsockopt(zmq.SUBSCRIBE, b"kv-events")
     closers.append(sub)
     sub.connect(pub.endpoint)
-    # Keep publishing until the SUB is connected (ZMQ's slow-joiner).
-    i = 0
-    while not sub.poll(20):
+    # Keep publishing until the SUB is connected (ZMQ's slow joiner); it may get seq 0 (the
+    # AllBlocksCleared batch) first.
+    deadline = time.monotonic() + 5
+    for i in itertools.count():
+        assert time.monotonic() < deadline, "no BlockStored batch received"
         pub.publish(stored(i))
-        i += 1
-    while True:  # the SUB may have joined in time for seq 0, the AllBlocksCleared batch
+        if not sub.poll(20):
+            continue
         topic, seq_frame, payload = sub.recv_multipart()
         assert topic.startswith(b"kv-events") and len(seq_frame) == 8
         ts, events, dp_rank = msgspec.msgpack.decode(payload)
@@ -157,8 +160,8 @@ def test_wire_shape_is_vllm_readable(closers: list[Any]) -> None:
     assert req.poll(2000)
     # A REQ socket takes one reply: the first buffered batch, the publisher's seq 0.
     seq_bytes, data = req.recv_multipart()
-    replies = [(int.from_bytes(seq_bytes, "big"), msgspec.msgpack.decode(data))]
-    assert replies[0][0] == 0 and replies[0][1][1] == [["AllBlocksCleared"]]
+    assert int.from_bytes(seq_bytes, "big") == 0
+    assert msgspec.msgpack.decode(data)[1] == [["AllBlocksCleared"]]
 
 
 def test_lost_batch_is_replayed(closers: list[Any]) -> None:
@@ -212,6 +215,36 @@ def test_replay_timeout_calls_on_gap(closers: list[Any]) -> None:
     publish_batches(pub, range(1, 3))
     wait_until(lambda: col.seqs()[-1:] == [base + 2])
     assert col.gaps == ["w"] and base + 1 not in col.seqs()
+
+
+def test_queue_overflow_shows_as_an_unfillable_gap(closers: list[Any]) -> None:
+    """Events the publisher had to drop must not be silently missing from the index."""
+    pub = make_pub(closers, max_queue_events=2)
+    col, index = Collector(), KVIndex()
+    sub = KVEventSubscriber(
+        {"w": WorkerEndpoints(pub.endpoint, pub.replay_endpoint)},
+        lambda w, s, b: (col.on_batch(w, s, b), index.apply(w, s, b)),
+        lambda w: (col.on_gap(w), index.mark_approximate(w)),
+    )
+    closers.append(sub)
+    sync(pub, col)
+    col.gaps.clear()
+    entered, gate = threading.Event(), threading.Event()
+    pub._wire_filter = lambda seq: (entered.set(), gate.wait(5))[1]  # stall the thread
+    pub.publish(stored(1))
+    assert entered.wait(5)  # the thread is stuck sending stored(1); the queue is empty
+    for i in (2, 3, 4, 5):  # 4 and 5 overflow the 2-event queue
+        pub.publish(stored(i))
+    assert pub.dropped_events == 2
+    gate.set()
+    assert pub.flush(2.0)  # 1, 2, 3 sent: the queue has room again
+    pub.publish(stored(6))
+    assert pub.flush(2.0)
+    wait_until(lambda: col.seqs()[-1:] == [pub.last_seq])
+    assert col.gaps == ["w"] and index.is_approximate("w")
+    assert [e.block_hashes[0] for e in col.events() if isinstance(e, BlockStored)] == \
+        [H(1), H(2), H(3), H(6)]
+    assert index.longest_prefix([H(6)]) == {"w": 1} and index.block_count("w") == 1
 
 
 def _bind_retry(endpoint: str, replay: str) -> KVEventPublisher:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -89,9 +91,12 @@ class Model:
 class Truth:
     """One worker's real cache and its publisher's sequence counter."""
 
+    epochs = itertools.count()
+
     def __init__(self) -> None:
         self.blocks: dict[bytes, set[str]] = {}
         self.next_seq = 0
+        self.epoch = next(self.epochs)  # a new publisher stream per (re)start
 
     def run(self, events: list[KVEvent]) -> int:
         for ev in events:
@@ -130,12 +135,18 @@ class IndexMachine(RuleBasedStateMachine):
         self.index = KVIndex(clock=self.clock)
         self.model = Model()
         self.truth = {w: Truth() for w in WORKERS}
+        self.seen_epoch: dict[str, int] = {}  # stream of the last batch the index got
 
     @rule(w=st.sampled_from(WORKERS), events=events_st, delivered=st.booleans())
     def emit(self, w: str, events: list[KVEvent], delivered: bool) -> None:
         """A worker publishes a batch; undelivered batches are lost on the wire."""
         seq = self.truth[w].run(events)
         if delivered:
+            if self.seen_epoch.get(w, self.truth[w].epoch) != self.truth[w].epoch and seq != 0:
+                # A new stream whose start was lost: the subscriber sees the new stream id,
+                # replay cannot reach seq 0 here, so it reports the gap first.
+                self.gap(w)
+            self.seen_epoch[w] = self.truth[w].epoch
             self.index.apply(w, seq, events)
             self.model.apply(w, seq, events)
 
@@ -194,7 +205,8 @@ class IndexMachine(RuleBasedStateMachine):
         """Caught up with a worker's stream, the index holds exactly its blocks, or a subset
         of them while approximate."""
         for w in self.model.blocks:
-            if self.model.last[w] != self.truth[w].next_seq - 1:
+            t = self.truth[w]
+            if self.seen_epoch.get(w) != t.epoch or self.model.last[w] != t.next_seq - 1:
                 continue
             mine, real = self.model.blocks[w], self.truth[w].blocks
             if self.model.approx[w]:

@@ -203,22 +203,23 @@ class KVEventSubscriber:
         """Batches ``next_seq .. seq-1`` are missing: replay them, or report the gap."""
         start = st.next_seq
         assert start is not None
-        got = self._replay(st, start)
-        if got and got[0][0] == start:
-            for rseq, payload in got:
-                if rseq != st.next_seq:
-                    break  # the buffer itself skips a seq (publisher overflow)
-                self._deliver(st, rseq, payload)
+        for rseq, payload in self._replay(st, start) or ():
+            if rseq != st.next_seq:
+                break  # the buffer no longer reaches back, or skips a seq (overflow)
+            self._deliver(st, rseq, payload)
         if st.next_seq is not None and st.next_seq < seq:
             log.warning("worker %r: KV event batches %d..%d lost", st.worker_id, st.next_seq,
                         seq - 1)
-            self.gaps += 1
-            if self._on_gap is not None:
-                try:
-                    self._on_gap(st.worker_id)
-                except Exception:
-                    log.exception("on_gap callback failed for worker %r", st.worker_id)
+            self._report_gap(st)
             st.next_seq = seq
+
+    def _report_gap(self, st: _Stream) -> None:
+        self.gaps += 1
+        if self._on_gap is not None:
+            try:
+                self._on_gap(st.worker_id)
+            except Exception:
+                log.exception("on_gap callback failed for worker %r", st.worker_id)
 
     def _replay(self, st: _Stream, start: int) -> list[tuple[int, bytes]] | None:
         """Buffered batches from ``start`` on, in order; None without endpoint or on timeout."""
@@ -257,9 +258,7 @@ class KVEventSubscriber:
             batch = decode_batch(payload)
         except msgspec.DecodeError as e:
             log.warning("worker %r: undecodable KV event batch %d: %s", st.worker_id, seq, e)
-            self.gaps += 1
-            if self._on_gap is not None:
-                self._on_gap(st.worker_id)
+            self._report_gap(st)
             return
         try:
             self._on_batch(st.worker_id, seq, batch)
