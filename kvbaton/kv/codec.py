@@ -2,19 +2,22 @@
 
 A block of the block-first layout is one contiguous byte range, so its wire form is simply its
 bytes; this module gives zero-copy views of them and the checksum both ends of a transfer agree
-on. CRC-32 (zlib) is the checksum: in the standard library, strong against the corruptions a
-data plane can introduce (flipped bits, shifted or truncated data, the wrong block), and it
-releases the GIL on large buffers.
+on. The checksum is XXH3-64: it catches the corruptions a data plane can introduce (flipped
+bits, shifted or truncated data, the wrong block, a block rewritten after it was checksummed),
+releases the GIL, and runs at ~60 GB/s on a cache-hot block, against ~4 GB/s for zlib's CRC-32,
+which alone held same-host transfers to a fraction of memcpy speed. It is not a MAC: peers are
+authenticated by the handshake, not by checksums. Both ends name it in the handshake.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
+import numpy as np
 import torch
+import xxhash
 
-CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_ALGORITHM = "xxh3_64"
 
 
 def host_bytes(kv: torch.Tensor) -> memoryview:
@@ -30,9 +33,9 @@ def host_bytes(kv: torch.Tensor) -> memoryview:
     return memoryview(kv.view(torch.uint8).reshape(-1).numpy())
 
 
-def checksum(data: memoryview | bytes) -> int:
-    """The checksum of one block's bytes (CRC-32, unsigned)."""
-    return zlib.crc32(data)
+def checksum(data: memoryview | bytes | np.ndarray) -> int:
+    """The checksum of one block's bytes (XXH3-64, unsigned); any contiguous buffer."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def block_checksums(kv: torch.Tensor, block_ids: Sequence[int]) -> list[int]:

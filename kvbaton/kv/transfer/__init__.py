@@ -1,11 +1,14 @@
 """KV transfer data plane: moves leased KV blocks from a prefill worker to a decode worker.
 
 Pick an implementation by the two interfaces in ``transport`` (``Transport`` for the client,
-``TransportServer`` for the server); TCP is the one built in.
+``TransportServer`` for the server); TCP is the one built in, with a same-host shared-memory
+fast path for a KV cache allocated by ``allocate_shared_kv`` / ``SharedKV`` (``shm``).
 """
 
+from kvbaton.kv.transfer.server_state import Faults, ServerStats
+from kvbaton.kv.transfer.shm import SharedKV, allocate_shared_kv
 from kvbaton.kv.transfer.tcp import TransferClient
-from kvbaton.kv.transfer.tcp_server import Faults, ServerStats, TransferServer
+from kvbaton.kv.transfer.tcp_server import TransferServer
 from kvbaton.kv.transfer.transport import (
     AuthError,
     BlockSource,
@@ -31,6 +34,7 @@ __all__ = [
     "PeerClosed",
     "ProtocolError",
     "ServerStats",
+    "SharedKV",
     "SpecMismatch",
     "TransferClient",
     "TransferError",
@@ -38,4 +42,5 @@ __all__ = [
     "TransferTimeout",
     "Transport",
     "TransportServer",
+    "allocate_shared_kv",
 ]

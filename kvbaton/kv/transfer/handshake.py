@@ -5,6 +5,9 @@ Authentication is mutual HMAC-SHA256: each side sends a fresh nonce, and each pr
 the secret with an HMAC over both nonces, the spec and the fingerprint (role-labelled, compared
 in constant time). The client sends its proof before checking the server's, so a wrong secret
 is reported as :class:`AuthError` on both ends. It authenticates peers; it does not encrypt.
+
+A shared-memory offer rides on the final Ready, so a server that holds a secret shows where its
+KV lies only to peers that proved they hold it too, and only to those on its own host.
 """
 
 from __future__ import annotations
@@ -63,9 +66,16 @@ def _refuse(sock: socket.socket, deadline: Deadline, exc: TransferError, kind: s
 
 
 def server_handshake(
-    sock: socket.socket, spec: wire.SpecMsg, fingerprint: str, secret: bytes | None, deadline: Deadline
-) -> None:
-    """Accept a client or raise (after telling it why) SpecMismatch, AuthError or ProtocolError."""
+    sock: socket.socket,
+    spec: wire.SpecMsg,
+    fingerprint: str,
+    secret: bytes | None,
+    deadline: Deadline,
+    shm: wire.ShmOffer | None = None,
+) -> bool:
+    """Accept a client or raise (after telling it why) SpecMismatch, AuthError or ProtocolError.
+
+    ``shm`` is offered to a client that asked from the same host; True when it was."""
     hello = recv_msg(sock, deadline, wire.MAX_HANDSHAKE_FRAME)
     if not isinstance(hello, wire.Hello):
         raise _refuse(sock, deadline, ProtocolError(f"expected hello, got {type(hello).__name__}"), "protocol")
@@ -97,15 +107,30 @@ def server_handshake(
             raise _refuse(sock, deadline, ProtocolError(f"expected proof, got {type(reply).__name__}"), "protocol")
         if not hmac.compare_digest(reply.proof, _proof(secret, b"client", hello, nonce)):
             raise _refuse(sock, deadline, AuthError("the client's shared-secret proof is wrong"), "auth")
-    send_msg(sock, wire.Ready(), deadline)
+    offered = shm is not None and hello.host_id == shm.host_id
+    send_msg(sock, wire.Ready(shm if offered else None), deadline)
+    return offered
 
 
 def client_handshake(
-    sock: socket.socket, spec: wire.SpecMsg, fingerprint: str, secret: bytes | None, deadline: Deadline
-) -> None:
-    """Open a connection or raise SpecMismatch, AuthError or ProtocolError."""
+    sock: socket.socket,
+    spec: wire.SpecMsg,
+    fingerprint: str,
+    secret: bytes | None,
+    deadline: Deadline,
+    host_id: str | None = None,
+) -> wire.ShmOffer | None:
+    """Open a connection or raise SpecMismatch, AuthError or ProtocolError.
+
+    With ``host_id`` set the client asks for the server's shared-memory offer, returned if made."""
     hello = wire.Hello(
-        wire.PROTOCOL_VERSION, spec, fingerprint, CHECKSUM_ALGORITHM, os.urandom(NONCE_BYTES), secret is not None
+        wire.PROTOCOL_VERSION,
+        spec,
+        fingerprint,
+        CHECKSUM_ALGORITHM,
+        os.urandom(NONCE_BYTES),
+        secret is not None,
+        host_id,
     )
     send_msg(sock, hello, deadline)
     welcome = _expect(recv_msg(sock, deadline, wire.MAX_HANDSHAKE_FRAME), wire.Welcome)
@@ -114,7 +139,8 @@ def client_handshake(
         expected = _proof(secret, b"server", hello, welcome.nonce)
         if welcome.proof is None or not hmac.compare_digest(welcome.proof, expected):
             raise AuthError("the server's shared-secret proof is wrong (different secret?)")
-    _expect(recv_msg(sock, deadline, wire.MAX_HANDSHAKE_FRAME), wire.Ready)
+    ready = _expect(recv_msg(sock, deadline, wire.MAX_HANDSHAKE_FRAME), wire.Ready)
+    return ready.shm if host_id is not None else None
 
 
 def _expect(msg: wire.Message, cls: type) -> wire.Message:

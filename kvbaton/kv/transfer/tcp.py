@@ -2,8 +2,14 @@
 
 Block bytes go from the KV tensor's memory to the socket with ``sendmsg`` over memoryviews of
 the source rows (one iovec per run of contiguous blocks), and from the socket into the
-destination rows with ``recvmsg_into``; Python never copies a block. Each block's CRC-32 is
+destination rows with ``recvmsg_into``; Python never copies a block. Each block's checksum is
 checked on arrival. On CUDA tensors both ends stage through pinned host memory.
+
+Same host: when the server offers its KV in shared memory and the file opens, the client maps
+it read-only once per peer and fetches by copying blocks out of the mapping (``shm_read``); the
+connection then carries only the request, the block ids with their checksums, and "done".
+Anything that stops the offer from working (another host, another ``/dev/shm``, a closed file,
+``prefer_shm=False`` on either side) leaves the TCP byte path in use, transparently.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,7 +27,9 @@ from kvbaton.kv.codec import checksum
 from kvbaton.kv.spec import KVSpec
 from kvbaton.kv.transfer import sockio, wire
 from kvbaton.kv.transfer.blocks import DEFAULT_STAGING_BYTES, BlockIO, check_kv
-from kvbaton.kv.transfer.handshake import client_handshake, remote_error, server_handshake
+from kvbaton.kv.transfer.handshake import client_handshake, remote_error
+from kvbaton.kv.transfer.shm import host_id
+from kvbaton.kv.transfer.shm_read import ShmMapping
 from kvbaton.kv.transfer.sockio import Deadline
 from kvbaton.kv.transfer.transport import (
     ChecksumError,
@@ -34,11 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class _Conn:
-    """One authenticated connection to a peer."""
+    """One authenticated connection to a peer, and the peer's shared KV if it can be read."""
 
-    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, key: tuple[str, int], mapping: ShmMapping | None) -> None:
         self.sock = sock
         self.key = key
+        self.mapping = mapping
         self.reused = False
 
     def close(self) -> None:
@@ -53,7 +64,10 @@ class TransferClient(Transport):
 
     ``timeout_s`` bounds each whole call (connect, handshake, request, every payload byte):
     size it for the largest fetch. Idle connections are kept per peer and reused (a reused one
-    the peer has meanwhile closed is replaced once, transparently). Thread-safe.
+    the peer has meanwhile closed is replaced once, transparently). With ``prefer_shm`` (the
+    default) a peer on this host that offers its KV in shared memory is read through it; the
+    mapping is kept per peer until the peer offers another one, cannot be reached, or
+    :meth:`close`. Thread-safe.
     """
 
     def __init__(
@@ -65,6 +79,7 @@ class TransferClient(Transport):
         max_idle_per_peer: int = 2,
         socket_buffer_bytes: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        prefer_shm: bool = True,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -75,6 +90,9 @@ class TransferClient(Transport):
         self.max_idle_per_peer = max_idle_per_peer
         self.socket_buffer_bytes = socket_buffer_bytes
         self.staging_bytes = staging_bytes
+        self.prefer_shm = prefer_shm
+        self._block_bytes = spec.bytes_per_block  # a property that allocates: once, not per fetch
+        self._maps: dict[tuple[str, int], tuple[wire.ShmOffer, ShmMapping | None]] = {}
         self._spec_msg = wire.SpecMsg.of(spec)
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._staging: list[torch.Tensor] = []  # pinned CUDA staging buffers are slow to make: reuse
@@ -97,26 +115,31 @@ class TransferClient(Transport):
             return FetchStats(0, 0, 0.0)
         n = len(block_indexes)
         deadline = Deadline(self.timeout_s, f"fetch of {n} blocks (lease {lease_id!r}) from {host}:{port}")
-        conn, header = self._exchange(host, port, wire.FetchRequest(lease_id, list(block_indexes)), deadline)
+        conn, header = self._exchange(
+            host, port, lambda c: wire.FetchRequest(lease_id, list(block_indexes), shm=c.mapping is not None), deadline
+        )
+        if conn.mapping is not None:
+            self._copy_shared(conn, header, deadline, block_indexes, dst, dst_block_ids)
+            return FetchStats(n * self._block_bytes, n, time.perf_counter() - t0, "shm")
         try:
             if not isinstance(header, wire.BlocksHeader):
                 raise ProtocolError(f"expected blocks, got {type(header).__name__}")
-            if header.block_bytes != self.spec.bytes_per_block or len(header.checksums) != n:
+            if header.block_bytes != self._block_bytes or len(header.checksums) != n:
                 raise ProtocolError(
                     f"server announced {len(header.checksums)} blocks of {header.block_bytes} bytes; "
-                    f"asked for {n} of {self.spec.bytes_per_block}"
+                    f"asked for {n} of {self._block_bytes}"
                 )
             self._receive(conn.sock, deadline, header.checksums, block_indexes, dst, dst_block_ids)
         except BaseException:
             conn.close()  # the stream may hold the rest of a payload: never reuse it
             raise
         self._checkin(conn)
-        return FetchStats(n * self.spec.bytes_per_block, n, time.perf_counter() - t0)
+        return FetchStats(n * self._block_bytes, n, time.perf_counter() - t0)
 
     def release(self, host: str, port: int, lease_id: str) -> bool:
         """See :meth:`Transport.release`."""
         deadline = Deadline(self.timeout_s, f"release of lease {lease_id!r} at {host}:{port}")
-        conn, reply = self._exchange(host, port, wire.ReleaseRequest(lease_id), deadline)
+        conn, reply = self._exchange(host, port, lambda c: wire.ReleaseRequest(lease_id), deadline)
         if isinstance(reply, wire.ReleaseReply):
             self._checkin(conn)
             return reply.released
@@ -129,6 +152,7 @@ class TransferClient(Transport):
             conns = [c for cs in self._idle.values() for c in cs]
             self._idle.clear()
             self._staging.clear()
+            self._maps.clear()  # unmapped once no fetch in flight still reads them
         for c in conns:
             c.close()
 
@@ -163,42 +187,91 @@ class TransferClient(Transport):
         dst: torch.Tensor,
         dst_block_ids: list[int],
     ) -> None:
-        io = self._block_io(dst)
-        try:
+        with self._block_io(dst) as io:
             for chunk in io.write(dst_block_ids):
                 sockio.recv_all(sock, chunk.iov, deadline)
                 for k, view in enumerate(chunk.blocks):
-                    pos = chunk.start + k
-                    if checksum(view) != checksums[pos]:
-                        raise ChecksumError(
-                            f"block {pos} of the fetch (lease index {block_indexes[pos]}, destination "
-                            f"block {dst_block_ids[pos]}) failed its CRC-32 check",
-                            pos,
-                            block_indexes[pos],
-                            dst_block_ids[pos],
-                        )
+                    if checksum(view) != checksums[chunk.start + k]:
+                        raise ChecksumError.at(chunk.start + k, block_indexes, dst_block_ids)
+
+    def _copy_shared(
+        self,
+        conn: _Conn,
+        reply: wire.Message,
+        deadline: Deadline,
+        block_indexes: list[int],
+        dst: torch.Tensor,
+        dst_block_ids: list[int],
+    ) -> None:
+        """Copy the blocks a ShmBlocks reply names out of the peer's mapping, then say done."""
+        assert conn.mapping is not None
+        if not isinstance(reply, wire.ShmBlocks):
+            conn.close()
+            raise ProtocolError(f"expected shm_blocks, got {type(reply).__name__}")
+        try:
+            with self._block_io(dst) as io:
+                conn.mapping.copy_verified(reply.block_ids, reply.checksums, io, block_indexes, dst_block_ids)
+        except TransferError:
+            self._done_shared(conn, deadline)  # unpin and keep the stream in step, then report
+            raise
+        except BaseException:
+            conn.close()  # the server unpins when the connection drops
+            raise
+        self._done_shared(conn, deadline)
+
+    def _done_shared(self, conn: _Conn, deadline: Deadline) -> None:
+        try:
+            sockio.send_msg(conn.sock, wire.ShmDone(), deadline)
+        except TransferError:
+            conn.close()  # the server unpins on hang-up; the copied blocks were verified already
+            return
+        self._checkin(conn)
+
+    @contextmanager
+    def _block_io(self, dst: torch.Tensor) -> Iterator[BlockIO]:
+        """Byte access to ``dst``; on CUDA through a pooled pinned staging buffer."""
+        if dst.device.type != "cuda":
+            yield BlockIO(dst, self.spec)
+            return
+        with self._lock:
+            spare = self._staging.pop() if self._staging else None
+        if spare is not None and spare.numel() < self._block_bytes:
+            spare = None
+        io = BlockIO(dst, self.spec, self.staging_bytes, staging=spare)
+        try:
+            yield io
         finally:
             if io.staging is not None:
                 with self._lock:
                     self._staging.append(io.staging)
 
-    def _block_io(self, dst: torch.Tensor) -> BlockIO:
-        if dst.device.type != "cuda":
-            return BlockIO(dst, self.spec)
+    def _mapping(self, key: tuple[str, int], offer: wire.ShmOffer | None) -> ShmMapping | None:
+        """The peer's shared KV, mapped once per offer; None (TCP bytes) if it cannot be read."""
+        if offer is None:
+            return None
         with self._lock:
-            spare = self._staging.pop() if self._staging else None
-        if spare is not None and spare.numel() < self.spec.bytes_per_block:
-            spare = None
-        return BlockIO(dst, self.spec, self.staging_bytes, staging=spare)
+            cached = self._maps.get(key)
+        if cached is not None and cached[0] == offer:
+            return cached[1]
+        try:
+            mapping: ShmMapping | None = ShmMapping.open(offer, self._block_bytes)
+        except (OSError, ValueError) as exc:
+            log.info("kv transfer: %s:%d offers shared memory this process cannot use (%s); using TCP", *key, exc)
+            mapping = None
+        with self._lock:
+            if not self._closed:
+                self._maps[key] = (offer, mapping)  # replaces (and so unmaps) an older offer's mapping
+        return mapping
 
     def _exchange(
-        self, host: str, port: int, msg: wire.Message, deadline: Deadline
+        self, host: str, port: int, request: Callable[[_Conn], wire.Message], deadline: Deadline
     ) -> tuple[_Conn, wire.Message]:
-        """Send one request and read its reply frame, retrying once if a cached connection is stale."""
+        """Send one request (built for the connection it goes on) and read its reply frame,
+        retrying once if a cached connection is stale."""
         for attempt in range(2):
             conn = self._checkout(host, port, deadline, allow_idle=attempt == 0)
             try:
-                sockio.send_msg(conn.sock, msg, deadline)
+                sockio.send_msg(conn.sock, request(conn), deadline)
                 reply = sockio.recv_msg(conn.sock, deadline)
             except PeerClosed:
                 conn.close()
@@ -225,13 +298,20 @@ class TransferClient(Transport):
                 conn = idle.pop()
                 conn.reused = True
                 return conn
-        sock = sockio.connect(host, port, deadline, self.socket_buffer_bytes)
         try:
-            client_handshake(sock, self._spec_msg, self.fingerprint, self.secret, deadline)
+            sock = sockio.connect(host, port, deadline, self.socket_buffer_bytes)
+        except TransferError:
+            with self._lock:
+                self._maps.pop(key, None)  # a peer that is gone must not keep its KV mapped here
+            raise
+        try:
+            offer = client_handshake(
+                sock, self._spec_msg, self.fingerprint, self.secret, deadline, host_id() if self.prefer_shm else None
+            )
+            return _Conn(sock, key, self._mapping(key, offer))
         except BaseException:
             sock.close()
             raise
-        return _Conn(sock, key)
 
     def _checkin(self, conn: _Conn) -> None:
         with self._lock:

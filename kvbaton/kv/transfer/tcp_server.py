@@ -1,7 +1,12 @@
 """TCP transport, server side: serves one worker's leased KV blocks to its peers.
 
-One thread accepts; each connection gets its own thread (the socket calls and CRC-32 release
+One thread accepts; each connection gets its own thread (the socket calls and checksums release
 the GIL). A connection handshakes once, then serves any number of fetch and release requests.
+
+When the KV tensor lives in shared memory (``shm.SharedKV``), clients on this host are offered
+it at the handshake; their fetches then move no bytes over the socket: the server resolves and
+pins the lease, names the blocks and their checksums, and unpins when the client says it has
+copied them, drops the connection, or takes longer than ``io_timeout_s``.
 """
 
 from __future__ import annotations
@@ -10,17 +15,16 @@ import logging
 import select
 import socket
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
 from kvbaton.kv.codec import checksum
 from kvbaton.kv.spec import KVSpec
-from kvbaton.kv.transfer import sockio, wire
+from kvbaton.kv.transfer import shm, sockio, wire
 from kvbaton.kv.transfer.blocks import DEFAULT_STAGING_BYTES, BlockIO, check_kv
 from kvbaton.kv.transfer.handshake import server_handshake
+from kvbaton.kv.transfer.server_state import Faults, LeaseChecksums, ServerStats
 from kvbaton.kv.transfer.sockio import Deadline
 from kvbaton.kv.transfer.transport import (
     AuthError,
@@ -34,69 +38,11 @@ from kvbaton.kv.transfer.transport import (
     TransportServer,
 )
 
+__all__ = ["Faults", "ServerStats", "TransferServer"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _JOIN_S = 5.0
-
-
-@dataclass
-class Faults:
-    """TEST-ONLY misbehaviour injected into fetch payloads: ``server.faults = Faults(...)``.
-
-    Applies to every fetch until reset to None. Byte counts are of block payload (after the
-    header frame). The source tensor is never modified.
-    """
-
-    corrupt_block_index: int | None = None  # flip a byte of the block at this fetch position, on the wire
-    stall_after_bytes: int | None = None  # then stop sending until the client hangs up or the server stops
-    close_after_bytes: int | None = None  # then drop the connection
-
-
-@dataclass
-class ServerStats:
-    """Counters of what the server did and refused (read them; the server updates them)."""
-
-    connections: int = 0
-    fetches: int = 0
-    blocks_sent: int = 0
-    bytes_sent: int = 0
-    releases: int = 0
-    auth_failures: int = 0
-    spec_mismatches: int = 0
-    lease_errors: int = 0
-    errors: list[str] = field(default_factory=list)  # last few connection failures, for debugging
-
-
-class _LeaseChecksums:
-    """Per-lease block checksums, computed on the first send: blocks under a lease are immutable.
-
-    Bounded (least recently used leases dropped), so leases that expire unreleased cost little.
-    """
-
-    def __init__(self, max_leases: int = 4096) -> None:
-        self.max_leases = max_leases
-        self._by_lease: OrderedDict[str, dict[int, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, lease_id: str, block_ids: list[int]) -> list[int | None]:
-        with self._lock:
-            known = self._by_lease.get(lease_id)
-            if known is None:
-                return [None] * len(block_ids)
-            self._by_lease.move_to_end(lease_id)
-            return [known.get(b) for b in block_ids]
-
-    def put(self, lease_id: str, block_ids: list[int], sums: list[int]) -> None:
-        with self._lock:
-            known = self._by_lease.setdefault(lease_id, {})
-            self._by_lease.move_to_end(lease_id)
-            known.update(zip(block_ids, sums))
-            while len(self._by_lease) > self.max_leases:
-                self._by_lease.popitem(last=False)
-
-    def drop(self, lease_id: str) -> None:
-        with self._lock:
-            self._by_lease.pop(lease_id, None)
 
 
 class TransferServer(TransportServer):
@@ -104,7 +50,8 @@ class TransferServer(TransportServer):
 
     ``io_timeout_s`` bounds a handshake and the sending of one reply (a client that stops
     reading is dropped); ``idle_timeout_s`` closes connections with no request for that long.
-    With ``secret`` set, only peers holding the same secret are served.
+    With ``secret`` set, only peers holding the same secret are served. ``prefer_shm=False``
+    never offers shared memory, even when ``kv`` lives in it.
     """
 
     def __init__(
@@ -121,6 +68,7 @@ class TransferServer(TransportServer):
         max_connections: int = 256,
         socket_buffer_bytes: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        prefer_shm: bool = True,
     ) -> None:
         check_kv(kv, spec, "kv")
         self.kv, self.spec, self.fingerprint, self.source = kv, spec, fingerprint, source
@@ -131,7 +79,9 @@ class TransferServer(TransportServer):
         self.faults: Faults | None = None
         self.stats = ServerStats()
         self._spec_msg = wire.SpecMsg.of(spec)
-        self._checksums = _LeaseChecksums()
+        self._block_bytes = spec.bytes_per_block
+        self._checksums = LeaseChecksums()
+        self._shm_offer = shm.offer_for(kv, spec.bytes_per_block) if prefer_shm else None
         self._listener: socket.socket | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -208,15 +158,24 @@ class TransferServer(TransportServer):
                 self.stats.connections += 1
             thread.start()
 
+    @property
+    def shm_offer(self) -> wire.ShmOffer | None:
+        """What same-host clients are offered: None unless ``kv`` is in a live shared file."""
+        offer = self._shm_offer
+        return offer if offer is not None and shm.is_offered(offer) else None
+
     def _serve(self, sock: socket.socket, peer: object) -> None:
         try:
-            server_handshake(sock, self._spec_msg, self.fingerprint, self.secret, Deadline(self.io_timeout_s, f"handshake with {peer}"))
+            shm_ok = server_handshake(
+                sock, self._spec_msg, self.fingerprint, self.secret,
+                Deadline(self.io_timeout_s, f"handshake with {peer}"), self.shm_offer,
+            )
             io = BlockIO(self.kv, self.spec, self.staging_bytes)
             while not self._stopping.is_set():
                 req = sockio.recv_msg(sock, Deadline(self.idle_timeout_s, f"waiting for a request from {peer}"))
                 deadline = Deadline(self.io_timeout_s, f"reply to {peer}")
                 if isinstance(req, wire.FetchRequest):
-                    if not self._fetch(sock, io, req, deadline):
+                    if not self._fetch(sock, io, req, deadline, shm_ok, peer):
                         return
                 elif isinstance(req, wire.ReleaseRequest):
                     self._checksums.drop(req.lease_id)
@@ -267,35 +226,65 @@ class TransferServer(TransportServer):
 
     # -- fetch ------------------------------------------------------------------------------
 
-    def _fetch(self, sock: socket.socket, io: BlockIO, req: wire.FetchRequest, deadline: Deadline) -> bool:
+    def _fetch(
+        self, sock: socket.socket, io: BlockIO, req: wire.FetchRequest, deadline: Deadline, shm_ok: bool, peer: object
+    ) -> bool:
         """Serve one fetch; False when the connection must close (a fault was injected)."""
+        if req.shm and not shm_ok:
+            msg = "shared memory was not offered on this connection; fetch over TCP"
+            sockio.send_msg(sock, wire.Error("protocol", msg), deadline)
+            return True
         ids = self._call_source(sock, deadline, self.source.resolve, req.lease_id, req.block_indexes)
         if ids is None:
             return True
         # A source may pin the lease while its blocks are read (so an expiry mid-send cannot
-        # hand them to another request); ``end`` unpins, whatever happens to the send.
+        # hand them to another request); ``end`` unpins, whatever happens to the send, and for
+        # shared memory whatever the client does (done, hang-up, or silence past io_timeout_s).
         end = getattr(self.source, "end", None)
         try:
-            return self._send_blocks(sock, io, req, [int(b) for b in ids], deadline)
+            ids = [int(b) for b in ids]
+            if len(ids) != len(req.block_indexes) or any(not 0 <= b < io.num_blocks for b in ids):
+                log.error("kv transfer server: block source resolved %s to invalid block ids", req.lease_id)
+                sockio.send_msg(sock, wire.Error("internal", "block source returned invalid block ids"), deadline)
+                return True
+            sums = self._lease_checksums(io, req.lease_id, ids)
+            if req.shm:
+                return self._lend_shared(sock, ids, sums, deadline, peer)
+            return self._send_blocks(sock, io, ids, sums, deadline)
         finally:
             if end is not None:
                 end(req.lease_id)
 
-    def _send_blocks(
-        self, sock: socket.socket, io: BlockIO, req: wire.FetchRequest, ids: list[int], deadline: Deadline
-    ) -> bool:
-        if len(ids) != len(req.block_indexes) or any(not 0 <= b < io.num_blocks for b in ids):
-            log.error("kv transfer server: block source resolved %s to invalid block ids", req.lease_id)
-            sockio.send_msg(sock, wire.Error("internal", "block source returned invalid block ids"), deadline)
-            return True
-        sums = self._checksums.get(req.lease_id, ids)
+    def _lease_checksums(self, io: BlockIO, lease_id: str, ids: list[int]) -> list[int]:
+        sums = self._checksums.get(lease_id, ids)
         missing = [p for p, s in enumerate(sums) if s is None]
         if missing:
             missing_ids = [ids[p] for p in missing]
             computed = [checksum(v) for chunk in io.read(missing_ids) for v in chunk.blocks]
-            self._checksums.put(req.lease_id, missing_ids, computed)
+            self._checksums.put(lease_id, missing_ids, computed)
             for p, s in zip(missing, computed):
                 sums[p] = s
+        return sums  # type: ignore[return-value]  # every None was filled
+
+    def _lend_shared(self, sock: socket.socket, ids: list[int], sums: list[int], deadline: Deadline, peer: object) -> bool:
+        """Name the blocks in the shared tensor and hold the pin until the client has copied them."""
+        faults = self.faults
+        if faults is not None:
+            k = faults.corrupt_block_index
+            if k is not None and 0 <= k < len(sums):
+                sums = [*sums[:k], sums[k] ^ 1, *sums[k + 1 :]]  # what the client sees of a corrupt block
+            if faults.stall_after_bytes is not None or faults.close_after_bytes is not None:
+                self._stall_or_close(sock, faults)
+                return False
+        sockio.send_msg(sock, wire.ShmBlocks(ids, sums), deadline)
+        wait = Deadline(self.io_timeout_s, f"waiting for {peer} to copy {len(ids)} shared blocks")
+        done = sockio.recv_msg(sock, wait)
+        if not isinstance(done, wire.ShmDone):
+            raise ProtocolError(f"expected shm_done after shm_blocks, got {type(done).__name__}")
+        self._count(fetches=1, shm_fetches=1, blocks_sent=len(ids), bytes_sent=len(ids) * self._block_bytes)
+        return True
+
+    def _send_blocks(self, sock: socket.socket, io: BlockIO, ids: list[int], sums: list[int], deadline: Deadline) -> bool:
         sockio.send_msg(sock, wire.BlocksHeader(io.block_bytes, sums), deadline)
         faults = self.faults
         if faults is not None:
@@ -320,11 +309,15 @@ class TransferServer(TransportServer):
             sockio.send_all(sock, iov, deadline)
             sent += sum(len(v) for v in iov)
             if limit is not None and sent >= limit:
-                if faults.stall_after_bytes is not None:
-                    while not self._stopping.is_set() and not select.select([sock], [], [], 0.05)[0]:
-                        pass  # until the client hangs up (readable at EOF) or the server stops
+                self._stall_or_close(sock, faults)
                 return False
         return True
+
+    def _stall_or_close(self, sock: socket.socket, faults: Faults) -> None:
+        """Leave the client waiting (stall) or just return (the caller drops the connection)."""
+        if faults.stall_after_bytes is not None:
+            while not self._stopping.is_set() and not select.select([sock], [], [], 0.05)[0]:
+                pass  # until the client hangs up (readable at EOF) or the server stops
 
 
 def _first_bytes(iov: list[memoryview], n: int) -> list[memoryview]:

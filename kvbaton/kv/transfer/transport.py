@@ -15,6 +15,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kvbaton.kv.codec import CHECKSUM_ALGORITHM
+
 
 class TransferError(Exception):
     """Base of every transfer failure; the caller's answer to any of them is 'recompute'."""
@@ -37,6 +39,16 @@ class ChecksumError(TransferError):
         self.block_index = block_index  # lease-relative index asked for
         self.dst_block_id = dst_block_id  # destination block it was written to
 
+    @classmethod
+    def at(cls, position: int, block_indexes: Sequence[int], dst_block_ids: Sequence[int]) -> "ChecksumError":
+        """The error for the block at ``position`` of a fetch."""
+        b, d = block_indexes[position], dst_block_ids[position]
+        msg = (
+            f"block {position} of the fetch (lease index {b}, destination block {d}) "
+            f"failed its {CHECKSUM_ALGORITHM} check"
+        )
+        return cls(msg, position, b, d)
+
 
 class SpecMismatch(TransferError):
     """The two ends disagree on the KV layout or model fingerprint; refused at the handshake."""
@@ -57,11 +69,14 @@ class ProtocolError(TransferError):
 
 @dataclass(frozen=True)
 class FetchStats:
-    """What one fetch moved and how long it took (seconds include connecting when not reused)."""
+    """What one fetch moved and how long it took (seconds include connecting when not reused).
+
+    ``path`` is how the bytes came: ``"tcp"`` or ``"shm"`` (same-host shared memory)."""
 
     bytes: int
     blocks: int
     seconds: float
+    path: str = "tcp"
 
     @property
     def gbps(self) -> float:

@@ -14,8 +14,17 @@ Conversation::
     then any number of requests:
     FetchRequest(lease_id, block_indexes) ->
                                           <- BlocksHeader + raw bytes  | Error(lease|...)
+    FetchRequest(..., shm=True)           ->                           (only after a ShmOffer)
+                                          <- ShmBlocks(block_ids, checksums) | Error(...)
+    ShmDone                               ->                           (no reply; unpins the lease)
     ReleaseRequest(lease_id)              ->
                                           <- ReleaseReply(released)    | Error(...)
+
+Same-host shared memory: a client that sends its ``host_id`` in Hello may get a
+:class:`ShmOffer` in Ready (sent only after authentication) naming the file in /dev/shm that
+holds the server's KV tensor. It then asks for fetches with ``shm=True``: the server resolves
+and pins the lease and answers with the blocks' ids in that tensor; the client copies them out
+of its read-only mapping, verifies the checksums, and sends ``ShmDone``, which unpins.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     checksum: str
     nonce: bytes
     auth: bool  # the client holds a shared secret and expects the server to prove it holds it too
+    host_id: str | None = None  # set when the client would read the server's KV through shared memory
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
@@ -73,8 +83,25 @@ class Proof(msgspec.Struct, tag="proof", frozen=True):
     proof: bytes
 
 
+class ShmOffer(msgspec.Struct, frozen=True):
+    """Where the server's KV tensor lies in shared memory: ``num_blocks`` rows of ``block_bytes``
+    at ``offset`` in the file ``path`` (``size`` bytes, identified by ``dev``/``ino``) on host
+    ``host_id``."""
+
+    host_id: str
+    path: str
+    size: int
+    dev: int
+    ino: int
+    offset: int
+    num_blocks: int
+    block_bytes: int
+
+
 class Ready(msgspec.Struct, tag="ready", frozen=True):
-    """Handshake complete: requests may follow."""
+    """Handshake complete: requests may follow. ``shm`` is set only for a client on this host."""
+
+    shm: ShmOffer | None = None
 
 
 class FetchRequest(msgspec.Struct, tag="fetch", frozen=True):
@@ -82,6 +109,7 @@ class FetchRequest(msgspec.Struct, tag="fetch", frozen=True):
 
     lease_id: str
     block_indexes: list[int]
+    shm: bool = False  # answer with ShmBlocks: the client reads the bytes from the shared mapping
 
 
 class BlocksHeader(msgspec.Struct, tag="blocks", frozen=True):
@@ -89,6 +117,18 @@ class BlocksHeader(msgspec.Struct, tag="blocks", frozen=True):
 
     block_bytes: int
     checksums: list[int]
+
+
+class ShmBlocks(msgspec.Struct, tag="shm_blocks", frozen=True):
+    """Reply to a shm fetch: the blocks' rows in the offered tensor and their checksums, in
+    request order. The lease stays pinned until the client's :class:`ShmDone`."""
+
+    block_ids: list[int]
+    checksums: list[int]
+
+
+class ShmDone(msgspec.Struct, tag="shm_done", frozen=True):
+    """The client has copied (or given up on) the blocks of its last shm fetch."""
 
 
 class ReleaseRequest(msgspec.Struct, tag="release", frozen=True):
@@ -108,7 +148,9 @@ class Error(msgspec.Struct, tag="error", frozen=True):
     message: str
 
 
-Message = Union[Hello, Welcome, Proof, Ready, FetchRequest, BlocksHeader, ReleaseRequest, ReleaseReply, Error]
+Message = Union[
+    Hello, Welcome, Proof, Ready, FetchRequest, BlocksHeader, ShmBlocks, ShmDone, ReleaseRequest, ReleaseReply, Error
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
