@@ -262,15 +262,23 @@ async def _with_handle(
     return gen, {"kv_transfer_params": res.report()}
 
 
+def _load(stats: dict[str, Any]) -> dict[str, int]:
+    """The engine's load as /health reports it (from the engine thread's last snapshot)."""
+    keys = (("num_requests_running", "num_running"), ("num_requests_waiting", "num_waiting"),
+            ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total"))
+    return {name: int(stats.get(key, 0)) for name, key in keys}
+
+
 def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
     """The worker app; its lifespan starts and stops the engine thread."""
     state = WorkerState(engine, config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine.start()
-        state.kv.start()
         try:
+            # The connector first: it attaches the KV event sink before the engine thread runs.
+            state.kv.start()
+            state.engine.start()
             yield
         finally:
             state.draining = True
@@ -378,6 +386,9 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         body = {
             "status": status, "role": config.role, "model": state.model_names[0],
             "engine_heartbeat_age_s": round(state.engine.heartbeat_age(), 3),
+            # Routers poll /health: the id tells them this worker restarted (its cache is
+            # empty) even between two polls, and the load corrects their own estimates.
+            "worker_id": state.worker_id, "load": _load(state.engine.stats_snapshot),
         }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 

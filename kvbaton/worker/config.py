@@ -43,6 +43,13 @@ class WorkerConfig:
     kv_secret: str | None = None
     kv_transfer_timeout_s: float = 10.0
     kv_transfer_failure: str = "recompute"
+    # KV events (docs/kv-events.md): the block pool's BlockStored/BlockRemoved/AllBlocksCleared
+    # go out on a ZMQ PUB socket (``kv_events_port``) with a replay ROUTER socket
+    # (``kv_events_replay_port``), both on ``host``; 0 = any free port. Routers learn the
+    # endpoints from /kv/info.
+    kv_events: bool = True
+    kv_events_port: int = 0
+    kv_events_replay_port: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -51,6 +58,14 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.kv_port < 65536:
             raise ValueError(f"kv_port must be in [0, 65535], got {self.kv_port}")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            value = getattr(self, name)
+            if not 0 <= value < 65536:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be in [0, 65535], got {value}")
+        if self.kv_events and self.kv_events_port and self.kv_events_port == self.kv_events_replay_port:
+            raise ValueError("kv_events_replay_port (--kv-events-replay-port) must differ from "
+                             "kv_events_port (--kv-events-port)")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s must be > 0")
         if self.kv_transfer_failure not in TRANSFER_FAILURE_POLICIES:

@@ -6,6 +6,10 @@ that arrives with a handle, reserve blocks on the engine thread, fetch the missi
 worker thread straight into the KV tensor, release the lease, and let the engine decode from
 the first token. A failed fetch has one of two outcomes, chosen by the operator: recompute
 the prompt here (default) or fail the request with a 502.
+
+Events: the block pool's event sink feeds a :class:`KVEventPublisher` (ZMQ PUB + replay,
+docs/kv-events.md) whose endpoints ``/kv/info`` advertises, so routers can index this
+worker's prefix cache.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kvbaton.engine.kv_handoff import ImportPlan
 from kvbaton.engine.leases import LeaseError as EngineLeaseError
 from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.outputs import RequestOutput
+from kvbaton.kv.event_stream import KVEventPublisher
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.transfer.tcp import TransferClient
 from kvbaton.kv.transfer.tcp_server import TransferServer
@@ -96,6 +101,7 @@ class KVConnector:
                 engine.kv_spec, engine.model_fingerprint, secret=secret,
                 timeout_s=config.kv_transfer_timeout_s,
             )
+        self.events: KVEventPublisher | None = None
         self._releases: set[asyncio.Future[None]] = set()
         labels = ["model_name"]
         name = engine.config.model
@@ -114,14 +120,43 @@ class KVConnector:
         ).labels(name)
 
     def start(self) -> None:
+        """Start the event publisher and the transfer server. Call it before the engine thread
+        starts: the event sink is attached while nothing else touches the pool."""
+        if self.config.kv_events:
+            self._start_events()
         if self.server is not None:
             self.server.start()
+
+    def _start_events(self) -> None:
+        host = "127.0.0.1" if self.config.host == "localhost" else self.config.host
+        host = f"[{host}]" if ":" in host else host
+        self.events = KVEventPublisher(
+            f"tcp://{host}:{self.config.kv_events_port}",
+            f"tcp://{host}:{self.config.kv_events_replay_port}",
+        )
+        pool = self.engine.pool
+        # The publisher's first batch is AllBlocksCleared: make it true, so an index that
+        # follows this stream from seq 0 matches the pool exactly.
+        if not pool.reset_prefix_cache():
+            log.warning("KV events start while blocks are in use: routers will not see the "
+                        "blocks cached before now (they only miss those hits)")
+        previous = pool.event_sink
+        publish = self.events.publish
+        if previous is None:
+            pool.event_sink = publish
+        else:  # keep a sink the engine was built with (tests, embedding code)
+            def both(event: Any) -> None:
+                previous(event)
+                publish(event)
+            pool.event_sink = both
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
         if self.client is not None:
             self.client.close()
+        if self.events is not None:
+            self.events.close()
 
     @property
     def transfer_address(self) -> tuple[str, int] | None:
@@ -141,6 +176,10 @@ class KVConnector:
             },
             "transfer_address": list(addr) if addr else None,
             "lease_ttl_s": self.engine.leases.default_ttl_s,
+            "kv_events": None if self.events is None else {
+                "pub": self.events.endpoint, "replay": self.events.replay_endpoint,
+                "topic": "kv-events",
+            },
         }
 
     # ---- prefill side ----------------------------------------------------------------------

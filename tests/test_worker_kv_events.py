@@ -1,0 +1,89 @@
+"""A real worker publishes its block pool's KV events: /kv/info advertises the endpoints, a
+subscriber following them rebuilds an index equal to the pool's prefix cache (stores and
+evictions), /health carries the worker id and load, and --no-kv-events turns it all off."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from kvbaton.cli import build_parser
+from kvbaton.kv.event_stream import KVEventBatch
+from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
+from kvbaton.kv.index import KVIndex
+from kvbaton.worker.config import WorkerConfig
+from kvbaton.worker.server import WorkerThread
+from worker_support import running_worker, wait_for, wait_idle
+
+BODY = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+
+
+def _pool_hashes(w: WorkerThread) -> set[bytes]:
+    # Read between steps (the worker is idle): the pool's cached hashes are the ground truth.
+    return set(w.state.engine.engine.pool._cached)
+
+
+@pytest.fixture
+def small_worker() -> Iterator[WorkerThread]:
+    # 24 blocks of 16 tokens: the prompts below evict each other, so BlockRemoved shows up.
+    with running_worker(num_kv_blocks=24) as w:
+        yield w
+
+
+def test_events_rebuild_the_pool_prefix_cache(small_worker: WorkerThread) -> None:
+    w = small_worker
+    info = httpx.get(f"{w.url}/kv/info", timeout=10).json()
+    eps = info["kv_events"]
+    assert eps["pub"].startswith("tcp://127.0.0.1:") and eps["replay"].startswith("tcp://127.0.0.1:")
+    index = KVIndex()
+    kinds: set[str] = set()
+
+    def on_batch(worker: Any, seq: int, batch: KVEventBatch) -> None:
+        kinds.update(type(e).__name__ for e in batch.events)
+        index.apply(worker, seq, batch)
+
+    sub = KVEventSubscriber({"w": WorkerEndpoints(eps["pub"], eps["replay"])}, on_batch)
+    try:
+        for i in range(6):  # ~150 tokens each: 9 full blocks; 6 of them do not fit in 24
+            prompt = f"prompt number {i}: " + "lorem ipsum dolor sit amet " * 5
+            r = httpx.post(f"{w.url}/v1/completions", json={"prompt": prompt, **BODY}, timeout=60)
+            assert r.status_code == 200, r.text
+        wait_idle(w.url, 0)
+        truth = _pool_hashes(w)
+        assert truth, "the pool cached nothing"
+
+        def same() -> bool:
+            stats = index.stats().get("w")
+            return stats is not None and not stats.approximate and index.block_count("w") == len(truth) \
+                and all(("w", "device") in index.holders(h) for h in truth)
+
+        wait_for(same, timeout_s=10, what="the index to match the pool")
+        assert {"AllBlocksCleared", "BlockStored", "BlockRemoved"} <= kinds
+    finally:
+        sub.close()
+
+
+def test_health_reports_worker_id_and_load(small_worker: WorkerThread) -> None:
+    body = httpx.get(f"{small_worker.url}/health", timeout=10).json()
+    info = httpx.get(f"{small_worker.url}/kv/info", timeout=10).json()
+    assert body["worker_id"] == info["worker_id"]
+    assert body["load"] == {"num_requests_running": 0, "num_requests_waiting": 0,
+                            "kv_blocks_used": 0, "kv_blocks_total": 24}
+
+
+def test_no_kv_events_publishes_nothing() -> None:
+    with running_worker({"kv_events": False}) as w:
+        assert httpx.get(f"{w.url}/kv/info", timeout=10).json()["kv_events"] is None
+        assert w.state.engine.engine.pool.event_sink is None
+
+
+def test_event_flags() -> None:
+    args = build_parser().parse_args(
+        ["worker", "--kv-events-port", "5557", "--kv-events-replay-port", "5558", "--no-kv-events"])
+    assert (args.kv_events_port, args.kv_events_replay_port, args.no_kv_events) == (5557, 5558, True)
+    with pytest.raises(ValueError, match="--kv-events-port"):
+        WorkerConfig(kv_events_port=70000)
+    with pytest.raises(ValueError, match="--kv-events-replay-port"):
+        WorkerConfig(kv_events_port=5557, kv_events_replay_port=5557)
