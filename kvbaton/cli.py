@@ -80,6 +80,14 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="what a decode request does when its KV fetch fails")
     k.add_argument("--kv-lease-ttl", type=float, default=30.0,
                    help="seconds a prefill worker keeps a prompt's KV pinned for the decode side")
+    e = p.add_argument_group("KV events (what the router's prefix index follows)")
+    e.add_argument("--kv-events-port", type=int, default=0,
+                   help="ZMQ PUB port of this worker's KV events (0 = any free; see /kv/info)")
+    e.add_argument("--kv-events-replay-port", type=int, default=0,
+                   help="ZMQ ROUTER port that replays missed event batches (0 = any free)")
+    e.add_argument("--no-kv-events", action="store_true",
+                   help="publish no KV events (routers then cannot see this worker's cache); "
+                        "with serve, the router also indexes nothing")
 
 
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
@@ -93,7 +101,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
             served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
             kv_secret=args.kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
-            kv_transfer_failure=args.kv_transfer_failure,
+            kv_transfer_failure=args.kv_transfer_failure, kv_events=not args.no_kv_events,
+            kv_events_port=args.kv_events_port, kv_events_replay_port=args.kv_events_replay_port,
         )
         ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len,
                             lease_ttl_s=args.kv_lease_ttl, **_engine_kwargs(args))
@@ -153,6 +162,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             passthrough += [f"--{name.replace('_', '-')}", str(value)]
     if args.no_prefix_caching:
         passthrough.append("--no-prefix-caching")
+    if args.no_kv_events:
+        passthrough.append("--no-kv-events")
     try:
         specs = worker_specs(prefill, decode, colocated, passthrough,
                              args.threads_per_worker or args.threads)

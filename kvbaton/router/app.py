@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
+from kvbaton.router.kv_feed import KVIndexFeed
 from kvbaton.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvbaton.router.orchestrator import Job, Orchestrator
 from kvbaton.router.policies import PrefixOverlap
@@ -36,13 +37,20 @@ T = TypeVar("T")
 
 
 class RouterState:
-    """What the routes share: config, pool, metrics, frontend, orchestrator."""
+    """What the routes share: config, pool, metrics, frontend, orchestrator, and the KV index
+    feed (``kv_feed``: None when an ``overlap`` provider is given or KV events are off)."""
 
     def __init__(self, config: RouterConfig, tokenizer: Any | None = None,
                  overlap: PrefixOverlap | None = None) -> None:
         self.config = config
         self.pool = WorkerPool(config)
         self.metrics = RouterMetrics(self.pool)
+        self.kv_feed: KVIndexFeed | None = None
+        if overlap is None and config.kv_events:
+            self.kv_feed = KVIndexFeed(self.metrics, config.kv_prediction_ttl_s)
+            self.metrics.index = self.kv_feed.index
+            self.pool.on_discovered.append(self.kv_feed.worker_discovered)
+            overlap = self.kv_feed
         self.frontend = Frontend(config, tokenizer)
         self.orchestrator = Orchestrator(config, self.pool, self.metrics, overlap)
         self.created = int(time.time())
@@ -123,18 +131,23 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
                overlap: PrefixOverlap | None = None) -> FastAPI:
     """The router app; its lifespan discovers the workers and runs the health poller.
     ``tokenizer`` overrides the one loaded from ``config.model``; ``overlap`` is the
-    prefix-overlap provider (default: nothing cached)."""
+    prefix-overlap provider (default: the KV index fed by the workers' events, or nothing
+    cached when ``config.kv_events`` is off)."""
     state = RouterState(config, tokenizer, overlap)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.pool.start()
+        if state.kv_feed is not None:
+            state.kv_feed.start()  # before the pool's first discovery, which follows streams
         try:
+            await state.pool.start()
             yield
         finally:
             state.draining = True
             await state.orchestrator.drain()
             await state.pool.stop()
+            if state.kv_feed is not None:
+                await asyncio.to_thread(state.kv_feed.close)
 
     app = FastAPI(title="kvbaton router", lifespan=lifespan)
     app.state.router = state

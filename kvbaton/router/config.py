@@ -7,12 +7,13 @@ can hand them to ``parser.error`` unchanged.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from kvbaton.router.policies import POLICIES
+from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
 # the decode worker itself: below it a remote prefill costs more (an extra HTTP leg and a KV
@@ -58,6 +59,15 @@ class RouterConfig:
     prefill_policy: str = DEFAULT_POLICY
     decode_policy: str = DEFAULT_POLICY
     disagg_min_tokens: int = DEFAULT_DISAGG_MIN_TOKENS
+    # kv_aware: what one block still to prefill costs in blocks of decode load (so a cached
+    # prefix of k blocks is worth a load margin of prefill_load_scale * k), and the softmax
+    # temperature over -cost (0: always the cheapest).
+    prefill_load_scale: float = 1.0
+    routing_temperature: float = 0.0
+    # Follow the workers' KV event streams into a prefix index (conditional disaggregation
+    # and kv_aware use it); how long a placement counts as cached there before its events.
+    kv_events: bool = True
+    kv_prediction_ttl_s: float = 2.0
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
     connect_timeout_s: float = 2.0
@@ -100,6 +110,12 @@ class RouterConfig:
             raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
         if self.disagg_min_tokens < 0:
             raise ValueError(f"--disagg-min-tokens: must be >= 0, got {self.disagg_min_tokens}")
+        if not (self.prefill_load_scale >= 0 and math.isfinite(self.prefill_load_scale)):
+            raise ValueError(f"--prefill-load-scale: must be a finite number >= 0, got {self.prefill_load_scale}")
+        if not (self.routing_temperature >= 0 and math.isfinite(self.routing_temperature)):
+            raise ValueError(f"--routing-temperature: must be a finite number >= 0, got {self.routing_temperature}")
+        if not self.kv_prediction_ttl_s > 0:
+            raise ValueError(f"--kv-prediction-ttl: must be > 0, got {self.kv_prediction_ttl_s}")
         if self.max_retries < 0:
             raise ValueError(f"--max-retries: must be >= 0, got {self.max_retries}")
         positive = (
@@ -124,6 +140,9 @@ class RouterConfig:
             + [(u, "prefill") for u in self.prefill_workers]
             + [(u, "decode") for u in self.decode_workers]
         )
+
+    def policy_options(self) -> PolicyOptions:
+        return PolicyOptions(self.prefill_load_scale, self.routing_temperature)
 
     @property
     def model_names(self) -> list[str]:
@@ -158,10 +177,22 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
         parser.add_argument("--drain-timeout", type=float, default=5.0,
                             help="seconds in-flight requests may finish after SIGTERM")
         parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+        parser.add_argument("--no-kv-events", action="store_true",
+                            help="do not follow the workers' KV events (no prefix index: kv_aware "
+                                 "and conditional disaggregation see no cache)")
     names = ", ".join(sorted(POLICIES))
     parser.add_argument("--policy", default=None, help=f"placement policy for both legs ({names})")
     parser.add_argument("--prefill-policy", default=None, help=f"policy for prefill legs (default {DEFAULT_POLICY})")
     parser.add_argument("--decode-policy", default=None, help=f"policy for decode legs (default {DEFAULT_POLICY})")
+    parser.add_argument("--prefill-load-scale", type=float, default=1.0,
+                        help="kv_aware: cost of one prompt block still to prefill, in blocks of decode "
+                             "load (a worker holding k more cached blocks wins unless its active "
+                             "blocks exceed the other's by scale*k)")
+    parser.add_argument("--routing-temperature", type=float, default=0.0,
+                        help="kv_aware: 0 picks the cheapest worker; >0 samples softmax(-cost/T)")
+    parser.add_argument("--kv-prediction-ttl", type=float, default=2.0,
+                        help="seconds a placement counts as cached on its worker before the "
+                             "worker's KV events confirm it (sibling requests follow it)")
     parser.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS,
                         help="prefill remotely only when at least this many prompt tokens are uncached "
                              "on the chosen decode worker")
@@ -186,6 +217,9 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         prefill_policy=args.policy or args.prefill_policy or DEFAULT_POLICY,
         decode_policy=args.policy or args.decode_policy or DEFAULT_POLICY,
         disagg_min_tokens=args.disagg_min_tokens,
+        prefill_load_scale=args.prefill_load_scale,
+        routing_temperature=args.routing_temperature,
+        kv_prediction_ttl_s=args.kv_prediction_ttl,
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,
         connect_timeout_s=args.connect_timeout,
@@ -203,5 +237,7 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         if hasattr(args, attr):
             value = getattr(args, attr)
             kw[name] = tuple(value) if isinstance(value, list) else value
+    if hasattr(args, "no_kv_events"):  # serve: the workers' flag also turns the index off
+        kw["kv_events"] = not args.no_kv_events
     kw.update(overrides)
     return RouterConfig(**kw)

@@ -5,17 +5,24 @@ Own ``CollectorRegistry`` per router (tests run several in one process). Time to
 is split along the path of a request: ``routing`` (tokenize, hash, choose workers),
 ``prefill`` (the prefill leg), ``transfer`` (the KV transfer time the decode worker reports)
 and ``first_decode`` (decode leg start to its first chunk, minus the transfer). Per-worker
-gauges are read from the pool at scrape time.
+gauges are read from the pool (and the KV index) at scrape time.
+
+KV-aware routing: per decode worker, the cached prompt tokens the router predicted when it
+placed a request (the index's longest prefix there) against what the worker then reported
+(``usage.prompt_tokens_details.cached_tokens``), the resulting hit rate, the index's size and
+state per worker, and the event stream's lag and unrecoverable gaps.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvbaton.kv.index import KVIndex
 from kvbaton.router.pool import WorkerPool
 from kvbaton.worker.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 
@@ -26,12 +33,16 @@ FALLBACK_REASONS = ("prefill_connect", "prefill_timeout", "prefill_http_5xx", "p
                     "prefill_dropped", "no_prefill_worker")
 LEG_FAILURES = ("connect", "timeout", "http_5xx", "transfer_failed", "error_event", "dropped")
 
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 __all__ = ["CONTENT_TYPE", "PATHS", "PREFIX", "RouterMetrics"]
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, metrics: RouterMetrics) -> None:
         self._pool = pool
+        self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
         labels = ["worker", "role"]
@@ -41,14 +52,20 @@ class _PoolCollector(Collector):
         toks = GaugeMetricFamily(PREFIX + "worker_in_flight_tokens",
                                  "Tokens (prompt + max_tokens) of the router's legs in flight on the worker.",
                                  labels=labels)
+        blocks = GaugeMetricFamily(PREFIX + "worker_active_blocks",
+                                   "KV blocks active on the worker as kv_aware sees them (the router's "
+                                   "in-flight legs plus what the worker reported beyond them).", labels=labels)
         for w in self._pool.workers:
             key = [w.url, w.role]
             healthy.add_metric(key, 1.0 if w.usable else 0.0)
             reqs.add_metric(key, float(w.in_flight_requests))
             toks.add_metric(key, float(w.in_flight_tokens))
+            blocks.add_metric(key, float(w.active_blocks))
         yield healthy
         yield reqs
         yield toks
+        yield blocks
+        yield from self._metrics.kv_gauges([w.url for w in self._pool.workers])
 
 
 class RouterMetrics:
@@ -88,7 +105,33 @@ class RouterMetrics:
                                         ["stage"], registry=r)
         self.lease_releases = Counter(PREFIX + "lease_releases", "POST /kv/release calls for unconsumed "
                                       "KV handles, by result (released, gone, failed).", ["result"], registry=r)
-        r.register(_PoolCollector(pool))
+        self.routing_decision = Histogram(
+            PREFIX + "routing_decision_seconds", "Placement time: overlap lookups and policy choice.",
+            buckets=DECISION_BUCKETS, registry=r)
+        kv = ["worker"]
+        self.kv_predicted_cached = Counter(
+            PREFIX + "kv_predicted_cached_tokens", "Prompt tokens the router expected the chosen decode "
+            "worker to hold (its prefix overlap at placement), over decode legs that reported usage.",
+            kv, registry=r)
+        self.kv_actual_cached = Counter(
+            PREFIX + "kv_actual_cached_tokens", "Prompt tokens the decode worker reported as cached "
+            "(usage.prompt_tokens_details.cached_tokens).", kv, registry=r)
+        self.kv_prompt_tokens = Counter(
+            PREFIX + "kv_prompt_tokens", "Prompt tokens of the decode legs that reported usage.", kv, registry=r)
+        self.kv_event_lag = Histogram(
+            PREFIX + "kv_event_lag_seconds", "Arrival time minus the worker's timestamp of each KV event "
+            "batch applied to the index.", kv, buckets=LAG_BUCKETS, registry=r)
+        self.kv_event_gaps = Counter(
+            PREFIX + "kv_event_gaps", "KV event batches lost beyond replay (the worker's index entries "
+            "become approximate).", kv, registry=r)
+        self.index: KVIndex | None = None
+        self._cache_lock = threading.Lock()
+        self._cache_sums: dict[str, list[int]] = {}  # worker -> [prompt, actual]
+        for w in pool.workers:
+            for family in (self.kv_predicted_cached, self.kv_actual_cached, self.kv_prompt_tokens,
+                           self.kv_event_gaps):
+                family.labels(w.url)
+        r.register(_PoolCollector(pool, self))
         initial = (
             (self.requests, PATHS), (self.transfers, ("fetched", "local", "recomputed")),
             (self.transfer_failures, ("recomputed", "failed")), (self.fallbacks, FALLBACK_REASONS),
@@ -98,6 +141,43 @@ class RouterMetrics:
         for family, values in initial:
             for v in values:
                 family.labels(v)
+
+    def record_cache(self, worker: str, prompt_tokens: int, predicted: int, actual: int) -> None:
+        """One decode leg's predicted vs reported cached prompt tokens."""
+        self.kv_predicted_cached.labels(worker).inc(predicted)
+        self.kv_actual_cached.labels(worker).inc(actual)
+        self.kv_prompt_tokens.labels(worker).inc(prompt_tokens)
+        with self._cache_lock:
+            sums = self._cache_sums.setdefault(worker, [0, 0])
+            sums[0] += prompt_tokens
+            sums[1] += actual
+
+    def kv_gauges(self, workers: list[str]) -> Iterable[Metric]:
+        """Hit rate per worker, and the index's size and state per worker (if there is one)."""
+        hit = GaugeMetricFamily(PREFIX + "kv_cache_hit_rate", "Cached / prompt tokens the decode worker "
+                                "reported, over the router's decode legs (0 before any).", labels=["worker"])
+        with self._cache_lock:
+            sums = {w: list(v) for w, v in self._cache_sums.items()}
+        for w in workers:
+            prompt, actual = sums.get(w, (0, 0))
+            hit.add_metric([w], actual / prompt if prompt else 0.0)
+        yield hit
+        if self.index is None:
+            return
+        stats = self.index.stats()
+        families = (
+            ("kv_indexed_blocks", "KV blocks the index holds for the worker (from its events).", "blocks"),
+            ("kv_predicted_blocks", "Blocks counted on the worker by recent placements, not yet "
+             "confirmed by its events.", "predicted"),
+            ("kv_index_approximate", "1 while the worker's index entries may miss blocks (a gap, or "
+             "its stream not yet resynced).", "approximate"),
+        )
+        for name, doc, attr in families:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
+            for w in workers:
+                st = stats.get(w)
+                g.add_metric([w], float(getattr(st, attr)) if st is not None else 0.0)
+            yield g
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

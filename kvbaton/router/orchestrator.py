@@ -69,6 +69,8 @@ class Job:
     path: str | None = None  # set when the first chunk arrives (disagg, local, direct)
     tried: list[Worker] = field(default_factory=list)
     lease: Prefilled | None = None
+    # Cached prompt tokens expected on each decode worker placed (for the prediction metrics).
+    predicted: dict[str, int] = field(default_factory=dict)
 
 
 class Orchestrator:
@@ -82,8 +84,9 @@ class Orchestrator:
         self.pool = pool
         self.metrics = metrics
         self.overlap = overlap or NoPrefixOverlap()
-        self.prefill_policy = make_policy(config.prefill_policy, self.overlap)
-        self.decode_policy = make_policy(config.decode_policy, self.overlap)
+        options = config.policy_options()
+        self.prefill_policy = make_policy(config.prefill_policy, self.overlap, options)
+        self.decode_policy = make_policy(config.decode_policy, self.overlap, options)
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -103,13 +106,24 @@ class Orchestrator:
         return Job(routing, fields, arrival, self.config.max_retries)
 
     def place(self, job: Job) -> tuple[Worker, Worker | None]:
-        """The decode worker and, when the request is worth disaggregating, a prefill one."""
+        """The decode worker and, when the request is worth disaggregating, a prefill one.
+        Both are told to the overlap provider (``routed``), so siblings follow them."""
+        started = time.perf_counter()
+        decoder, prefiller = self._choose(job)
+        self.metrics.routing_decision.observe(time.perf_counter() - started)
+        self.overlap.routed(job.routing, decoder)
+        if prefiller is not None:
+            self.overlap.routed(job.routing, prefiller)
+        return decoder, prefiller
+
+    def _choose(self, job: Job) -> tuple[Worker, Worker | None]:
         req = job.routing
         candidates = self.pool.decode_candidates(exclude=job.tried)
         if not candidates:
             raise ApiError(503, "no healthy decode worker is available", None, "service_unavailable")
         decoder = self.decode_policy.choose(req, candidates, "decode")
         cached = min(self.overlap.cached_tokens(req, decoder), req.num_prompt_tokens)
+        job.predicted[decoder.url] = cached
         if req.num_prompt_tokens - cached < self.config.disagg_min_tokens or decoder.model_fingerprint is None:
             return decoder, None
         prefills = self.pool.prefill_candidates(exclude=[decoder])
@@ -175,7 +189,7 @@ class Orchestrator:
         }
         timeout = httpx.Timeout(self.config.prefill_timeout_s, connect=self.config.connect_timeout_s)
         started = time.monotonic()
-        in_flight = self.pool.begin(worker, job.routing.num_prompt_tokens)
+        in_flight = self.pool.begin(worker, job.routing.num_prompt_tokens, job.routing.block_hashes)
         try:
             r = await self.client.post(f"{worker.url}/v1/completions", json=body, timeout=timeout)
         except httpx.HTTPError as e:
@@ -253,7 +267,10 @@ class Orchestrator:
         path = "disagg" if lease is not None else "local"
         timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
         request = self.client.build_request("POST", f"{worker.url}/v1/completions", json=body, timeout=timeout)
-        in_flight = self.pool.begin(worker, req.num_prompt_tokens + req.max_tokens)
+        predicted = job.predicted.get(worker.url)
+        if predicted is None:  # a retry's worker: what it held before this leg was sent
+            predicted = min(self.overlap.cached_tokens(req, worker), req.num_prompt_tokens)
+        in_flight = self.pool.begin(worker, req.num_prompt_tokens + req.max_tokens, req.block_hashes)
         started = time.monotonic()
         response: httpx.Response | None = None
         try:
@@ -290,6 +307,7 @@ class Orchestrator:
 
         def on_usage(chunk: dict[str, Any]) -> None:
             nonlocal confirmed
+            self._record_cache(worker, req.num_prompt_tokens, predicted, chunk.get("usage"))
             if path == "disagg":
                 kv = chunk.get("kv_transfer_params")
                 self._record_transfer(kv, first_at - started)
@@ -319,6 +337,12 @@ class Orchestrator:
             self.metrics.transfer_failures.labels("failed").inc()
             return LegFailure("transfer_failed", WorkerApiError(502, event))
         return LegFailure("error_event", WorkerApiError(502, event))
+
+    def _record_cache(self, worker: Worker, prompt: int, predicted: int, usage: Any) -> None:
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        actual = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(actual, int):
+            self.metrics.record_cache(worker.url, prompt, predicted, actual)
 
     def _record_transfer(self, kv: Any, first_chunk_s: float) -> None:
         """Metrics from the decode worker's report (the usage chunk's kv_transfer_params)."""

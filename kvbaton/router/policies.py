@@ -4,12 +4,12 @@ already holds.
 Two pluggable parts, both picked by name from the router's config:
 
 - :class:`PlacementPolicy` chooses one worker among healthy candidates for one leg
-  (``prefill`` or ``decode``). ``round_robin`` and ``least_load`` live here; the KV-aware
-  policy registers itself the same way (``@register_policy``).
+  (``prefill`` or ``decode``): ``round_robin``, ``least_load`` and ``kv_aware`` live here,
+  registered by name (``@register_policy``).
 - :class:`PrefixOverlap` predicts how many prompt tokens a worker has cached. The router uses
   it to decide whether a request is worth a remote prefill (conditional disaggregation), and
-  KV-aware policies use it to score candidates. The default, :class:`NoPrefixOverlap`, says
-  nothing is cached; the KV index provides the real answer.
+  ``kv_aware`` uses it to score candidates. The default, :class:`NoPrefixOverlap`, says
+  nothing is cached; the router's KV index (``kvbaton.router.kv_feed``) gives the real answer.
 
 Policies see workers only through :class:`WorkerView`, so the simulator can drive the same
 policies with simulated workers.
@@ -18,6 +18,8 @@ policies with simulated workers.
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, Protocol, Sequence
@@ -67,6 +69,22 @@ class WorkerView(Protocol):
     @property
     def in_flight_tokens(self) -> int: ...
 
+    @property
+    def active_requests(self) -> int:
+        """Requests running or waiting on the worker (the router's, plus others reported)."""
+        ...
+
+    @property
+    def active_blocks(self) -> int:
+        """KV blocks the worker's running requests hold or will need (the router's in-flight
+        legs, shared prompt blocks counted once, plus what the worker reported beyond them)."""
+        ...
+
+    def shared_active_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of ``block_hashes`` are among the active blocks (a new request shares
+        them rather than adding to the load)."""
+        ...
+
 
 class PrefixOverlap(ABC):
     """Predicts the prompt tokens a worker will find in its prefix cache."""
@@ -77,6 +95,14 @@ class PrefixOverlap(ABC):
         (a multiple of the block size, at most the prompt length). Must be fast and must not
         block: it runs on the event loop for every request and candidate."""
 
+    def cached_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[int]:
+        """``cached_tokens`` for each of ``workers``; override when one lookup answers all."""
+        return [self.cached_tokens(request, w) for w in workers]
+
+    def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
+        """The router just sent ``request``'s prompt to ``worker`` (it will compute or fetch
+        those blocks there); a provider may count them as held there from now on."""
+
 
 class NoPrefixOverlap(PrefixOverlap):
     """Assumes no worker holds anything (until the KV index exists)."""
@@ -85,18 +111,35 @@ class NoPrefixOverlap(PrefixOverlap):
         return 0
 
 
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Knobs of the cost-based policies (``--prefill-load-scale``, ``--routing-temperature``).
+
+    ``prefill_load_scale``: what one KV block still to prefill costs, in blocks of decode
+    load. ``temperature``: 0 picks the cheapest worker; above 0 samples with probability
+    proportional to ``exp(-cost / temperature)`` (cost in blocks). ``seed`` seeds the
+    random tie-break and sampling (tests, the simulator).
+    """
+
+    prefill_load_scale: float = 1.0
+    temperature: float = 0.0
+    seed: int | None = None
+
+
 class PlacementPolicy(ABC):
     """Chooses the worker for one leg of a request.
 
     One instance serves one leg kind for the router's lifetime; it may keep state (a
     round-robin counter) but must not block or do I/O. ``overlap`` is the router's
-    :class:`PrefixOverlap` provider, for policies that credit cached prefixes.
+    :class:`PrefixOverlap` provider, for policies that credit cached prefixes; ``options``
+    the cost knobs (policies that have none ignore them).
     """
 
     name: ClassVar[str]
 
-    def __init__(self, overlap: PrefixOverlap | None = None) -> None:
+    def __init__(self, overlap: PrefixOverlap | None = None, options: PolicyOptions | None = None) -> None:
         self.overlap = overlap or NoPrefixOverlap()
+        self.options = options or PolicyOptions()
 
     @abstractmethod
     def choose(self, request: RoutingRequest, candidates: Sequence[WorkerView], leg: Leg) -> WorkerView:
@@ -115,13 +158,15 @@ def register_policy(cls: type[PlacementPolicy]) -> type[PlacementPolicy]:
     return cls
 
 
-def make_policy(name: str, overlap: PrefixOverlap | None = None) -> PlacementPolicy:
+def make_policy(
+    name: str, overlap: PrefixOverlap | None = None, options: PolicyOptions | None = None
+) -> PlacementPolicy:
     """A new policy by registered name; ValueError lists the known names."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(sorted(POLICIES))})") from None
-    return cls(overlap)
+    return cls(overlap, options)
 
 
 @register_policy
@@ -130,8 +175,8 @@ class RoundRobinPolicy(PlacementPolicy):
 
     name = "round_robin"
 
-    def __init__(self, overlap: PrefixOverlap | None = None) -> None:
-        super().__init__(overlap)
+    def __init__(self, overlap: PrefixOverlap | None = None, options: PolicyOptions | None = None) -> None:
+        super().__init__(overlap, options)
         self._next = itertools.count()
 
     def choose(self, request: RoutingRequest, candidates: Sequence[WorkerView], leg: Leg) -> WorkerView:
@@ -149,8 +194,8 @@ class LeastLoadPolicy(PlacementPolicy):
 
     name = "least_load"
 
-    def __init__(self, overlap: PrefixOverlap | None = None) -> None:
-        super().__init__(overlap)
+    def __init__(self, overlap: PrefixOverlap | None = None, options: PolicyOptions | None = None) -> None:
+        super().__init__(overlap, options)
         self._turn = itertools.count()
 
     def choose(self, request: RoutingRequest, candidates: Sequence[WorkerView], leg: Leg) -> WorkerView:
@@ -162,3 +207,52 @@ class LeastLoadPolicy(PlacementPolicy):
         best = min(key(w) for w in candidates)
         tied = [w for w in candidates if key(w) == best]
         return tied[next(self._turn) % len(tied)]
+
+
+@register_policy
+class KVAwarePolicy(PlacementPolicy):
+    """Lowest cost, where a worker's cost for a request is
+
+        cost = prefill_load_scale * (prompt blocks it would still compute after cache credit)
+               + (KV blocks active on it that the request would not share)
+
+    Prompt blocks are ``ceil(prompt / block_size)``; the cache credit is
+    ``overlap.cached_tokens / block_size`` (the KV index's longest cached prefix there, own
+    recent placements included). Active blocks are :attr:`WorkerView.active_blocks` minus
+    :meth:`WorkerView.shared_active_blocks` of the prompt (a running sibling's prefix is not
+    extra load for this request). So a worker holding ``k`` more leading blocks of the prompt
+    than another wins unless its (unshared) active blocks exceed the other's by at least
+    ``prefill_load_scale * k``: that is the load margin a cache hit is worth. Ties go to fewer
+    active requests, then at random; with ``temperature`` > 0 the choice is sampled from
+    ``softmax(-cost / temperature)``.
+    """
+
+    name = "kv_aware"
+
+    def __init__(self, overlap: PrefixOverlap | None = None, options: PolicyOptions | None = None) -> None:
+        super().__init__(overlap, options)
+        self._rng = random.Random(self.options.seed)
+
+    def costs(self, request: RoutingRequest, candidates: Sequence[WorkerView]) -> list[float]:
+        """Each candidate's cost (see the class docstring), in blocks."""
+        bs = request.block_size or 16
+        prompt = request.num_prompt_tokens
+        cached = self.overlap.cached_tokens_each(request, candidates)
+        scale = self.options.prefill_load_scale
+        hashes = request.block_hashes
+        return [
+            scale * -(-(prompt - min(max(c, 0), prompt)) // bs)
+            + w.active_blocks - w.shared_active_blocks(hashes)
+            for w, c in zip(candidates, cached)
+        ]
+
+    def choose(self, request: RoutingRequest, candidates: Sequence[WorkerView], leg: Leg) -> WorkerView:
+        costs = self.costs(request, candidates)
+        best = min(costs)
+        t = self.options.temperature
+        if t > 0:
+            weights = [math.exp(-(c - best) / t) for c in costs]
+            return self._rng.choices(list(candidates), weights)[0]
+        tied = [w for w, c in zip(candidates, costs) if c == best]
+        fewest = min(w.active_requests for w in tied)
+        return self._rng.choice([w for w in tied if w.active_requests == fewest])

@@ -9,8 +9,10 @@ for whole requests, with its role read from ``/v1/models``. Health is polled eve
 is left out of placement until a poll succeeds again, and every recovery re-runs discovery
 (a restarted worker has a new id and may have a new model).
 
-Load is what the router itself has sent and not yet seen finish, so it is exact for this
-router and blind to other clients of the same workers.
+Load is what the router itself has sent and not yet seen finish (requests, tokens, and the
+KV blocks they need), corrected by what each worker's ``/health`` reports (``load``: running
+requests and KV blocks in use): whatever the worker holds beyond the router's own work at the
+last poll (other clients, other routers, leases) is added to the router's count.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from collections import Counter
+from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 
+from kvbaton.kv.event_subscriber import WorkerEndpoints
+from kvbaton.kv.hashing import BlockHash
 from kvbaton.router.config import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,42 @@ class Worker:
     last_error: str | None = None
     in_flight_requests: int = 0
     in_flight_tokens: int = 0
+    # KV the router's in-flight legs need there: their prompts' full blocks by hash (counted
+    # once however many legs share them, as the worker's prefix cache does) and their
+    # private blocks (partial tail, generated tokens).
+    active_hashes: Counter[BlockHash] = field(default_factory=Counter)
+    in_flight_blocks: int = 0
+    # Where the worker publishes KV events (from /kv/info; None: it does not).
+    kv_events: WorkerEndpoints | None = None
+    # Work the worker reported beyond the router's own at the last /health poll.
+    external_requests: int = 0
+    external_blocks: int = 0
+
+    @property
+    def active_requests(self) -> int:
+        """Requests running or waiting there: the router's own plus the others reported."""
+        return self.in_flight_requests + self.external_requests
+
+    @property
+    def active_blocks(self) -> int:
+        """KV blocks held there: the router's in-flight legs' plus the others reported."""
+        return len(self.active_hashes) + self.in_flight_blocks + self.external_blocks
+
+    def shared_active_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of ``block_hashes`` in-flight legs already hold there."""
+        held = self.active_hashes
+        return sum(1 for h in block_hashes if h in held) if held else 0
+
+    def note_load(self, load: Any) -> None:
+        """Take a /health ``load`` report (ignored unless well-formed)."""
+        if not isinstance(load, dict):
+            return
+        running, waiting, used = (load.get(k) for k in
+                                  ("num_requests_running", "num_requests_waiting", "kv_blocks_used"))
+        if isinstance(running, int) and isinstance(waiting, int):
+            self.external_requests = max(0, running + waiting - self.in_flight_requests)
+        if isinstance(used, int):
+            self.external_blocks = max(0, used - len(self.active_hashes) - self.in_flight_blocks)
 
     def __post_init__(self) -> None:
         self.worker_id = self.worker_id or self.url
@@ -72,24 +113,36 @@ class Worker:
             "url": self.url, "worker_id": self.worker_id, "role": self.role,
             "healthy": self.healthy, "problem": self.problem, "last_error": self.last_error,
             "in_flight_requests": self.in_flight_requests, "in_flight_tokens": self.in_flight_tokens,
+            "active_blocks": self.active_blocks, "kv_events": self.kv_events is not None,
         }
 
 
 class InFlight:
     """Work charged to a worker until ``done()`` (idempotent)."""
 
-    def __init__(self, worker: Worker, tokens: int) -> None:
+    def __init__(self, worker: Worker, tokens: int, blocks: int = 0,
+                 block_hashes: Sequence[BlockHash] = ()) -> None:
         self.worker = worker
         self.tokens = tokens
+        self.hashes = tuple(block_hashes)
+        self.blocks = max(0, blocks - len(self.hashes))  # the leg's private blocks
         self._open = True
         worker.in_flight_requests += 1
         worker.in_flight_tokens += tokens
+        worker.in_flight_blocks += self.blocks
+        worker.active_hashes.update(self.hashes)
 
     def done(self) -> None:
         if self._open:
             self._open = False
-            self.worker.in_flight_requests -= 1
-            self.worker.in_flight_tokens -= self.tokens
+            w = self.worker
+            w.in_flight_requests -= 1
+            w.in_flight_tokens -= self.tokens
+            w.in_flight_blocks -= self.blocks
+            w.active_hashes.subtract(self.hashes)
+            for h in self.hashes:
+                if w.active_hashes.get(h, 1) <= 0:
+                    del w.active_hashes[h]
 
 
 class DiscoveryError(Exception):
@@ -119,6 +172,9 @@ class WorkerPool:
         self.cluster = ClusterModel()
         self.client: httpx.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
+        # Called after every successful discovery with the worker and its previous id (the
+        # KV index follows the worker's events and forgets a restarted worker's entries).
+        self.on_discovered: list[Callable[[Worker, str], None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -161,8 +217,11 @@ class WorkerPool:
         lens = [w.max_model_len for w in self.workers if w.can_decode and w.max_model_len]
         return min(lens) if lens else None
 
-    def begin(self, worker: Worker, tokens: int) -> InFlight:
-        return InFlight(worker, tokens)
+    def begin(self, worker: Worker, tokens: int, block_hashes: Sequence[BlockHash] = ()) -> InFlight:
+        """Charge a leg of ``tokens`` (its KV: prompt, plus max_tokens for decode legs; the
+        prompt's full blocks are ``block_hashes``) to ``worker`` until ``done()``."""
+        bs = self.cluster.block_size
+        return InFlight(worker, tokens, -(-tokens // bs) if bs else 0, block_hashes if bs else ())
 
     def mark_down(self, worker: Worker, reason: str) -> None:
         """Leave ``worker`` out of placement until its next successful health poll."""
@@ -187,13 +246,22 @@ class WorkerPool:
     async def check(self, worker: Worker) -> None:
         """Poll ``/health``; on a (re)covery also rediscover the worker."""
         assert self.client is not None
+        body: Any = None
         try:
             r = await self.client.get(f"{worker.url}/health")
             ok = r.status_code == 200
             error = None if ok else f"/health answered {r.status_code}"
+            if ok:
+                try:
+                    body = r.json()
+                except ValueError:
+                    body = None
         except httpx.HTTPError as e:
             ok, error = False, f"/health: {type(e).__name__}: {e}"
-        if ok and not worker.healthy:
+        reported_id = body.get("worker_id") if isinstance(body, dict) else None
+        # A new id between two polls: the worker restarted (and its KV cache is empty).
+        restarted = worker.discovered and isinstance(reported_id, str) and reported_id != worker.worker_id
+        if ok and (not worker.healthy or restarted):
             try:
                 await self.discover(worker)
             except (httpx.HTTPError, DiscoveryError) as e:
@@ -203,6 +271,8 @@ class WorkerPool:
                     "healthy" if ok else "unhealthy", "" if ok else f": {error}")
         worker.healthy = ok
         worker.last_error = error
+        if ok and isinstance(body, dict):
+            worker.note_load(body.get("load"))
 
     async def _get_json(self, url: str) -> tuple[int, Any]:
         assert self.client is not None
@@ -230,18 +300,22 @@ class WorkerPool:
                 worker.block_size = int(info["block_size"])
                 addr = info.get("transfer_address")
                 worker.transfer_address = (str(addr[0]), int(addr[1])) if addr else None
+                worker.kv_events = _event_endpoints(info.get("kv_events"), worker.url)
             else:
                 reported = str(entry.get("role", "both"))
             mml = entry.get("max_model_len")
             worker.max_model_len = int(mml) if isinstance(mml, int) else None
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DiscoveryError(f"malformed answer: {type(e).__name__}: {e}") from None
+        previous_id = worker.worker_id
         worker.model_name = entry["id"]
         worker.role = reported if worker.declared_role is None else worker.declared_role
         worker.problem = self._problem(worker, reported)
         if worker.problem:
             log.error("worker %s cannot be used: %s", worker.url, worker.problem)
         worker.discovered = True
+        for listener in self.on_discovered:
+            listener(worker, previous_id)
 
     def _problem(self, worker: Worker, reported: str) -> str | None:
         if reported not in ("prefill", "decode", "both"):
@@ -260,3 +334,25 @@ class WorkerPool:
                 f"from the cluster's {c.fingerprint}/{c.block_size}"
             )
         return None
+
+
+def _event_endpoints(raw: Any, worker_url: str) -> WorkerEndpoints | None:
+    """The worker's advertised KV event endpoints; a wildcard bind address (``0.0.0.0``,
+    ``*``, ``::``) is replaced by the host the router reaches the worker at."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("pub"), str):
+        raise DiscoveryError("kv_events: expected {'pub': 'tcp://...', 'replay': ...}")
+    host = httpx.URL(worker_url).host
+    host = f"[{host}]" if ":" in host else host
+
+    def fix(ep: str) -> str:
+        for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+            if ep.startswith(wildcard):
+                return f"tcp://{host}:{ep[len(wildcard):]}"
+        return ep
+
+    replay = raw.get("replay")
+    if replay is not None and not isinstance(replay, str):
+        raise DiscoveryError("kv_events.replay: expected a ZMQ endpoint or null")
+    return WorkerEndpoints(fix(raw["pub"]), fix(replay) if replay else None)

@@ -1,0 +1,128 @@
+"""The router's view of every worker's prefix cache: KV event streams -> one ``KVIndex``.
+
+:class:`KVIndexFeed` is the router's :class:`~kvbaton.router.policies.PrefixOverlap`. When
+the pool discovers a worker that advertises ``kv_events`` in ``/kv/info``, the feed follows
+its stream (``KVEventSubscriber``: ordered per worker, gaps replayed) and applies every batch
+to the index under the worker's URL. Outcomes:
+
+- a gap the replay cannot fill: the worker's entries are dropped and it is flagged
+  approximate (the index then holds a subset of its cache: only hits are lost) until its
+  stream starts over with ``AllBlocksCleared`` (a restart);
+- a worker seen with a new ``worker_id`` (restarted at the same URL, possibly with new event
+  endpoints) or new endpoints: its entries are forgotten and its stream followed afresh,
+  approximate until the new stream's first batch (``AllBlocksCleared``) is applied;
+- a worker that stops advertising events: unfollowed and forgotten.
+
+``routed`` records each placement as a short-lived prediction (``predict``), so sibling
+requests that arrive before the worker's events follow the first one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+from kvbaton.kv.event_stream import KVEventBatch
+from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
+from kvbaton.kv.index import KVIndex
+from kvbaton.router.metrics import RouterMetrics
+from kvbaton.router.policies import PrefixOverlap, RoutingRequest, WorkerView
+from kvbaton.router.pool import Worker
+
+log = logging.getLogger(__name__)
+
+
+class KVIndexFeed(PrefixOverlap):
+    """Follows the workers' KV events into a :class:`KVIndex` and answers prefix overlap.
+
+    ``start()`` starts the subscriber thread (callbacks run there; the index is
+    thread-safe); ``close()`` stops it within its timeout. ``worker_discovered`` is the
+    pool's discovery hook.
+    """
+
+    def __init__(self, metrics: RouterMetrics | None = None, prediction_ttl_s: float = 2.0,
+                 replay_timeout_s: float = 1.0) -> None:
+        self.index = KVIndex()
+        self.metrics = metrics
+        self.prediction_ttl_s = prediction_ttl_s
+        self._replay_timeout_s = replay_timeout_s
+        self._subscriber: KVEventSubscriber | None = None
+        self._followed: dict[str, tuple[str, WorkerEndpoints]] = {}  # url -> (worker id, endpoints)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._subscriber = KVEventSubscriber(
+            {}, self._on_batch, self._on_gap, replay_timeout_s=self._replay_timeout_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        if self._subscriber is not None:
+            self._subscriber.close(timeout_s)
+            self._subscriber = None
+
+    # ---- following workers (event loop) ----------------------------------------------------
+
+    def worker_discovered(self, worker: Worker, previous_id: str) -> None:
+        """Follow, refollow or drop ``worker``'s event stream after a discovery."""
+        url, eps = worker.url, worker.kv_events
+        followed = self._followed.get(url)
+        if eps is None:
+            if followed is not None:
+                self.forget(url)
+            return
+        if followed == (worker.worker_id, eps):
+            return  # the same process back after a blip: its stream was followed throughout
+        if followed is not None:
+            log.info("worker %s restarted or moved its KV events; its index entries are dropped", url)
+        self.index.remove_worker(url)
+        # Until the stream's AllBlocksCleared is applied, nothing known is complete.
+        self.index.mark_approximate(url)
+        if self._subscriber is None:
+            raise RuntimeError("KVIndexFeed.start() was not called")
+        try:
+            self._subscriber.add_worker(url, eps)
+        except ValueError as e:
+            log.error("worker %s: cannot follow its KV events: %s", url, e)
+            self._followed.pop(url, None)
+            return
+        self._followed[url] = (worker.worker_id, eps)
+
+    def forget(self, url: str) -> None:
+        """Stop following ``url`` and drop its entries."""
+        if self._subscriber is not None:
+            self._subscriber.remove_worker(url)
+        self._followed.pop(url, None)
+        self.index.remove_worker(url)
+
+    def following(self, url: str) -> bool:
+        return url in self._followed
+
+    # ---- subscriber thread -----------------------------------------------------------------
+
+    def _on_batch(self, url: object, seq: int, batch: KVEventBatch) -> None:
+        self.index.apply(url, seq, batch)
+        if self.metrics is not None:
+            self.metrics.kv_event_lag.labels(str(url)).observe(max(0.0, time.time() - batch.ts))
+
+    def _on_gap(self, url: object) -> None:
+        log.warning("worker %s: KV events lost beyond replay; its index entries are approximate", url)
+        self.index.mark_approximate(url)
+        if self.metrics is not None:
+            self.metrics.kv_event_gaps.labels(str(url)).inc()
+
+    # ---- PrefixOverlap ---------------------------------------------------------------------
+
+    def cached_tokens(self, request: RoutingRequest, worker: WorkerView) -> int:
+        return self.cached_tokens_each(request, [worker])[0]
+
+    def cached_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[int]:
+        if not request.block_hashes or not request.block_size:
+            return [0] * len(workers)
+        held = self.index.longest_prefix(request.block_hashes)
+        bs = request.block_size
+        return [held.get(w.url, 0) * bs for w in workers]
+
+    def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
+        if request.block_hashes and self.following(worker.url):
+            self.index.predict(worker.url, request.block_hashes, self.prediction_ttl_s)
