@@ -314,7 +314,8 @@ _SERVER = textwrap.dedent(
 
 @contextmanager
 def server_process() -> Iterator[tuple[subprocess.Popen, int, str]]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "tests"), REPO])}
+    paths = [os.path.join(REPO, "tests"), REPO, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
