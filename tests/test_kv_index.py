@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbaton.kv import index as kv_index
 from kvbaton.kv.index import KVIndex
 
 
@@ -322,3 +325,51 @@ def test_prediction_survives_a_gap_but_not_worker_removal() -> None:
 def test_prediction_rejects_a_non_positive_ttl() -> None:
     with pytest.raises(ValueError, match="ttl_s"):
         KVIndex().predict("a", CHAIN_A, ttl_s=0)
+
+
+def test_lookups_during_a_large_drop_never_see_partial_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dropping a worker's entries retires its bit at once and scrubs in chunks: a concurrent
+    lookup sees the worker's whole chain or none of it, and other workers are unaffected."""
+    monkeypatch.setattr(kv_index, "_PURGE_CHUNK", 16)  # many chunks: lookups interleave
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        _run_drop_with_concurrent_lookups()
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
+def _run_drop_with_concurrent_lookups() -> None:
+    big = [H(1000 + i) for i in range(4096)]
+    idx = KVIndex()
+    errors: list[BaseException] = []
+    idx.apply("b", 0, [stored(*big[:128])])
+    seen: set[tuple[tuple[str, int], ...]] = set()
+    for round_ in range(3):
+        idx.apply("a", 2 * round_, [AllBlocksCleared(), stored(*big)])
+        done = threading.Event()
+
+        def look() -> None:
+            try:
+                while not done.is_set():
+                    seen.add(tuple(sorted(idx.longest_prefix(big[:128]).items())))
+                    idx.holders(big[0])
+            except BaseException as e:  # surfaced below: a thread's failure is otherwise lost
+                errors.append(e)
+
+        t = threading.Thread(target=look)
+        t.start()
+        try:
+            if round_ == 2:
+                idx.remove_worker("a")
+            else:
+                idx.mark_approximate("a")
+        finally:
+            done.set()
+            t.join()
+        assert idx.longest_prefix(big) == {"b": 128}
+    assert errors == []
+    assert seen <= {(("a", 128), ("b", 128)), (("b", 128),)}
+    assert len(idx) == 128 and idx.workers() == ["b"]

@@ -10,6 +10,12 @@ a worker O(its blocks) and give the per-worker counts. Predicted entries (``pred
 a parallel mask dict with per-entry expiry, so the router's own recent decisions count until
 the worker's events catch up.
 
+Dropping a worker's entries (clear, gap, removal) must not stall lookups for the tens of ms
+that 100k+ dict updates take: the worker's bit is retired (masked out of every lookup at once)
+and the worker continues under a fresh bit; the retired bit is then scrubbed from ``_holders``
+in chunks, releasing the lock between them, by the call that retired it, and only then is
+its slot reused.
+
 What the index claims: for a worker not flagged approximate, exactly the blocks its event
 stream says it holds; for an approximate one (a gap that replay could not fill), a subset of
 them, because entries are dropped at the gap and only later events are applied. A subset only
@@ -23,7 +29,8 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
+from collections import deque
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 from kvbaton.kv.events import (
     DEFAULT_MEDIUM,
@@ -47,10 +54,14 @@ class WorkerIndexStats:
     last_seq: int | None
 
 
-class _Worker:
-    __slots__ = ("bit", "blocks", "predicted", "approximate", "last_seq")
+_PURGE_CHUNK = 1024  # hashes scrubbed per lock hold (a few hundred µs)
 
-    def __init__(self, bit: int) -> None:
+
+class _Worker:
+    __slots__ = ("worker_id", "bit", "blocks", "predicted", "approximate", "last_seq")
+
+    def __init__(self, worker_id: WorkerId, bit: int) -> None:
+        self.worker_id = worker_id
         self.bit = bit
         self.blocks: dict[BlockHash, int] = {}  # hash -> bitmask of mediums
         self.predicted: dict[BlockHash, float] = {}  # hash -> expiry (clock time)
@@ -71,6 +82,9 @@ class KVIndex:
         self._slot_owner: dict[int, WorkerId] = {}
         self._free_slots: list[int] = []  # min-heap: reuse low slots so masks stay small ints
         self._next_slot = 0
+        self._live = 0  # bits of current workers; retired bits still in _holders are not
+        self._retired: deque[tuple[int, Iterator[BlockHash]]] = deque()  # (slot, its hashes)
+        self._purging = False
         self._holders: dict[BlockHash, int] = {}  # hash -> bitmask of worker slots
         self._pred_holders: dict[BlockHash, int] = {}
         # (expiry, tiebreak, worker, hashes): one entry per predict() call, checked lazily.
@@ -107,6 +121,7 @@ class KVIndex:
                     w.approximate = False
                 else:
                     raise TypeError(f"not a KV event: {type(ev).__name__}")
+        self._purge()
 
     def mark_approximate(self, worker_id: WorkerId) -> None:
         """A gap replay could not fill: drop the worker's entries (they may be stale) and flag
@@ -116,6 +131,7 @@ class KVIndex:
             w = self._worker(worker_id)
             self._clear(w)
             w.approximate = True
+        self._purge()
 
     def remove_worker(self, worker_id: WorkerId) -> None:
         """Forget a worker entirely (left the pool); O(its blocks). Unknown ids are ignored."""
@@ -123,11 +139,10 @@ class KVIndex:
             w = self._workers.pop(worker_id, None)
             if w is None:
                 return
-            self._clear(w)
             for h in w.predicted:
                 self._unset(self._pred_holders, h, w.bit)
-            del self._slot_owner[w.bit.bit_length() - 1]
-            heapq.heappush(self._free_slots, w.bit.bit_length() - 1)
+            self._retire(w.bit, w.blocks)
+        self._purge()
 
     def predict(self, worker_id: WorkerId, hashes: Sequence[BlockHash], ttl_s: float) -> None:
         """The router just sent ``hashes`` to ``worker_id``: count them as held there for
@@ -174,7 +189,7 @@ class KVIndex:
             use_pred = include_predicted and bool(preds)
             pred = preds.get
             out: dict[WorkerId, int] = {}
-            alive = holders(hashes[0], 0) | (pred(hashes[0], 0) if use_pred else 0)
+            alive = (holders(hashes[0], 0) | (pred(hashes[0], 0) if use_pred else 0)) & self._live
             i = 1
             n = len(hashes)
             while alive and i < n:
@@ -192,7 +207,7 @@ class KVIndex:
     def holders(self, block_hash: BlockHash) -> set[tuple[WorkerId, str]]:
         """Which (worker, medium) pairs hold ``block_hash`` per the events (no predictions)."""
         with self._lock:
-            mask = self._holders.get(block_hash, 0)
+            mask = self._holders.get(block_hash, 0) & self._live
             names = {bit: name for name, bit in self._mediums.items()}
             out: set[tuple[WorkerId, str]] = set()
             while mask:
@@ -231,7 +246,8 @@ class KVIndex:
             }
 
     def __len__(self) -> int:
-        """Distinct block hashes indexed (from events)."""
+        """Distinct block hashes indexed (from events; while a dropped worker's entries are
+        being scrubbed by another thread, those may still be counted)."""
         with self._lock:
             return len(self._holders)
 
@@ -247,13 +263,17 @@ class KVIndex:
     def _worker(self, worker_id: WorkerId) -> _Worker:
         w = self._workers.get(worker_id)
         if w is None:
-            if self._free_slots:
-                slot = heapq.heappop(self._free_slots)
-            else:
-                slot, self._next_slot = self._next_slot, self._next_slot + 1
-            w = self._workers[worker_id] = _Worker(1 << slot)
-            self._slot_owner[slot] = worker_id
+            w = self._workers[worker_id] = _Worker(worker_id, self._new_bit(worker_id))
         return w
+
+    def _new_bit(self, worker_id: WorkerId) -> int:
+        if self._free_slots:
+            slot = heapq.heappop(self._free_slots)
+        else:
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
+        self._slot_owner[slot] = worker_id
+        self._live |= 1 << slot
+        return 1 << slot
 
     def _medium_bit(self, medium: str | None) -> int:
         name = DEFAULT_MEDIUM if medium is None else medium
@@ -291,9 +311,49 @@ class KVIndex:
                 self._unset(self._holders, h, w.bit)
 
     def _clear(self, w: _Worker) -> None:
-        for h in w.blocks:
-            self._unset(self._holders, h, w.bit)
-        w.blocks = {}
+        """Drop the worker's entries in O(its predictions): it moves to a fresh bit."""
+        if not w.blocks:
+            return
+        old, new = w.bit, self._new_bit(w.worker_id)
+        for h in w.predicted:
+            self._pred_holders[h] = (self._pred_holders[h] & ~old) | new
+        self._retire(old, w.blocks)
+        w.bit, w.blocks = new, {}
+
+    def _retire(self, bit: int, blocks: dict[BlockHash, int]) -> None:
+        slot = bit.bit_length() - 1
+        self._live &= ~bit
+        del self._slot_owner[slot]
+        # ``blocks`` is detached from its worker, so iterating it across lock releases is safe.
+        self._retired.append((slot, iter(blocks)))
+
+    def _purge(self) -> None:
+        """Scrub retired bits from ``_holders`` in chunks, then free their slots. Called
+        without the lock; one thread purges at a time (a concurrent caller leaves it to it)."""
+        with self._lock:
+            if self._purging:
+                return
+            self._purging = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._retired:
+                        return
+                    slot, hashes = self._retired[0]
+                    bit, holders = 1 << slot, self._holders
+                    n = 0
+                    for h in itertools.islice(hashes, _PURGE_CHUNK):
+                        self._unset(holders, h, bit)
+                        n += 1
+                    if n < _PURGE_CHUNK:  # this slot is clean: it may be reused
+                        self._retired.popleft()
+                        heapq.heappush(self._free_slots, slot)
+                # Lock is not fair: without giving up the GIL here this thread would take it
+                # straight back and a waiting lookup would stall for the whole purge.
+                time.sleep(0)
+        finally:
+            with self._lock:
+                self._purging = False
 
     @staticmethod
     def _unset(masks: dict[BlockHash, int], h: BlockHash, bit: int) -> None:
