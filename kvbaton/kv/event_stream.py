@@ -187,7 +187,8 @@ class KVEventPublisher:
         return self._seq
 
     def flush(self, timeout_s: float = 1.0) -> bool:
-        """Wait until every event published so far has been sent; False on timeout."""
+        """Wait until every event published so far has been sent; False on timeout (exact
+        when one thread publishes, as the engine does)."""
         target = self._enqueued
         deadline = time.monotonic() + timeout_s
         while self._sent < target:

@@ -102,6 +102,8 @@ class KVIndex:
         worker's cache is empty when its publisher starts); any other discontinuity (a forward
         gap, a restart whose first batches were missed, a stream joined late) drops the
         worker's entries and flags it approximate until an ``AllBlocksCleared`` resyncs it.
+        A restart whose seq 0 was lost is invisible in seqs alone: the subscriber detects it
+        by stream id and replays from 0 or calls ``mark_approximate``.
         """
         evs = getattr(events, "events", events)
         with self._lock:
@@ -134,7 +136,8 @@ class KVIndex:
         self._purge()
 
     def remove_worker(self, worker_id: WorkerId) -> None:
-        """Forget a worker entirely (left the pool); O(its blocks). Unknown ids are ignored."""
+        """Forget a worker entirely (left the pool). Its entries vanish from lookups at once
+        and are scrubbed, O(its blocks), before this returns; unknown ids are ignored."""
         with self._lock:
             w = self._workers.pop(worker_id, None)
             if w is None:
