@@ -105,7 +105,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
             kv_events_port=args.kv_events_port, kv_events_replay_port=args.kv_events_replay_port,
         )
         ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len,
-                            lease_ttl_s=args.kv_lease_ttl, **_engine_kwargs(args))
+                            lease_ttl_s=args.kv_lease_ttl, shared_kv=role in ("prefill", "both"),
+                            **_engine_kwargs(args))
     except ValueError as e:
         parser.error(str(e))
     try:

@@ -40,9 +40,13 @@ def settle(*urls: str) -> None:
         wait_for(lambda: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
 
 
-@pytest.fixture(scope="module")
-def pd():
-    with running_worker({"role": "prefill"}) as p, running_worker({"role": "decode"}) as d:
+@pytest.fixture(scope="module", params=["shm", "tcp"])
+def pd(request):
+    """A prefill and a decode worker; the prefill worker's KV in shared memory (same-host fast
+    path) or private memory (bytes over TCP)."""
+    shared = request.param == "shm"
+    with running_worker({"role": "prefill"}, shared_kv=shared) as p, \
+            running_worker({"role": "decode"}) as d:
         yield p, d
 
 
@@ -60,6 +64,8 @@ def test_disaggregated_output_equals_colocated(pd, plain_reference, length: int)
     assert body["choices"][0]["token_ids"] == plain_reference(prompt)
     report = body["kv_transfer_params"]
     assert report["outcome"] == "fetched" and report["blocks_fetched"] == -(-length // 16)
+    assert p.state.kv.server.stats.shm_fetches > 0 if p.state.engine.engine.config.shared_kv \
+        else p.state.kv.server.stats.shm_fetches == 0
     settle(p.url, d.url)
 
 

@@ -29,6 +29,9 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     lease_ttl_s: float = 30.0  # how long a prefill-only request's KV stays pinned for transfer
+    # CPU only: put the KV cache in /dev/shm so decode workers on this host read leased blocks
+    # straight from it (prefill workers turn this on).
+    shared_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -79,7 +79,8 @@ class LLMEngine:
         self.leases = LeaseTable(config.lease_ttl_s)
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
         self.runner = ModelRunner(
-            self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend
+            self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend,
+            shared_kv=config.shared_kv,
         )
         eos = set(mcfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:

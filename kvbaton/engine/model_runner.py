@@ -20,11 +20,18 @@ class ModelRunner:
         num_blocks: int,
         device: torch.device,
         attention_backend: str = "auto",
+        shared_kv: bool = False,
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
-        self.kv_cache = spec.allocate(num_blocks, device)
+        if shared_kv and device.type == "cpu":
+            # Same-host decode workers then copy blocks straight out of this memory.
+            from kvbaton.kv.transfer.shm import allocate_shared_kv
+
+            self.kv_cache = allocate_shared_kv(spec, num_blocks)
+        else:
+            self.kv_cache = spec.allocate(num_blocks, device)
         self.backend = create_attention_backend(attention_backend, self.kv_cache, spec.block_size)
 
     @torch.inference_mode()
