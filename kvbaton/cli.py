@@ -166,6 +166,10 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.no_kv_events:
         passthrough.append("--no-kv-events")
     try:
+        for flag in ("kv_events_port", "kv_events_replay_port"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')}: serve starts its workers on free "
+                                 "ports (they advertise them in /kv/info); set it per `kvbaton worker`")
         specs = worker_specs(prefill, decode, colocated, passthrough,
                              args.threads_per_worker or args.threads)
         # Validate the router's flags before starting anything.

@@ -169,3 +169,11 @@ def test_bad_routing_flags_name_the_flag(argv: tuple[str, ...], flag: str) -> No
     with pytest.raises(ValueError) as e:
         parse(*argv)
     assert str(e.value).startswith(flag)
+
+
+def test_serve_refuses_fixed_event_ports(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvbaton.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "tiny-random", "--kv-events-port", "5557"])
+    assert e.value.code == 2 and "--kv-events-port" in capsys.readouterr().err
