@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-results}
 mkdir -p "$OUT"
-pip install -q --no-index --find-links .whl msgspec pyzmq fastapi uvicorn httpx prometheus-client tqdm hypothesis xxhash 2>&1 | tail -2
+python -m pip install -q --no-index --find-links .whl msgspec pyzmq fastapi uvicorn httpx prometheus-client tqdm hypothesis xxhash 2>&1 | grep -v "root.. user" | tail -3; python -c "import msgspec, zmq, xxhash"
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
