@@ -19,8 +19,8 @@ import pytest
 
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.server import RouterThread
-from tests.conftest import GREEDY, random_prompts
-from tests.worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
+from conftest import GREEDY, random_prompts
+from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
 
 ENGINE = {"num_kv_blocks": 512}
 BODY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GREEDY, random_prompts
-from tests.worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
+from conftest import GREEDY, random_prompts
+from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
 
 MAX_TOKENS = GREEDY.max_tokens
 

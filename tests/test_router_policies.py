@@ -133,7 +133,7 @@ def test_flags_build_the_config() -> None:
     assert (cfg.prefill_policy, cfg.decode_policy) == ("round_robin", "round_robin")
     assert cfg.disagg_min_tokens == 0 and cfg.request_timeout_s == 5
     default = parse("--worker", "http://h:1")
-    assert default.disagg_min_tokens == DEFAULT_DISAGG_MIN_TOKENS == 256
+    assert default.disagg_min_tokens == DEFAULT_DISAGG_MIN_TOKENS == 32
     assert (default.prefill_policy, default.decode_policy) == ("least_load", "least_load")
     split = parse("--worker", "http://h:1", "--prefill-policy", "round_robin")
     assert (split.prefill_policy, split.decode_policy) == ("round_robin", "least_load")

@@ -16,9 +16,12 @@ import httpx
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
-# the decode worker itself: below it a remote prefill costs more (an extra HTTP leg and a KV
-# transfer) than it saves. A placeholder until the lead measures the crossover.
-DEFAULT_DISAGG_MIN_TOKENS = 256
+# the decode worker itself: below it a remote prefill costs the request more (an extra HTTP leg
+# and a KV transfer) than the stall it saves the worker's running decodes. Measured by
+# benchmarks/disagg_threshold.py (docs/benchmarks.md): on the CPU machine (SmolLM2, one thread per
+# worker) the crossover is 11-28 uncached tokens; 32 (two blocks) leaves margin. Re-measure it for
+# other hardware: on a GPU prefill is far cheaper per token, so the crossover moves up.
+DEFAULT_DISAGG_MIN_TOKENS = 32
 DEFAULT_POLICY = "least_load"
 ROLES = ("prefill", "decode", "both")
 
