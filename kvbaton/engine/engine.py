@@ -27,6 +27,7 @@ from kvbaton.kv.events import KVEventSink
 from kvbaton.kv.hashing import BlockHash, root_hash
 from kvbaton.kv.spec import KVSpec, torch_dtype
 from kvbaton.models.loader import LoadedModel, load_model
+from kvbaton.models.tokenizer import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,7 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt;
         ValueError if the model has no chat template or a message is malformed."""
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ValueError(f"model {self.config.model!r} has no chat template")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tok.encode(text, add_special_tokens=False))
+        return chat_prompt_ids(self.tokenizer, messages, self.config.model)
 
     def add_request(
         self,

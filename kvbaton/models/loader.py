@@ -113,7 +113,7 @@ def load_model(
             f"{f.name}:{_file_identity(f)}" for f in sorted(model_dir.glob("*.safetensors"))
         )
     model.eval()
-    tokenizer = byte_tokenizer() if model_dir is None else _dir_tokenizer(model_dir)
+    tokenizer = byte_tokenizer() if model_dir is None else dir_tokenizer(model_dir)
     fp_src = json.dumps(
         {"config": cfg.to_dict(), "weights": weights_id, "dtype": str(dtype)}, sort_keys=True
     )
@@ -137,6 +137,7 @@ def _merge_generation_eos(cfg_dict: dict[str, Any], model_dir: Path) -> None:
     cfg_dict["eos_token_id"] = sorted(set(ids))
 
 
-def _dir_tokenizer(model_dir: Path) -> Any:
+def dir_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved in ``model_dir``, or the byte tokenizer when it holds none."""
     has_tok = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     return load_tokenizer(model_dir) if has_tok else byte_tokenizer()

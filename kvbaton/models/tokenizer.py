@@ -59,3 +59,23 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) -> list[int]:
+    """Token ids of a conversation followed by the assistant's generation prompt.
+
+    The one implementation of this step, shared by the engine and the router so both compute
+    the same ids (and so the same block hashes) for the same chat. ValueError, naming
+    ``messages``, when the model has no chat template, a message is malformed or the template
+    rejects the conversation. Not thread-safe (HF fast tokenizers are not): callers serialize.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"messages: model {model!r} has no chat template")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja raises for conversations a template rejects
+        raise ValueError(f"messages: the chat template failed: {e}") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))

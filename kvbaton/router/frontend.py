@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 
-from kvbaton.models.loader import _dir_tokenizer, resolve_model_dir
+from kvbaton.models.loader import dir_tokenizer, resolve_model_dir
+from kvbaton.models.tokenizer import chat_prompt_ids
 from kvbaton.models.registry import DUMMY_CONFIGS
 from kvbaton.models.tokenizer import byte_tokenizer
 from kvbaton.router.config import RouterConfig
-from kvbaton.worker.api import _sampling_params
+from kvbaton.worker.api import request_sampling_params
 from kvbaton.worker.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -28,7 +29,7 @@ def load_router_tokenizer(model: str) -> Any:
     names, .gguf files, HF directories; random-weight models get the byte tokenizer)."""
     if model in DUMMY_CONFIGS:
         return byte_tokenizer()
-    return _dir_tokenizer(resolve_model_dir(model))
+    return dir_tokenizer(resolve_model_dir(model))
 
 
 @dataclass
@@ -71,18 +72,12 @@ class Frontend:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        # The same steps as LLMEngine.apply_chat_template, so the router's ids equal what a
-        # worker would compute for the same chat.
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ApiError(400, f"messages: model {self.config.model!r} has no chat template",
-                           "messages", "invalid_value")
+        # The engine's own function, so the router's ids equal what a worker would compute.
         try:
             with self._lock:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja raises for conversations a template rejects
-            raise ApiError(400, f"messages: the chat template failed: {e}", "messages", "invalid_value") from None
-        return self._encode(text)
+                return chat_prompt_ids(self.tokenizer, messages, self.config.model)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -93,7 +88,7 @@ class Frontend:
         if body.logprobs is not None and body.logprobs > self.config.max_logprobs:
             raise ApiError(400, f"logprobs: at most {self.config.max_logprobs}", "logprobs", "invalid_value")
         max_tokens = self.config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
-        _sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
+        request_sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
         if isinstance(prompt, str):
             ids = await anyio.to_thread.run_sync(self._encode, prompt)
         else:
@@ -118,7 +113,7 @@ class Frontend:
         if top > self.config.max_logprobs:
             raise ApiError(400, f"top_logprobs: at most {self.config.max_logprobs}", "top_logprobs", "invalid_value")
         logprobs = top if body.logprobs else None
-        _sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
+        request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
         ids = await anyio.to_thread.run_sync(self._chat_ids, messages)
         if max_tokens is None:
             room = max_model_len - len(ids) if max_model_len else self.config.default_chat_max_tokens

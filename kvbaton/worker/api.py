@@ -105,7 +105,7 @@ def _value_error(e: ValueError, aliases: dict[str, str], prompt_param: str) -> A
     return ApiError(400, msg, param, code)
 
 
-def _sampling_params(
+def request_sampling_params(
     body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str],
     prompt_param: str,
 ) -> SamplingParams:
@@ -304,7 +304,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         if body.logprobs is not None and body.logprobs > config.max_logprobs:
             raise ApiError(400, f"logprobs: at most {config.max_logprobs}", "logprobs", "invalid_value")
         max_tokens = config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
-        params = _sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
+        params = request_sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         ktp = body.kv_transfer_params
         if ktp is not None and ktp.get("do_remote_decode"):
@@ -335,7 +335,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         if top > config.max_logprobs:
             raise ApiError(400, f"top_logprobs: at most {config.max_logprobs}", "top_logprobs", "invalid_value")
         logprobs = top if body.logprobs else None
-        params = _sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs,
+        params = request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs,
                                   aliases, "messages")
         gen = GenerationRequest(
             params, messages=messages, cache_salt=body.cache_salt,
