@@ -104,15 +104,7 @@ class Frontend:
         body.check_supported()
         name = self.resolve_model(body.model)
         messages = body.template_input()
-        aliases = {"logprobs": "top_logprobs"}
-        max_tokens = body.max_tokens
-        if body.max_completion_tokens is not None:
-            max_tokens = body.max_completion_tokens
-            aliases["max_tokens"] = "max_completion_tokens"
-        top = body.top_logprobs or 0
-        if top > self.config.max_logprobs:
-            raise ApiError(400, f"top_logprobs: at most {self.config.max_logprobs}", "top_logprobs", "invalid_value")
-        logprobs = top if body.logprobs else None
+        max_tokens, logprobs, aliases = body.limits(self.config.max_logprobs)
         request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
         ids = await anyio.to_thread.run_sync(self._chat_ids, messages)
         if max_tokens is None:

@@ -326,15 +326,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         body.check_supported()
         name = state.resolve_model(body.model)
         messages = body.template_input()
-        aliases = {"logprobs": "top_logprobs"}
-        max_tokens = body.max_tokens
-        if body.max_completion_tokens is not None:
-            max_tokens = body.max_completion_tokens
-            aliases["max_tokens"] = "max_completion_tokens"
-        top = body.top_logprobs or 0
-        if top > config.max_logprobs:
-            raise ApiError(400, f"top_logprobs: at most {config.max_logprobs}", "top_logprobs", "invalid_value")
-        logprobs = top if body.logprobs else None
+        max_tokens, logprobs, aliases = body.limits(config.max_logprobs)
         params = request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs,
                                   aliases, "messages")
         gen = GenerationRequest(

@@ -170,6 +170,20 @@ class ChatCompletionRequest(SamplingFields):
         if not self.messages:
             raise ApiError(400, "messages: must be a non-empty list", "messages", "invalid_value")
 
+    def limits(self, max_logprobs: int) -> tuple[int | None, int | None, dict[str, str]]:
+        """``(max_tokens, logprobs, aliases)`` as the engine takes them: ``max_completion_tokens``
+        wins over ``max_tokens``, ``top_logprobs`` (at most ``max_logprobs``) counts only with
+        ``logprobs``; ``aliases`` name the fields the client actually sent, for error messages."""
+        aliases = {"logprobs": "top_logprobs"}
+        max_tokens = self.max_tokens
+        if self.max_completion_tokens is not None:
+            max_tokens = self.max_completion_tokens
+            aliases["max_tokens"] = "max_completion_tokens"
+        top = self.top_logprobs or 0
+        if top > max_logprobs:
+            raise ApiError(400, f"top_logprobs: at most {max_logprobs}", "top_logprobs", "invalid_value")
+        return max_tokens, (top if self.logprobs else None), aliases
+
     def template_input(self) -> list[dict[str, str]]:
         return [m.as_template_input(i) for i, m in enumerate(self.messages)]
 
