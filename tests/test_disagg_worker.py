@@ -64,8 +64,12 @@ def test_disaggregated_output_equals_colocated(pd, plain_reference, length: int)
     assert body["choices"][0]["token_ids"] == plain_reference(prompt)
     report = body["kv_transfer_params"]
     assert report["outcome"] == "fetched" and report["blocks_fetched"] == -(-length // 16)
-    assert p.state.kv.server.stats.shm_fetches > 0 if p.state.engine.engine.config.shared_kv \
-        else p.state.kv.server.stats.shm_fetches == 0
+    stats = p.state.kv.server.stats
+    if p.state.engine.engine.config.shared_kv:
+        wait_for(lambda: stats.shm_fetches > 0, what="the shm fetch to be counted")
+    else:
+        wait_for(lambda: stats.fetches > 0, what="the TCP fetch to be counted")
+        assert stats.shm_fetches == 0
     settle(p.url, d.url)
 
 
