@@ -20,7 +20,7 @@ from kvbaton.models.tokenizer import chat_prompt_ids
 from kvbaton.models.registry import DUMMY_CONFIGS
 from kvbaton.models.tokenizer import byte_tokenizer
 from kvbaton.router.config import RouterConfig
-from kvbaton.worker.api import request_sampling_params
+from kvbaton.worker.params import request_sampling_params
 from kvbaton.worker.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 

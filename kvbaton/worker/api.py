@@ -30,14 +30,10 @@ from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
 from kvbaton.worker.kv_connector import KVConnector
 from kvbaton.worker.metrics import CONTENT_TYPE, WorkerMetrics
 from kvbaton.worker.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields,
+    ApiError, ChatCompletionRequest, CompletionRequest,
 )
+from kvbaton.worker.params import request_sampling_params, value_error
 from kvbaton.worker.streaming import chat_events, chat_response, completion_events, completion_response
-
-_SAMPLING_FIELDS = frozenset({
-    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
-})
-
 
 class WorkerState:
     """What the routes share: the async engine, metrics, config and the served names."""
@@ -81,49 +77,6 @@ class WorkerState:
             loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.engine.abort_all))
         except RuntimeError:  # the loop already closed: nothing is in flight
             pass
-
-
-def _value_error(e: ValueError, aliases: dict[str, str], prompt_param: str) -> ApiError:
-    """Map an engine/SamplingParams ValueError (message starts with the field) to a 400."""
-    msg = str(e)
-    first = msg.split(" ", 1)[0].rstrip(":,")
-    code = "context_length_exceeded" if "context" in msg else "invalid_value"
-    if first == "prompt":
-        param: str | None = prompt_param
-    elif first.startswith("messages"):
-        param = "messages"
-    elif msg.startswith("request needs"):
-        param = aliases.get("max_tokens", "max_tokens")
-    elif first in _SAMPLING_FIELDS:
-        param = aliases.get(first, first)
-    elif "chat template" in msg:
-        param = "messages"
-    else:
-        param = None
-    if param and param != first and first in _SAMPLING_FIELDS:
-        msg = param + msg[len(first):]  # name the field the client actually sent
-    return ApiError(400, msg, param, code)
-
-
-def request_sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str],
-    prompt_param: str,
-) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
-            seed=body.seed,
-            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            stop_token_ids=list(body.stop_token_ids or []),
-            ignore_eos=body.ignore_eos,
-            logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-        )
-    except ValueError as e:
-        raise _value_error(e, aliases, prompt_param) from None
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -177,7 +130,7 @@ async def _start(state: WorkerState, req: GenerationRequest, rid: str,
     try:
         return await state.engine.add_request(req, rid)
     except ValueError as e:
-        raise _value_error(e, aliases, prompt_param) from None
+        raise value_error(e, aliases, prompt_param) from None
     except (EngineDeadError, EngineStoppedError) as e:
         raise ApiError(503, str(e), None, "service_unavailable") from None
 
@@ -247,7 +200,7 @@ async def _with_handle(
     try:
         res = await state.kv.import_kv(rid, prompt, handle, body.cache_salt)
     except ValueError as e:
-        raise _value_error(e, {}, "prompt") from None
+        raise value_error(e, {}, "prompt") from None
     if res.plan is not None:
         gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt,
                                 first_token=first, imported=True)
