@@ -37,7 +37,7 @@ class KVSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        elem = torch.finfo(self.torch_dtype).bits // 8  # every supported dtype is a float
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
 
     @property

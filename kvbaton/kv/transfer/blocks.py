@@ -71,7 +71,7 @@ class BlockIO:
         check_kv(kv, spec, "the KV tensor")
         self.kv = kv
         self.num_blocks = kv.shape[0]
-        self.block_bytes = kv[0].numel() * kv.element_size()  # == spec.bytes_per_block, without its allocation
+        self.block_bytes = spec.bytes_per_block
         self.on_cuda = kv.device.type == "cuda"
         self._staging_blocks = max(1, staging_bytes // self.block_bytes)
         self._mv = None if self.on_cuda else host_bytes(kv)

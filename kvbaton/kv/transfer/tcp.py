@@ -91,7 +91,7 @@ class TransferClient(Transport):
         self.socket_buffer_bytes = socket_buffer_bytes
         self.staging_bytes = staging_bytes
         self.prefer_shm = prefer_shm
-        self._block_bytes = spec.bytes_per_block  # a property that allocates: once, not per fetch
+        self._block_bytes = spec.bytes_per_block
         self._maps: dict[tuple[str, int], tuple[wire.ShmOffer, ShmMapping | None]] = {}
         self._spec_msg = wire.SpecMsg.of(spec)
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
