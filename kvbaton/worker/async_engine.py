@@ -285,8 +285,12 @@ class AsyncEngine:
                 self.last_heartbeat = time.monotonic()
                 if not self._handle_commands(block=not eng.has_unfinished_requests()):
                     break
-                eng.collect_leases()  # released/expired leases free their blocks even when idle
-                outputs = eng.step() if eng.has_unfinished_requests() else []
+                if eng.has_unfinished_requests():
+                    outputs = eng.step()  # collects ended leases first
+                else:
+                    # Released or expired leases free their blocks even when nothing runs.
+                    eng.collect_leases()
+                    outputs = []
                 # Publish stats before the outputs, so a client that saw its request end
                 # never reads a snapshot from before that step.
                 self.stats_snapshot = eng.stats()
@@ -384,7 +388,7 @@ class AsyncEngine:
             )
         if req.imported:
             assert req.first_token is not None
-            eng.commit_import(request_id, params, req.first_token, req.cache_salt)
+            eng.commit_import(request_id, params, req.first_token)
         else:
             eng.add_request(
                 prompt, params, request_id, req.cache_salt,
