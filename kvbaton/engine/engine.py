@@ -218,21 +218,25 @@ class LLMEngine:
         :mod:`kvbaton.engine.kv_handoff`); None when the cache cannot hold it right now."""
         ids = list(prompt_token_ids)
         self._new_request(ids, SamplingParams(max_tokens=1), request_id, cache_salt)  # validates
-        return self.handoff.reserve(request_id, ids, self.root_hash(cache_salt), tuple(handle_hashes))
+        return self.handoff.reserve(
+            request_id, ids, self.root_hash(cache_salt), cache_salt, tuple(handle_hashes)
+        )
 
     def commit_import(
         self,
         request_id: str,
         params: SamplingParams,
         first_token: tuple[int, float | None],
-        cache_salt: str | None = None,
     ) -> str:
-        """Queue the request whose blocks ``reserve_import`` reserved and a transfer filled."""
+        """Queue the request whose blocks ``reserve_import`` reserved and a transfer filled
+        (same prompt and tenant: both come from the reservation)."""
         plan = self.handoff.plans.get(request_id)
         if plan is None:
             raise ValueError(f"no import reserved for request {request_id!r}")
         try:
-            req = self._new_request(plan.prompt_token_ids, params, request_id, cache_salt, new_id=False)
+            req = self._new_request(
+                plan.prompt_token_ids, params, request_id, plan.cache_salt, new_id=False
+            )
             self._append_first_token(req, first_token)
         except ValueError:
             self.handoff.cancel(request_id)

@@ -44,7 +44,8 @@ class ImportPlan:
 
     request_id: str
     prompt_token_ids: list[int]
-    root_hash: BlockHash
+    cache_salt: str | None
+    block_hashes: list[BlockHash]  # of the prompt's full blocks, checked against the handle
     block_ids: list[int]  # one per prompt block, full blocks then the tail
     num_local_blocks: int  # leading blocks found in this worker's own prefix cache
 
@@ -103,6 +104,7 @@ class KVHandoff:
         request_id: str,
         prompt_token_ids: list[int],
         root: BlockHash,
+        cache_salt: str | None,
         handle_hashes: tuple[BlockHash, ...],
     ) -> ImportPlan | None:
         """Reserve blocks for an import; None when the pool cannot hold the prompt now.
@@ -123,7 +125,9 @@ class KVHandoff:
         if need > self.pool.num_free_blocks - hit_evictable:
             return None
         self.pool.touch(hit)
-        plan = ImportPlan(request_id, list(prompt_token_ids), root, hit + self.pool.allocate(need), len(hit))
+        plan = ImportPlan(
+            request_id, list(prompt_token_ids), cache_salt, own, hit + self.pool.allocate(need), len(hit)
+        )
         self.plans[request_id] = plan
         return plan
 
@@ -133,6 +137,7 @@ class KVHandoff:
         plan = self.plans.pop(request_id)
         bs = self.pool.block_size
         n = len(plan.prompt_token_ids)
+        req.block_hashes = list(plan.block_hashes)  # already computed (and checked) by reserve
         hashes = req.full_block_hashes()
         for b in range(plan.num_local_blocks, n // bs):
             parent = hashes[b - 1] if b else None
