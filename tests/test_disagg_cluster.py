@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import httpx
-import pytest
 
 from kvbaton.router.config import RouterConfig
+from kvbaton.router.local_cluster import WorkerProcess, WorkerSpec
 from kvbaton.router.server import RouterThread
 from conftest import GREEDY, random_prompts
 from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
@@ -148,24 +146,15 @@ def test_client_disconnect_frees_blocks_and_leases_on_both_sides() -> None:
         settle(*ps, *ds)
 
 
-def _spawn_worker(role: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "kvbaton.cli", "worker", "--role", role, "--model", "tiny-random",
-           "--port", "0", "--num-kv-blocks", "512", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        if " at http://" in line:
-            return proc, line.split(" at ")[-1].strip().removesuffix("/v1")
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError("worker process did not start")
-
-
 def test_decode_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
-    proc, url = _spawn_worker("decode")
+    # A real process, so it can die the way processes do (SIGKILL), mid-stream.
+    decoder = WorkerProcess(
+        WorkerSpec("decode", ("--model", "tiny-random", "--num-kv-blocks", "512", "--threads", "1")),
+        os.environ.copy(),
+    )
+    proc = decoder.proc
     try:
+        url = decoder.wait_ready(time.monotonic() + 120)
         with running_worker({"role": "prefill"}, **ENGINE) as p:
             cfg = RouterConfig(prefill_workers=(p.url,), decode_workers=(url,), model="tiny-random",
                                port=0, disagg_min_tokens=1, health_interval_s=0.3, request_timeout_s=10)
@@ -183,5 +172,5 @@ def test_decode_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None
                 assert events[-1] == "data: [DONE]" or '"error"' in events[-1]
             settle(p)  # the lease was released after the fetch, or expires
     finally:
-        proc.kill()
-        proc.wait()
+        decoder.proc.kill()
+        decoder.wait_or_kill(10)

@@ -38,10 +38,7 @@ class WorkerProcess:
         self.spec = spec
         cmd = [sys.executable, "-m", "kvbaton.cli", "worker", "--role", spec.role,
                "--host", "127.0.0.1", "--port", "0", *spec.args]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-            start_new_session=False,
-        )
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.url: str | None = None
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"kvbaton-{spec.role}-out")
