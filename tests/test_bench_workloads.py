@@ -121,6 +121,23 @@ def test_multi_turn_sessions(tok):
     assert sessions(tok, "multi-turn", system_len=0)[0].prefix == ""
 
 
+@pytest.mark.parametrize("system_len", [0, 24])
+def test_multi_turn_private_contexts_follow_the_shared_system_prompt(smol, system_len):
+    ss = sessions(smol, "multi-turn", n=6, system_len=system_len, context_len=48)
+    plain = sessions(smol, "multi-turn", n=6, system_len=system_len)
+    system = plain[0].prefix
+    contexts = [s.prefix[len(system):] for s in ss]
+    assert all(s.prefix.startswith(system) for s in ss) and len(set(contexts)) == len(ss)
+    sys_ids = ids(smol, system)
+    for s, context in zip(ss, contexts):
+        assert context.endswith("\n") and len(ids(smol, context)) == 48
+        # The shared prompt's tokens lead every session's tokens: a cache can share them.
+        assert ids(smol, s.prefix)[:len(sys_ids)] == sys_ids
+    for i, a in enumerate(ss):
+        for b in ss[i + 1:]:
+            assert common_prefix(ids(smol, a.prefix), ids(smol, b.prefix)) <= len(sys_ids) + 4
+
+
 def test_mixed_tags_long_and_short(tok):
     ss = sessions(tok, "mixed", n=20, long_fraction=0.25, long_output_len=4, short_output_len=64)
     long_ = [s for s in ss if s.tags == ("long",)]
@@ -205,6 +222,7 @@ def test_structure_holds_under_the_smollm2_tokenizer(smol, tmp_path):
         ("multi-turn", {"think_time_dist": "gaussian"}, "think_time_dist"),
         ("multi-turn", {"think_time": float("nan")}, "think_time"),
         ("multi-turn", {"system_len": 1}, "system_len"),
+        ("multi-turn", {"context_len": 1}, "context_len"),
         ("mixed", {"long_fraction": 1.5}, "long_fraction"),
         ("trace", {"block_size": True}, "block_size"),
         ("random", {"num_sessions": 0}, "num_sessions"),

@@ -13,7 +13,8 @@ Workloads (``make_workload(name, ...)``; options and defaults in ``OPTIONS``):
 - ``shared-prefix``: ``num_prefixes`` long shared prefixes (system prompts, RAG documents),
   each followed by distinct questions; the sessions are spread evenly over the prefixes.
 - ``multi-turn``: chat sessions of ``turns`` turns with think time between them; the runner
-  sends the real answers back as history, so the context grows turn by turn.
+  sends the real answers back as history, so the context grows turn by turn. An optional
+  system prompt is shared by all sessions, an optional context is private to each.
 - ``mixed``: long-prompt requests interleaved with short interactive ones, tagged ``long`` /
   ``short`` (the interference case that disaggregation exists for).
 - ``trace``: replay of a Mooncake-format trace (``kvbaton.bench.trace``); requests that share
@@ -103,6 +104,9 @@ class MultiTurnOptions:
     think_time: float = 1.0  # mean seconds between an answer and the next turn
     think_time_dist: str = "exponential"  # "constant", "exponential" or "uniform" on [0, 2*mean]
     system_len: int = 0  # tokens of one system prompt shared by every session (0: none)
+    # Tokens of a context private to each session (the document or user history the chat is
+    # about, as in LMCache's multi-round QA benchmark), after the system prompt (0: none).
+    context_len: int = 0
     kind: str = "prose"
 
 
@@ -164,8 +168,9 @@ def _parse_options(workload: str, cls: type, options: dict[str, Any]) -> Any:
     if "think_time_dist" in fields and opts.think_time_dist not in THINK_DISTS:
         raise ValueError(f"option 'think_time_dist' must be one of {', '.join(THINK_DISTS)}, "
                          f"got {opts.think_time_dist!r}")
-    if getattr(opts, "system_len", 0) == 1:
-        raise ValueError("option 'system_len' must be 0 (none) or >= 2, got 1")
+    for name in ("system_len", "context_len"):
+        if getattr(opts, name, 0) == 1:
+            raise ValueError(f"option {name!r} must be 0 (none) or >= 2, got 1")
     if "kind" in fields and opts.kind not in (*KINDS, "any"):
         raise ValueError(f"option 'kind' must be one of {', '.join((*KINDS, 'any'))}, "
                          f"got {opts.kind!r}")
@@ -275,6 +280,10 @@ class MultiTurnWorkload(_CorpusWorkload):
                   if o.system_len else "")
         out = []
         for i in range(self.num_sessions):
+            # Both texts end with a newline, so the system prompt's tokens stay a prefix of
+            # every session's and each context's tokens a prefix of its session's turns.
+            context = (self.sampler(o.kind, rng).sample(o.context_len, rng, line_end=True)
+                       if o.context_len else "")
             turns = []
             for t in range(o.turns):
                 # Each user turn ends with a newline so the answer starts on a fresh line.
@@ -282,7 +291,7 @@ class MultiTurnWorkload(_CorpusWorkload):
                 user = self.sampler(o.kind, rng).sample(n_user, rng, line_end=True)
                 n_out = draw_length(rng, o.output_len, o.range_ratio)
                 turns.append(Turn(user, n_out, self._think(rng) if t else 0.0))
-            out.append(Session(f"multi-turn-{i}", tuple(turns), prefix=system))
+            out.append(Session(f"multi-turn-{i}", tuple(turns), prefix=system + context))
         return out
 
 
