@@ -7,6 +7,7 @@ import pytest
 from kvbaton.engine.block_pool import BlockPool, NoFreeBlocksError
 from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from kvbaton.kv.hashing import hash_block_chain, root_hash
+from kvbaton.kv.index import KVIndex
 
 ROOT = root_hash("test-model")
 
@@ -57,6 +58,46 @@ def test_cached_prefix_found_shared_and_evicted_lru():
     assert isinstance(events[-1], BlockRemoved) and events[-1].block_hashes == [hashes[2]]
     assert pool.find_cached_prefix(hashes, toks) == ids[:2]
     pool.check_integrity()
+
+
+def test_snapshot_rebuilds_an_index_that_lost_events():
+    """publish_snapshot = AllBlocksCleared + every cached block, parents first: an index that
+    holds stale entries and missed others matches the pool exactly after applying it."""
+    events: list = []
+    pool = BlockPool(8, 2, event_sink=events.append)
+    a = [1, 2, 3, 4, 5, 6]
+    b = [1, 2, 3, 4, 9, 9, 8, 8]  # shares a's first two blocks
+    ids_a = pool.allocate(3)
+    ha = _cache(pool, ids_a, a)
+    ids_b = ids_a[:2] + pool.allocate(2)
+    pool.touch(ids_a[:2])
+    hb = _cache(pool, ids_b, b)
+    pool.free(list(reversed(ids_a)))
+    pool.free(list(reversed(ids_b)))
+    pool.allocate(4)  # the 3 never-used blocks, then the LRU cached one: a's tail
+    index = KVIndex()
+    index.apply("w", 0, [BlockStored([b"stale" * 4], None, [0, 0], 2), BlockStored([hb[3]], hb[2], [8, 8], 2)])
+    assert pool.num_cached_blocks == 4
+    del events[:]
+    assert pool.publish_snapshot() == 4
+    assert isinstance(events[0], AllBlocksCleared)
+    stored = events[1:]
+    order = [e.block_hashes[0] for e in stored]
+    assert sorted(order) == sorted([ha[0], ha[1], hb[2], hb[3]])
+    for e in stored:  # each names its chain parent, which came before it
+        assert e.parent_block_hash == ({ha[0]: None, ha[1]: ha[0], hb[2]: ha[1], hb[3]: hb[2]}[e.block_hashes[0]])
+        if e.parent_block_hash is not None:
+            assert order.index(e.parent_block_hash) < order.index(e.block_hashes[0])
+    index.apply("w", 1, events)
+    assert index.block_count("w") == 4 and not index.is_approximate("w")
+    assert index.longest_prefix(hb) == {"w": 4} and index.longest_prefix(ha) == {"w": 2}
+    assert index.longest_prefix([b"stale" * 4]) == {}
+    assert BlockPool(2, 2).publish_snapshot() == 0  # no sink: nothing to send
+    # A block whose parent was evicted first is still sent (as a root of what is left).
+    orphan = b"o" * 16
+    pool.cache_block(pool.allocate(1)[0], orphan, [7, 7], b"gone" * 4)
+    del events[:]
+    assert pool.publish_snapshot() == pool.num_cached_blocks and orphan in [e.block_hashes[0] for e in events[1:]]
 
 
 def test_token_mismatch_is_never_a_hit():

@@ -103,6 +103,18 @@ def sync(pub: KVEventPublisher, col: Collector, worker: str = "w", since: int = 
     return last
 
 
+def run_prompt(pool: BlockPool, prompt: list[int], chain: list[bytes]) -> None:
+    """What the engine does for one prompt: reuse its cached prefix, compute and cache the
+    rest, then free it (its blocks stay cached until evicted)."""
+    bs = pool.block_size
+    hit = pool.find_cached_prefix(chain, prompt)
+    pool.touch(hit)
+    ids = hit + pool.allocate(len(chain) - len(hit))
+    for j in range(len(hit), len(chain)):
+        pool.cache_block(ids[j], chain[j], prompt[j * bs:(j + 1) * bs], chain[j - 1] if j else None)
+    pool.free(list(reversed(ids)))
+
+
 def publish_batches(pub: KVEventPublisher, ids: range) -> None:
     """One event per batch: flush waits until each is sent."""
     for i in ids:
@@ -196,8 +208,69 @@ def test_gap_beyond_the_ring_buffer_calls_on_gap(closers: list[Any]) -> None:
     wait_until(lambda: col.seqs()[-1:] == [base + 6])
     assert col.gaps == ["w"]
     assert not set(col.seqs()) & lost
-    assert index.is_approximate("w")
+    # This publisher has no resync handler: the worker stays approximate (until it restarts).
+    assert index.is_approximate("w") and sub.resyncs == 0 and pub.resyncs == 0
     assert index.longest_prefix([H(1)]) == {} and index.longest_prefix([H(6)]) == {"w": 1}
+
+
+class PoolOwner:
+    """Plays the engine thread: owns ``pool`` (callers change it under ``lock``) and publishes
+    a snapshot whenever the publisher's resync handler asks for one."""
+
+    def __init__(self, pool: BlockPool, pub: KVEventPublisher) -> None:
+        self.pool, self.lock = pool, threading.Lock()
+        self.asked, self.stopped = threading.Event(), threading.Event()
+        pub.on_resync = self.asked.set
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            if self.asked.wait(0.02):
+                self.asked.clear()
+                with self.lock:
+                    self.pool.publish_snapshot()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(2)
+
+
+def test_unfillable_gap_is_resynced_from_a_snapshot(closers: list[Any]) -> None:
+    """A gap replay cannot fill: the subscriber asks for a resync, the cache's owner publishes
+    its whole cache in-stream, and the index matches the pool again, lost blocks included."""
+    pub = make_pub(closers, buffer_steps=2)
+    bs, root = 4, root_hash("test-model")
+    pool = BlockPool(8, bs, event_sink=pub.publish)
+    owner = PoolOwner(pool, pub)
+    closers.append(owner)
+    col, index = Collector(), KVIndex()
+    sub = KVEventSubscriber(
+        {"w": WorkerEndpoints(pub.endpoint, pub.replay_endpoint)},
+        lambda w, s, b: (col.on_batch(w, s, b), index.apply(w, s, b)),
+        lambda w: (col.on_gap(w), index.mark_approximate(w)), resync_interval_s=0.1,
+    )
+    closers.append(sub)
+    sync(pub, col)  # a 2-batch buffer may not reach back to a late SUB's seq 0: resynced too
+    wait_until(lambda: not index.is_approximate("w"))
+    col.gaps.clear()
+    resyncs = pub.resyncs
+    a, b = list(range(16)), [5] * 12
+    chain_a, chain_b = hash_block_chain(root, a, bs), hash_block_chain(root, b, bs)
+    pub._wire_filter = lambda seq: False  # everything about prompt a is lost on the wire
+    with owner.lock:
+        run_prompt(pool, a, chain_a)
+    assert pub.flush(2.0)
+    publish_batches(pub, range(900, 903))  # lost too, and push a's batches out of the buffer
+    pub._wire_filter = None
+    with owner.lock:
+        run_prompt(pool, b, chain_b)
+    assert pub.flush(2.0)
+    wait_until(lambda: col.gaps == ["w"] and pub.resyncs > resyncs)
+    wait_until(lambda: not index.is_approximate("w") and index.longest_prefix(chain_a) == {"w": 4})
+    assert index.longest_prefix(chain_b) == {"w": 3} and sub.resyncs >= 1
+    assert index.block_count("w") == pool.num_cached_blocks == 7
+    assert index.longest_prefix([H(900)]) == {}
 
 
 def test_replay_timeout_calls_on_gap(closers: list[Any]) -> None:
@@ -347,22 +420,11 @@ def test_block_pool_events_reach_the_index(closers: list[Any]) -> None:
         sync(pubs[w], col, w)
     prompts = [list(range(16)), list(range(8)) + [99] * 8, [7] * 12]
     chains = [hash_block_chain(root, p, bs) for p in prompts]
-
-    def run(pool: BlockPool, prompt: list[int], chain: list[bytes]) -> None:
-        hit = pool.find_cached_prefix(chain, prompt)
-        pool.touch(hit)
-        new = pool.allocate(len(chain) - len(hit))
-        ids = hit + new
-        for j in range(len(hit), len(chain)):
-            pool.cache_block(ids[j], chain[j], prompt[j * bs:(j + 1) * bs],
-                             chain[j - 1] if j else None)
-        pool.free(list(reversed(ids)))
-
-    run(pools["a"], prompts[0], chains[0])
-    run(pools["a"], prompts[1], chains[1])  # shares 2 blocks, evicts a's LRU blocks
-    run(pools["b"], prompts[2], chains[2])
+    run_prompt(pools["a"], prompts[0], chains[0])
+    run_prompt(pools["a"], prompts[1], chains[1])  # shares 2 blocks, evicts a's LRU blocks
+    run_prompt(pools["b"], prompts[2], chains[2])
     pools["b"].reset_prefix_cache()
-    run(pools["b"], prompts[1], chains[1])
+    run_prompt(pools["b"], prompts[1], chains[1])
     for w in pubs:
         assert pubs[w].flush(2.0)
     wait_until(lambda: all(index.stats().get(w) and index.stats()[w].last_seq == pubs[w].last_seq

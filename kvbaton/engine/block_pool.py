@@ -22,6 +22,7 @@ class Block:
     ref_count: int = 0
     block_hash: BlockHash | None = None
     token_ids: tuple[int, ...] | None = None
+    parent_hash: BlockHash | None = None  # the previous block's hash in its chain (events)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -113,7 +114,7 @@ class BlockPool:
             if blk.block_hash is not None:
                 evicted.append(blk.block_hash)
                 del self._cached[blk.block_hash]
-                blk.block_hash, blk.token_ids = None, None
+                blk.block_hash, blk.token_ids, blk.parent_hash = None, None, None
             blk.ref_count = 1
             out.append(bid)
         if evicted and self.event_sink:
@@ -148,7 +149,7 @@ class BlockPool:
         if not self.enable_caching or block_hash in self._cached:
             return
         blk = self.blocks[block_id]
-        blk.block_hash, blk.token_ids = block_hash, tuple(token_ids)
+        blk.block_hash, blk.token_ids, blk.parent_hash = block_hash, tuple(token_ids), parent
         self._cached[block_hash] = block_id
         if self.event_sink:
             self.event_sink(BlockStored([block_hash], parent, list(token_ids), self.block_size))
@@ -158,11 +159,36 @@ class BlockPool:
         if self.num_used_blocks:
             return False
         for blk in self.blocks:
-            blk.block_hash, blk.token_ids = None, None
+            blk.block_hash, blk.token_ids, blk.parent_hash = None, None, None
         self._cached.clear()
         if self.event_sink:
             self.event_sink(AllBlocksCleared())
         return True
+
+    def publish_snapshot(self) -> int:
+        """Send the whole cache to the event sink: ``AllBlocksCleared``, then one
+        ``BlockStored`` per cached block, each parent before its children. An index that lost
+        events (and so only knows a subset) is exact again once it has applied these; events
+        sent later describe changes from this state, because the engine thread is the only one
+        that changes the pool and sends its events. Returns the number of blocks sent."""
+        if not self.event_sink:
+            return 0
+        self.event_sink(AllBlocksCleared())
+        children: dict[BlockHash | None, list[Block]] = {}
+        for h, bid in self._cached.items():
+            blk = self.blocks[bid]
+            # A parent evicted before its child makes the child a root of what is left.
+            parent = blk.parent_hash if blk.parent_hash in self._cached else None
+            children.setdefault(parent, []).append(blk)
+        todo, sent = list(children.get(None, ())), 0
+        while todo:
+            blk = todo.pop()
+            assert blk.block_hash is not None and blk.token_ids is not None
+            self.event_sink(BlockStored([blk.block_hash], blk.parent_hash, list(blk.token_ids),
+                                        self.block_size))
+            sent += 1
+            todo.extend(children.get(blk.block_hash, ()))
+        return sent
 
     # ---- invariants ------------------------------------------------------------------------
 

@@ -8,6 +8,11 @@ Wire shape (vLLM's ``ZmqEventPublisher``, so a subscriber written for vLLM reads
 - ROUTER socket for replay: a client (REQ, or DEALER sending an empty delimiter first) sends
   a start seq (8 bytes big-endian) and receives ``[seq, payload]`` for every buffered batch
   with ``seq >= start``, then the end marker ``[-1 as 8 signed bytes, b""]``.
+- Resync, on the same ROUTER socket (our addition): a client sends ``b"resync"`` instead of a
+  start seq, for a gap that replay cannot fill. A publisher with a resync handler answers
+  ``[END, b"resync"]`` and soon publishes its whole cache in-stream, as
+  ``[AllBlocksCleared, BlockStored...]``, which makes an index that applies it exact again;
+  one without a handler answers ``[END, b""]``.
 
 One addition that vLLM subscribers ignore: the topic frame is ``<topic>|<stream id>`` (hex
 of 8 random bytes per publisher). SUB filters match by prefix, so subscribing to ``<topic>``
@@ -35,6 +40,7 @@ from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEve
 log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+RESYNC_REQUEST = b"resync"
 TOPIC_STREAM_SEP = b"|"
 _ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
@@ -116,6 +122,7 @@ class KVEventPublisher:
         heartbeat_s: float | None = 1.0,
         max_queue_events: int = 1_000_000,
         hwm: int = 100_000,
+        on_resync: Callable[[], None] | None = None,
     ) -> None:
         for name, value in (("buffer_steps", buffer_steps), ("max_batch_events", max_batch_events),
                             ("max_queue_events", max_queue_events), ("hwm", hwm)):
@@ -129,6 +136,12 @@ class KVEventPublisher:
         self.stream_id = os.urandom(8).hex().encode()
         self._topic = topic.encode() + TOPIC_STREAM_SEP + self.stream_id
         self._dp_rank = dp_rank
+        # Called on the publisher thread when a subscriber asks for a resync: it must only
+        # arrange for the cache's owner to publish a snapshot (``BlockPool.publish_snapshot``
+        # on the engine thread), not do it itself, so the snapshot stays ordered with the
+        # owner's other events.
+        self.on_resync = on_resync
+        self.resyncs = 0  # resync requests accepted
         self._max_batch = max_batch_events
         self._interval = batch_interval_s
         self._heartbeat = heartbeat_s
@@ -276,6 +289,9 @@ class KVEventPublisher:
         sock = self._replay
         while sock is not None and sock.poll(0):
             frames = sock.recv_multipart()
+            if len(frames) == 3 and frames[1] == b"" and frames[2] == RESYNC_REQUEST:
+                sock.send_multipart((frames[0], b"", END_SEQ, self._resync()))
+                continue
             if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
                 log.warning("ignoring malformed KV replay request (%d frames)", len(frames))
                 continue
@@ -284,3 +300,14 @@ class KVEventPublisher:
                 if seq >= start:
                     sock.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
             sock.send_multipart((client, b"", END_SEQ, b""))
+
+    def _resync(self) -> bytes:
+        if self.on_resync is None:
+            return b""
+        try:
+            self.on_resync()
+        except Exception:
+            log.exception("KV resync handler failed")
+            return b""
+        self.resyncs += 1
+        return RESYNC_REQUEST

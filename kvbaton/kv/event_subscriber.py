@@ -14,7 +14,10 @@ topic, when the publisher sends one) and the next expected seq:
 
 When replay cannot fill a gap (no replay endpoint, timeout, or the ring buffer no longer
 holds the missing batches) ``on_gap(worker_id)`` is called and delivery resumes at the
-current batch; a ``KVIndex`` then drops that worker's entries and flags it approximate.
+current batch; a ``KVIndex`` then drops that worker's entries and flags it approximate. The
+subscriber then asks the worker for a resync, again every ``resync_interval_s`` until a batch
+with ``AllBlocksCleared`` arrives: a worker that supports it publishes its whole cache
+in-stream, starting with ``AllBlocksCleared``, and the index is exact again once that arrives.
 Replays run on the subscriber thread, so one bounded by ``replay_timeout_s`` delays the other
 workers' batches by at most that long; they are queued, not lost.
 """
@@ -31,7 +34,10 @@ from typing import Callable, Hashable
 import msgspec
 import zmq
 
-from kvbaton.kv.event_stream import END_SEQ, KVEventBatch, check_endpoint, decode_batch, split_topic
+from kvbaton.kv.event_stream import (
+    END_SEQ, RESYNC_REQUEST, KVEventBatch, check_endpoint, decode_batch, split_topic,
+)
+from kvbaton.kv.events import AllBlocksCleared
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,8 @@ class WorkerEndpoints:
 
 
 class _Stream:
-    __slots__ = ("worker_id", "sock", "replay", "stream", "next_seq")
+    __slots__ = ("worker_id", "sock", "replay", "stream", "next_seq", "resync_at", "resync_wanted",
+                 "resync_wait")
 
     def __init__(self, worker_id: WorkerId, sock: zmq.Socket, replay: str | None) -> None:
         self.worker_id = worker_id
@@ -57,6 +64,9 @@ class _Stream:
         self.replay = replay
         self.stream: bytes | None = None
         self.next_seq: int | None = None  # None until the first batch
+        self.resync_at = -float("inf")  # monotonic time of the last resync request
+        self.resync_wanted = False  # a gap was not filled and no AllBlocksCleared came since
+        self.resync_wait = 0.0  # seconds before the next resync request (backs off on timeouts)
 
 
 class KVEventSubscriber:
@@ -75,12 +85,16 @@ class KVEventSubscriber:
         topic: str = "",
         replay_timeout_s: float = 1.0,
         poll_interval_s: float = 0.05,
+        resync_interval_s: float = 1.0,
         rcvhwm: int = 100_000,
     ) -> None:
         if not replay_timeout_s > 0:
             raise ValueError(f"replay_timeout_s must be > 0, got {replay_timeout_s!r}")
         if not poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be > 0, got {poll_interval_s!r}")
+        if not resync_interval_s >= 0:
+            raise ValueError(f"resync_interval_s must be >= 0, got {resync_interval_s!r}")
+        self._resync_interval = resync_interval_s
         self._on_batch = on_batch
         self._on_gap = on_gap
         self._topic = topic.encode()
@@ -94,6 +108,7 @@ class KVEventSubscriber:
         self._stop = threading.Event()
         self.gaps = 0  # unrecoverable gaps (on_gap calls)
         self.replays = 0  # replay requests made
+        self.resyncs = 0  # resync requests a worker accepted
         for worker_id, eps in workers.items():
             self.add_worker(worker_id, eps)
         self._thread = threading.Thread(target=self._run, name="kv-event-subscriber", daemon=True)
@@ -149,6 +164,8 @@ class KVEventSubscriber:
                         except zmq.Again:
                             break
                         self._receive(st, frames)
+                for st in streams.values():
+                    self._maybe_resync(st)
         except Exception:
             log.exception("KV event subscriber thread failed")
         finally:
@@ -220,12 +237,43 @@ class KVEventSubscriber:
                 self._on_gap(st.worker_id)
             except Exception:
                 log.exception("on_gap callback failed for worker %r", st.worker_id)
+        st.resync_wanted = st.replay is not None
+        self._maybe_resync(st)
+
+    def _maybe_resync(self, st: _Stream) -> None:
+        """Ask the worker to publish its whole cache (it arrives as ordinary batches), at
+        most once per ``resync_interval_s``, until a batch with ``AllBlocksCleared`` comes."""
+        now = time.monotonic()
+        if not st.resync_wanted or now - st.resync_at < max(st.resync_wait, self._resync_interval):
+            return
+        st.resync_at = now
+        answer = self._ask(st, RESYNC_REQUEST, "resync")
+        if answer is None:
+            # Unreachable: each try blocks this thread up to replay_timeout_s, so back off
+            # (to 30 s) rather than keep stalling the other workers' streams.
+            st.resync_wait = min(30.0, max(2 * st.resync_wait, self._replay_timeout))
+            return
+        st.resync_wait = 0.0
+        if answer[1] == RESYNC_REQUEST:
+            self.resyncs += 1
+            log.info("worker %r: KV resync requested", st.worker_id)
+        else:
+            st.resync_wanted = False
+            log.warning("worker %r: no KV resync support; its index entries stay approximate "
+                        "until it restarts", st.worker_id)
 
     def _replay(self, st: _Stream, start: int) -> list[tuple[int, bytes]] | None:
         """Buffered batches from ``start`` on, in order; None without endpoint or on timeout."""
+        self.replays += st.replay is not None
+        answer = self._ask(st, start.to_bytes(8, "big"), "replay")
+        return None if answer is None else answer[0]
+
+    def _ask(self, st: _Stream, request: bytes, what: str
+             ) -> tuple[list[tuple[int, bytes]], bytes] | None:
+        """Send ``request`` to the worker's replay socket: the ``(seq, payload)`` batches it
+        answers and the end marker's payload, or None (no endpoint, timeout, socket error)."""
         if st.replay is None:
             return None
-        self.replays += 1
         # A fresh DEALER per request: a late answer to a timed-out request cannot be
         # mistaken for the answer to the next one.
         sock = self._ctx.socket(zmq.DEALER)
@@ -234,20 +282,20 @@ class KVEventSubscriber:
         out: list[tuple[int, bytes]] = []
         try:
             sock.connect(st.replay)
-            sock.send_multipart((b"", start.to_bytes(8, "big")))
+            sock.send_multipart((b"", request))
             while True:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms <= 0 or not sock.poll(left_ms):
-                    log.warning("worker %r: KV event replay timed out", st.worker_id)
+                    log.warning("worker %r: KV event %s timed out", st.worker_id, what)
                     return None
                 frames = sock.recv_multipart()
                 if len(frames) != 3:
                     continue
                 if frames[1] == END_SEQ:
-                    return out
+                    return out, frames[2]
                 out.append((int.from_bytes(frames[1], "big"), frames[2]))
         except zmq.ZMQError as e:
-            log.warning("worker %r: KV event replay failed: %s", st.worker_id, e)
+            log.warning("worker %r: KV event %s failed: %s", st.worker_id, what, e)
             return None
         finally:
             sock.close(linger=0)
@@ -260,6 +308,8 @@ class KVEventSubscriber:
             log.warning("worker %r: undecodable KV event batch %d: %s", st.worker_id, seq, e)
             self._report_gap(st)
             return
+        if st.resync_wanted and any(isinstance(e, AllBlocksCleared) for e in batch.events):
+            st.resync_wanted = False  # from here on the stream describes the whole cache
         try:
             self._on_batch(st.worker_id, seq, batch)
         except Exception:

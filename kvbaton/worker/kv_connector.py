@@ -9,7 +9,8 @@ the prompt here (default) or fail the request with a 502.
 
 Events: the block pool's event sink feeds a :class:`KVEventPublisher` (ZMQ PUB + replay,
 docs/kv-events.md) whose endpoints ``/kv/info`` advertises, so routers can index this
-worker's prefix cache.
+worker's prefix cache; a router that lost events beyond replay gets a resync (the whole cache,
+in-stream).
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ class KVConnector:
         self.events = KVEventPublisher(
             f"tcp://{host}:{self.config.kv_events_port}",
             f"tcp://{host}:{self.config.kv_events_replay_port}",
+            # A router that lost events asks for the whole cache: the engine thread sends it,
+            # in order with the pool's other events.
+            on_resync=lambda: self.async_engine.post(lambda eng: eng.pool.publish_snapshot()),
         )
         pool = self.engine.pool
         # The publisher's first batch is AllBlocksCleared: make it true, so an index that
