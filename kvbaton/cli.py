@@ -20,6 +20,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-inflight-prefix-sharing", action="store_true",
+                   help="admit a request at once even when another request is prefilling its "
+                        "prefix (both compute it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -30,6 +33,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+        share_inflight_prefill=not args.no_inflight_prefix_sharing,
     )
 
 
@@ -161,8 +165,9 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         value = getattr(args, name)
         if value is not None:
             passthrough += [f"--{name.replace('_', '-')}", str(value)]
-    if args.no_prefix_caching:
-        passthrough.append("--no-prefix-caching")
+    for flag in ("no_prefix_caching", "no_inflight_prefix_sharing"):
+        if getattr(args, flag):
+            passthrough.append(f"--{flag.replace('_', '-')}")
     if args.no_kv_events:
         passthrough.append("--no-kv-events")
     try:

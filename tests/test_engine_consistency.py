@@ -140,3 +140,53 @@ def test_token_budget_holds_across_admissions(plain_reference):
     assert max(planned) <= 100 and planned[0] == 100
     assert [o.token_ids for o in outs] == [plain_reference(p) for p in prompts]
     _assert_clean(llm)
+
+
+def _siblings(n: int, seed: int) -> list[list[int]]:
+    head = random_prompts(1, 100, 100, seed=seed)[0]  # 6 full blocks of 16, shared
+    return [head + tail for tail in random_prompts(n, 10, 30, seed=seed + 1)]
+
+
+def test_siblings_arriving_together_compute_their_shared_prefix_once(plain_reference):
+    sibs = _siblings(3, seed=20)
+    other = random_prompts(1, 40, 40, seed=22)[0]
+    prompts = [sibs[0], sibs[1], other, sibs[2]]
+    llm = make_llm()
+    eng = llm.engine
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    eng.step()
+    # The first sibling and the unrelated prompt run; the other siblings wait for the head.
+    assert {r.request_id for r in eng.scheduler.running} == {ids[0], ids[2]}
+    assert [r.request_id for r in eng.scheduler.waiting] == [ids[1], ids[3]]
+    eng.step()  # the head is written: they wait one step, never more
+    assert not eng.scheduler.waiting
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    assert outs[ids[0]].num_cached_tokens == 0
+    assert outs[ids[1]].num_cached_tokens >= 96 and outs[ids[3]].num_cached_tokens >= 96
+    assert eng.scheduler.num_inflight_waits >= 2
+    assert [outs[i].token_ids for i in ids] == [plain_reference(p) for p in prompts]
+    _assert_clean(llm)
+
+
+def test_without_inflight_sharing_siblings_each_compute_the_prefix(plain_reference):
+    sibs = _siblings(3, seed=20)
+    llm = make_llm(share_inflight_prefill=False)
+    outs = llm.generate(sibs, GREEDY)
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
+    assert llm.engine.scheduler.num_inflight_waits == 0
+    assert [o.token_ids for o in outs] == [plain_reference(p) for p in sibs]
+    _assert_clean(llm)
+
+
+def test_siblings_share_the_prefix_under_chunked_prefill(plain_reference):
+    sibs = _siblings(3, seed=23)
+    # A 48-token budget prefills the first sibling over several steps; the others are only
+    # considered when budget is left, and then reuse its head.
+    llm = make_llm(max_num_batched_tokens=48)
+    outs = llm.generate(sibs, GREEDY)
+    assert outs[0].num_cached_tokens == 0
+    assert outs[1].num_cached_tokens >= 96 and outs[2].num_cached_tokens >= 96
+    assert [o.token_ids for o in outs] == [plain_reference(p) for p in sibs]
+    _assert_clean(llm)

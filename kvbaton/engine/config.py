@@ -25,6 +25,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # A request whose prefix another request is prefilling right now waits for those blocks
+    # instead of computing them again (see kvbaton.engine.scheduler).
+    share_inflight_prefill: bool = True
     attention_backend: str = "auto"  # "auto", "sdpa" or "cpu_paged"
     num_threads: int | None = None
     seed: int = 0

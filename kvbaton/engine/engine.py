@@ -75,7 +75,7 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching, event_sink)
         self.scheduler = Scheduler(
             self.pool, config.max_num_seqs, config.max_num_batched_tokens,
-            config.enable_chunked_prefill,
+            config.enable_chunked_prefill, config.share_inflight_prefill,
         )
         self.leases = LeaseTable(config.lease_ttl_s)
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
@@ -374,6 +374,7 @@ class LLMEngine:
             "prefix_cache_queries": self.pool.prefix_queries,
             "prefix_cache_hits": self.pool.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_inflight_prefix_waits": self.scheduler.num_inflight_waits,
             "kv_leases_active": len(self.leases),
             "kv_leases_created": self.leases.num_created,
             "kv_leases_released": self.leases.num_released,

@@ -5,6 +5,15 @@ unfinished prefill), oldest first, so decodes are never starved by new prompts; 
 waiting requests while the token budget, ``max_num_seqs`` and free blocks allow. When a running
 request needs a block and none is free, the newest running request is preempted: its blocks
 are freed (their cached hashes survive until evicted) and it is recomputed later.
+
+In-flight prefix sharing (``share_inflight_prefill``): a block becomes findable in the prefix
+cache only once its KV is written, so siblings that share a prefix and arrive together would
+each compute it. A waiting request whose next uncached block is being prefilled by a running
+request (or one admitted earlier in the same step) waits instead, while later requests
+are admitted past it. Its turn comes when the shared blocks are written: it then finds them
+cached and computes only the rest, like SGLang's radix cache. The wait is one step: waiting
+requests are only considered when budget is left after the running ones, so every prefill
+they could be waiting for is scheduled to the end of its prompt in the same step.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from dataclasses import dataclass, field
 
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.engine.request import Request, RequestStatus
+from kvbaton.kv.hashing import BlockHash
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        share_inflight_prefill: bool = True,
     ) -> None:
         self.pool = pool
         self.block_size = pool.block_size
@@ -61,6 +72,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.share_inflight_prefill = share_inflight_prefill
+        self.num_inflight_waits = 0  # admissions put off to share a prefix being prefilled
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -129,12 +142,46 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # memory is short: admit nothing new this step
+        inflight = self._inflight_blocks() if self.share_inflight_prefill else None
+        passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if inflight is not None and self._waits_for_inflight(req, inflight):
+                passed.append(self.waiting.popleft())
+                continue
             if not self._admit(req, budget, out):
                 break
             budget -= out.scheduled[-1].num_new_tokens
+            if inflight is not None:
+                self._add_inflight(req, inflight)
+        self.waiting.extendleft(reversed(passed))
         return out
+
+    # ---- in-flight prefix sharing ----------------------------------------------------------
+
+    def _inflight_blocks(self) -> set[BlockHash]:
+        """Hashes of prompt blocks that running requests are still to write."""
+        inflight: set[BlockHash] = set()
+        for req in self.running:
+            self._add_inflight(req, inflight)
+        return inflight
+
+    def _add_inflight(self, req: Request, inflight: set[BlockHash]) -> None:
+        full = req.num_prompt_tokens // self.block_size
+        if req.num_committed_blocks < full:
+            inflight.update(req.full_block_hashes()[req.num_committed_blocks:full])
+
+    def _waits_for_inflight(self, req: Request, inflight: set[BlockHash]) -> bool:
+        """Whether ``req``'s next block past its cached prefix is being prefilled now."""
+        if req.block_ids or not inflight:
+            return False  # imported KV: nothing left to share
+        hashes = req.full_block_hashes()
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        n = len(self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids))
+        if n < max_blocks and hashes[n] in inflight:
+            self.num_inflight_waits += 1
+            return True
+        return False
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
         if req.block_ids:

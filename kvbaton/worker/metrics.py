@@ -60,6 +60,8 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
             ("num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
+            ("inflight_prefix_waits", "Steps a waiting request was passed over to reuse a prefix "
+             "another request is prefilling.", "num_inflight_prefix_waits"),
         )
         for name, doc, key in counters:
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
