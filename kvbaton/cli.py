@@ -19,6 +19,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="most tokens one request prefills per step, so short prompts get "
+                        "through beside long ones (0: no cap)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-inflight-prefix-sharing", action="store_true",
                    help="admit a request at once even when another request is prefilling its "
@@ -34,7 +37,15 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
         share_inflight_prefill=not args.no_inflight_prefix_sharing,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
     )
+
+
+def _config_error(parser: argparse.ArgumentParser, e: ValueError) -> None:
+    """Exit with a config error, naming the flag when the message starts with its field."""
+    words = str(e).split()
+    flag = "--" + words[0].replace("_", "-") if words else ""
+    parser.error(f"{flag}: {e}" if flag in parser._option_string_actions else str(e))
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -50,7 +61,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     try:
         llm = LLM(args.model, **_engine_kwargs(args))
     except ValueError as e:
-        parser.error(str(e))
+        _config_error(parser, e)
     for prompt in args.prompt:
         if args.chat:
             out = llm.chat([{"role": "user", "content": prompt}], params)[0]
@@ -112,7 +123,7 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
                             lease_ttl_s=args.kv_lease_ttl, shared_kv=role in ("prefill", "both"),
                             **_engine_kwargs(args))
     except ValueError as e:
-        parser.error(str(e))
+        _config_error(parser, e)
     try:
         return run_worker(ecfg, wcfg, announce=lambda line: print(line, flush=True))
     except KeyboardInterrupt:  # Ctrl-C while the model was still loading
@@ -146,12 +157,13 @@ _WORKER_PASSTHROUGH = (
     "model", "dtype", "device", "load_format", "block_size", "num_kv_blocks", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "served_model_name", "log_level",
     "kv_transfer_timeout", "kv_transfer_failure", "kv_lease_ttl", "max_request_bytes",
-    "drain_timeout",
+    "drain_timeout", "long_prefill_token_threshold",
 )
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """A router on --host/--port in front of worker processes on 127.0.0.1."""
+    from kvbaton.engine.config import EngineConfig
     from kvbaton.router.config import router_config_from_args
     from kvbaton.router.local_cluster import LocalCluster, worker_specs
     from kvbaton.router.server import run_router
@@ -177,10 +189,11 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                  "ports (they advertise them in /kv/info); set it per `kvbaton worker`")
         specs = worker_specs(prefill, decode, colocated, passthrough,
                              args.threads_per_worker or args.threads)
-        # Validate the router's flags before starting anything.
+        # Validate the engine's and the router's flags before starting anything.
+        EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args))
         router_config_from_args(args, workers=("http://127.0.0.1:1",), prefill_workers=(), decode_workers=())
     except ValueError as e:
-        parser.error(str(e))
+        _config_error(parser, e)
 
     def serve(urls: list[tuple[str, str]]) -> int:
         cfg = router_config_from_args(

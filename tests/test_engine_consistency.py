@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import GREEDY, make_llm, random_prompts
 
 from kvbaton import SamplingParams
@@ -190,3 +191,43 @@ def test_siblings_share_the_prefix_under_chunked_prefill(plain_reference):
     assert outs[1].num_cached_tokens >= 96 and outs[2].num_cached_tokens >= 96
     assert [o.token_ids for o in outs] == [plain_reference(p) for p in sibs]
     _assert_clean(llm)
+
+
+def _first_token_steps(**cfg) -> tuple[int, int, dict]:
+    """Steps until a long (300-token) and a short (8-token) prompt sent together each have
+    their first token, and their finished outputs."""
+    llm = make_llm(max_num_batched_tokens=64, **cfg)
+    eng = llm.engine
+    ids = [eng.add_request(p, GREEDY) for p in (random_prompts(1, 300, 300, seed=30)[0],
+                                                 random_prompts(1, 8, 8, seed=31)[0])]
+    first: dict[str, int] = {}
+    outs: dict[str, object] = {}
+    step = 0
+    while eng.has_unfinished_requests():
+        step += 1
+        for o in eng.step():
+            if o.new_token_ids:
+                first.setdefault(o.request_id, step)
+            if o.finished:
+                outs[o.request_id] = o
+    _assert_clean(llm)
+    return first[ids[0]], first[ids[1]], {i: outs[i] for i in ids}
+
+
+def test_long_prefill_cap_lets_a_short_prompt_through(plain_reference):
+    long_first, short_first, outs = _first_token_steps()
+    # Uncapped, the long prefill takes the whole budget until its last chunk.
+    assert short_first == long_first == -(-300 // 64)
+    long_capped, short_capped, capped = _first_token_steps(long_prefill_token_threshold=16)
+    # 16 tokens a step for the long prompt leave room for the short one in the first step.
+    assert short_capped == 1 and long_capped > long_first
+    prompts = (random_prompts(1, 300, 300, seed=30)[0], random_prompts(1, 8, 8, seed=31)[0])
+    for res in (outs, capped):
+        assert [o.token_ids for o in res.values()] == [plain_reference(p) for p in prompts]
+
+
+def test_long_prefill_cap_validation():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        make_llm(long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        make_llm(long_prefill_token_threshold=64, enable_chunked_prefill=False)

@@ -28,6 +28,9 @@ class EngineConfig:
     # A request whose prefix another request is prefilling right now waits for those blocks
     # instead of computing them again (see kvbaton.engine.scheduler).
     share_inflight_prefill: bool = True
+    # Most tokens one request computes per step (0: no cap): a long prompt then leaves budget
+    # for short prompts behind it instead of blocking them until its prefill ends.
+    long_prefill_token_threshold: int = 0
     attention_backend: str = "auto"  # "auto", "sdpa" or "cpu_paged"
     num_threads: int | None = None
     seed: int = 0
@@ -43,6 +46,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: no cap)")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold needs enable_chunked_prefill")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.lease_ttl_s <= 0:

@@ -76,6 +76,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.pool, config.max_num_seqs, config.max_num_batched_tokens,
             config.enable_chunked_prefill, config.share_inflight_prefill,
+            config.long_prefill_token_threshold,
         )
         self.leases = LeaseTable(config.lease_ttl_s)
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)

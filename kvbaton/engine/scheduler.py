@@ -2,7 +2,9 @@
 
 Every step it first gives running requests their next tokens (one per decode, a chunk per
 unfinished prefill), oldest first, so decodes are never starved by new prompts; then it admits
-waiting requests while the token budget, ``max_num_seqs`` and free blocks allow. When a running
+waiting requests while the token budget, ``max_num_seqs`` and free blocks allow. With
+``long_prefill_token_threshold`` no request computes more than that many tokens in one step
+(vLLM's knob of that name), so a long prompt leaves budget for the short prompts behind it. When a running
 request needs a block and none is free, the newest running request is preempted: its blocks
 are freed (their cached hashes survive until evicted) and it is recomputed later.
 
@@ -11,9 +13,11 @@ cache only once its KV is written, so siblings that share a prefix and arrive to
 each compute it. A waiting request whose next uncached block is being prefilled by a running
 request (or one admitted earlier in the same step) waits instead, while later requests
 are admitted past it. Its turn comes when the shared blocks are written: it then finds them
-cached and computes only the rest, like SGLang's radix cache. The wait is one step: waiting
-requests are only considered when budget is left after the running ones, so every prefill
-they could be waiting for is scheduled to the end of its prompt in the same step.
+cached and computes only the rest, like SGLang's radix cache. Without a long-prefill cap the
+wait is one step: waiting requests are only considered when budget is left after the running
+ones, so every prefill they could be waiting for is scheduled to the end of its prompt in the
+same step. With the cap it lasts until the capped prefill has written the shared blocks, as
+long as computing them alongside would have taken.
 """
 
 from __future__ import annotations
@@ -62,8 +66,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         share_inflight_prefill: bool = True,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         self.pool = pool
+        # Most tokens one request computes in a step (0: no cap beyond the budget).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -128,7 +135,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_blocks(req, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -192,7 +199,7 @@ class Scheduler:
         hit = self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids)
         num_cached = len(hit) * self.block_size
         remaining = req.num_tokens - num_cached
-        n = min(remaining, budget)
+        n = self._chunk(remaining, budget)
         if n < remaining and not self.enable_chunked_prefill:
             return False
         need = self._blocks_for(num_cached + n) - len(hit)
@@ -217,7 +224,7 @@ class Scheduler:
     def _admit_preloaded(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
         """Admit a request that arrived owning blocks with its prompt's KV already in them
         (imported from a prefill worker): only its remaining tokens are computed."""
-        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
         if not self._ensure_blocks(req, req.num_computed_tokens + n):
             return False
         self.waiting.popleft()
@@ -225,6 +232,13 @@ class Scheduler:
         self.running.append(req)
         out.scheduled.append(ScheduledRequest(req, n))
         return True
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a request computes this step: what it has left, within the step's budget
+        and the long-prefill cap (which leaves budget for the requests behind a long prompt)."""
+        n = min(remaining, budget)
+        cap = self.long_prefill_token_threshold
+        return min(n, cap) if cap > 0 else n
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
