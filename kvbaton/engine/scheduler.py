@@ -149,7 +149,8 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # memory is short: admit nothing new this step
-        inflight = self._inflight_blocks() if self.share_inflight_prefill else None
+        share = self.share_inflight_prefill and self.waiting and budget > 0
+        inflight = self._inflight_blocks() if share else None
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
