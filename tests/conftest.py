@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+from typing import Callable
 
 import pytest
 
@@ -13,6 +15,25 @@ def make_llm(**kwargs) -> LLM:
     """A tiny-random LLM; kwargs override EngineConfig fields."""
     kwargs.setdefault("num_kv_blocks", 256)
     return LLM("tiny-random", **kwargs)
+
+
+def run_in_threads(fn: Callable[[int], object], n: int, timeout_s: float = 30.0) -> list[BaseException]:
+    """Run ``fn(0) .. fn(n-1)`` each on its own thread at once, wait for them all (each at most
+    ``timeout_s``), and return the exceptions they raised, so the test can assert there were none."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            fn(k)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    return errors
 
 
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 512) -> list[list[int]]:

@@ -11,6 +11,7 @@ from typing import Iterator
 import msgspec
 import pytest
 import torch
+from conftest import run_in_threads
 
 from kvbaton.kv.codec import block_checksums
 from kvbaton.kv.spec import KVSpec
@@ -131,27 +132,19 @@ def test_many_blocks_in_one_message_and_index_subsets():
 
 def test_concurrent_clients():
     src = random_kv(SPEC, 64, seed=3)
-    errors: list[BaseException] = []
     with serving(src) as (server, leases), client() as shared:
 
         def worker(k: int) -> None:
-            try:
-                ids = list(range(k * 8, k * 8 + 8))
-                lease = leases.add(f"lease-{k}", ids)
-                dst = SPEC.allocate(16, "cpu")
-                with client() as own:
-                    for c in (own, shared, own, shared):
-                        dst.zero_()
-                        c.fetch(*server.address, lease, list(range(8)), dst, list(range(15, 7, -1)))
-                        assert same_bytes(dst[8:].flip(0), src[ids])
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            ids = list(range(k * 8, k * 8 + 8))
+            lease = leases.add(f"lease-{k}", ids)
+            dst = SPEC.allocate(16, "cpu")
+            with client() as own:
+                for c in (own, shared, own, shared):
+                    dst.zero_()
+                    c.fetch(*server.address, lease, list(range(8)), dst, list(range(15, 7, -1)))
+                    assert same_bytes(dst[8:].flip(0), src[ids])
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        errors = run_in_threads(worker, 8)
     assert not errors, errors
     assert eventually(lambda: server.stats.fetches == 32)
 

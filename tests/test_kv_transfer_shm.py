@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,6 +31,7 @@ from kvbaton.kv.transfer import (
 )
 from kvbaton.kv.transfer.handshake import client_handshake
 from kvbaton.kv.transfer.shm_read import ShmMapping
+from conftest import run_in_threads
 from test_kv_transfer import FP, SPEC, Leases, client, eventually, same_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,24 +351,16 @@ def test_file_of_a_killed_creator_is_swept_by_the_next_one():
 
 
 def test_concurrent_shm_fetches():
-    errors: list[BaseException] = []
     with shared_kv(SPEC, 64, seed=5) as kv, serving_shared(kv.tensor) as (server, leases), client() as shared_client:
 
         def worker(k: int) -> None:
-            try:
-                lease = leases.add(f"lease-{k}", list(range(k * 8, k * 8 + 8)))
-                dst = SPEC.allocate(8, "cpu")
-                for _ in range(3):
-                    assert shared_client.fetch(*server.address, lease, list(range(8)), dst, list(range(8))).path == "shm"
-                    assert same_bytes(dst, kv.tensor[k * 8 : k * 8 + 8])
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            lease = leases.add(f"lease-{k}", list(range(k * 8, k * 8 + 8)))
+            dst = SPEC.allocate(8, "cpu")
+            for _ in range(3):
+                assert shared_client.fetch(*server.address, lease, list(range(8)), dst, list(range(8))).path == "shm"
+                assert same_bytes(dst, kv.tensor[k * 8 : k * 8 + 8])
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        errors = run_in_threads(worker, 8)
         assert not errors, errors
         assert eventually(lambda: server.stats.shm_fetches == 24 and leases.pins == 0)
 

@@ -6,7 +6,6 @@ cannot fill is repaired by the worker's resync (its whole cache, published in-st
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,6 +19,7 @@ from kvbaton.router.pool import Worker
 from kvbaton.router.server import RouterThread
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.server import WorkerThread
+from conftest import run_in_threads
 from worker_support import ENGINE_DEFAULTS, MODEL, metric, parse_metrics, running_worker, wait_for
 
 BS = 16
@@ -116,19 +116,7 @@ def test_cached_prefix_goes_to_its_worker_unless_overloaded_past_the_margin() ->
 def test_sibling_requests_sent_back_to_back_follow_the_first_by_prediction() -> None:
     with kv_cluster() as c:
         p = prefix(2)
-        errors: list[BaseException] = []
-
-        def send(i: int) -> None:
-            try:
-                c.complete(p + [9, i], max_tokens=8)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = run_in_threads(lambda i: c.complete(p + [9, i], max_tokens=8), 4, timeout_s=60)
         assert not errors
         served = c.served()
         assert sorted(served.values()) == [0, 4 * (len(p) + 2)], served
