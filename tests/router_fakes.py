@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.models.tokenizer import byte_tokenizer
 from kvbaton.router.config import RouterConfig
-from kvbaton.router.server import AppThread, RouterThread
+from kvbaton.router.server import RouterThread
+from kvbaton.worker.server import AppThread
 from kvbaton.worker.protocol import sse
 
 FINGERPRINT = "fake-fingerprint"

@@ -9,44 +9,21 @@ its worker streams (the workers abort those requests) and releases unconsumed le
 from __future__ import annotations
 
 import signal
-import threading
-import time
-from types import FrameType
 from typing import Any, Callable
 
-import uvicorn
 from fastapi import FastAPI
 
 from kvbaton.router.app import RouterState, create_app
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.policies import PrefixOverlap
-from kvbaton.worker.server import bind_socket, endpoint
+from kvbaton.worker.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 
 
-class _RouterServer(uvicorn.Server):
-    """uvicorn.Server that tells the app it is draining as soon as a signal arrives."""
-
-    def __init__(self, config: uvicorn.Config, state: RouterState | None) -> None:
-        super().__init__(config)
-        self.router_state = state
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.router_state is not None:
-            self.router_state.begin_drain()
-        super().handle_exit(sig, frame)
-
-
-def make_server(app: FastAPI, log_level: str = "WARNING", drain_timeout_s: float = 5.0) -> _RouterServer:
-    level = log_level.upper()
-    ucfg = uvicorn.Config(
-        app,
-        log_config=None,  # keep the process's logging setup
-        log_level=level.lower() if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "warning",
-        access_log=level == "DEBUG",
-        timeout_graceful_shutdown=max(1, int(round(drain_timeout_s))),
-        lifespan="on",
-    )
-    return _RouterServer(ucfg, getattr(app.state, "router", None))
+def make_router_server(app: FastAPI, log_level: str = "WARNING",
+                       drain_timeout_s: float = 5.0) -> DrainingServer:
+    state: RouterState | None = getattr(app.state, "router", None)
+    return make_server(app, log_level, max(1, int(round(drain_timeout_s))),
+                       state.begin_drain if state is not None else None)
 
 
 def run_router(
@@ -59,7 +36,7 @@ def run_router(
     app = create_app(config, tokenizer, overlap)
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
-    server = make_server(app, config.log_level, config.drain_timeout_s)
+    server = make_router_server(app, config.log_level, config.drain_timeout_s)
     # uvicorn re-raises the signal that stopped it; make that a no-op so a graceful shutdown
     # exits 0 instead of dying by the signal's default action.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,60 +54,13 @@ def run_router(
     return 0 if server.started else 1
 
 
-class AppThread:
-    """Any ASGI app served by uvicorn from a background thread on a bound socket.
-
-    ``start()`` returns once the server accepts connections (and its lifespan ran);
-    ``stop()`` shuts it down as SIGTERM would. Usable as a context manager.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "WARNING", drain_timeout_s: float = 1.0) -> None:
-        self.app = app
-        self.host = host
-        self._sock = bind_socket(host, port)
-        self.port: int = self._sock.getsockname()[1]
-        self._server = make_server(app, log_level, drain_timeout_s)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="kvbaton-app-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return endpoint(self.host, self.port)
-
-    def start(self, timeout_s: float = 30.0) -> AppThread:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server failed to start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Shut down like SIGTERM does; True if the server thread ended in time."""
-        if self._server.router_state is not None:
-            self._server.router_state.begin_drain()
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        self._sock.close()
-        return not self._thread.is_alive()
-
-    def __enter__(self) -> AppThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 class RouterThread(AppThread):
     """A router served from a background thread of this process (tests, notebooks)."""
 
     def __init__(self, config: RouterConfig, tokenizer: Any | None = None,
                  overlap: PrefixOverlap | None = None) -> None:
         app = create_app(config, tokenizer, overlap)
-        super().__init__(app, config.host, config.port, config.log_level, config.drain_timeout_s)
+        super().__init__(app, config.host, config.port,
+                         make_router_server(app, config.log_level, config.drain_timeout_s))
         self.config = config
         self.state: RouterState = app.state.router

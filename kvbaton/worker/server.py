@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from types import FrameType
-from typing import Callable
+from typing import Callable, Self
 
 import uvicorn
 from fastapi import FastAPI
@@ -27,15 +27,17 @@ from kvbaton.worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 
-class _WorkerServer(uvicorn.Server):
-    """uvicorn.Server that tells the app it is draining as soon as a signal arrives."""
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that tells the app it is draining (``on_drain``) as soon as a signal
+    arrives, before uvicorn stops accepting connections."""
 
-    def __init__(self, config: uvicorn.Config, state: WorkerState) -> None:
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None] | None) -> None:
         super().__init__(config)
-        self.worker_state = state
+        self.on_drain = on_drain
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.worker_state.begin_drain()
+        if self.on_drain is not None:
+            self.on_drain()
         super().handle_exit(sig, frame)
 
 
@@ -50,19 +52,27 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _make_server(app: FastAPI, config: WorkerConfig) -> _WorkerServer:
-    level = config.log_level.upper()
+def make_server(app: FastAPI, log_level: str, graceful_timeout_s: int,
+                on_drain: Callable[[], None] | None = None) -> DrainingServer:
+    """The uvicorn server of a worker or router app; ``graceful_timeout_s`` is how long
+    uvicorn lets in-flight responses run after a shutdown signal before cancelling them."""
+    level = log_level.upper()
     ucfg = uvicorn.Config(
         app,
         log_config=None,  # keep the process's logging setup
         log_level=level.lower() if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "warning",
         access_log=level == "DEBUG",
-        # A backstop: the app aborts in-flight requests itself after drain_timeout_s, so
-        # their streams end cleanly; uvicorn cancels whatever still hangs on after that.
-        timeout_graceful_shutdown=int(config.drain_timeout_s) + 3,
+        timeout_graceful_shutdown=graceful_timeout_s,
         lifespan="on",
     )
-    return _WorkerServer(ucfg, app.state.worker)
+    return DrainingServer(ucfg, on_drain)
+
+
+def _make_worker_server(app: FastAPI, config: WorkerConfig) -> DrainingServer:
+    # A backstop: the app aborts in-flight requests itself after drain_timeout_s, so their
+    # streams end cleanly; uvicorn cancels whatever still hangs on after that.
+    return make_server(app, config.log_level, int(config.drain_timeout_s) + 3,
+                       app.state.worker.begin_drain)
 
 
 def endpoint(host: str, port: int) -> str:
@@ -80,7 +90,7 @@ def run_worker(
     app = create_app(engine, config)
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
-    server = _make_server(app, config)
+    server = _make_worker_server(app, config)
     # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so a
     # graceful shutdown exits 0 instead of dying by the signal's default action.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -97,50 +107,61 @@ def run_worker(
     return 0 if server.started and state.engine.error is None else 1
 
 
-class WorkerThread:
-    """A worker served from a background thread of this process (tests, notebooks).
+class AppThread:
+    """Any ASGI app served by uvicorn from a background thread on a bound socket (tests,
+    notebooks; fake workers in the router's tests).
 
-    ``start()`` returns once the server accepts connections; ``stop()`` shuts it down as
-    SIGTERM would. Usable as a context manager.
+    ``start()`` returns once the server accepts connections (and its lifespan ran);
+    ``stop()`` shuts it down as SIGTERM would. Usable as a context manager.
     """
 
-    def __init__(self, engine: LLMEngine, config: WorkerConfig | None = None) -> None:
-        self.config = config or WorkerConfig(port=0)
-        self.app = create_app(engine, self.config)
-        self.state: WorkerState = self.app.state.worker
-        self._sock = bind_socket(self.config.host, self.config.port)
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 server: DrainingServer | None = None) -> None:
+        self.app = app
+        self.host = host
+        self._sock = bind_socket(host, port)
         self.port: int = self._sock.getsockname()[1]
-        self._server = _make_server(self.app, self.config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="kvbaton-worker-http",
-            daemon=True,
-        )
+        self._server = server or make_server(app, "WARNING", 1)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="kvbaton-app-http", daemon=True)
 
     @property
     def url(self) -> str:
-        return endpoint(self.config.host, self.port)
+        return endpoint(self.host, self.port)
 
-    def start(self, timeout_s: float = 30.0) -> WorkerThread:
+    def start(self, timeout_s: float = 30.0) -> Self:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("worker server failed to start")
+                raise RuntimeError(f"{type(self).__name__}: server failed to start")
             time.sleep(0.01)
         return self
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Shut down like SIGTERM does; True if the server thread ended in time."""
-        self.state.begin_drain()
+        if self._server.on_drain is not None:
+            self._server.on_drain()
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._sock.close()
         return not self._thread.is_alive()
 
-    def __enter__(self) -> WorkerThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WorkerThread(AppThread):
+    """A worker served from a background thread of this process (tests, notebooks)."""
+
+    def __init__(self, engine: LLMEngine, config: WorkerConfig | None = None) -> None:
+        self.config = config or WorkerConfig(port=0)
+        app = create_app(engine, self.config)
+        self.state: WorkerState = app.state.worker
+        super().__init__(app, self.config.host, self.config.port,
+                         _make_worker_server(app, self.config))
