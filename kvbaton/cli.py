@@ -57,7 +57,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             top_k=args.top_k, seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
         )
     except ValueError as e:
-        parser.error(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+        _config_error(parser, e)
     try:
         llm = LLM(args.model, **_engine_kwargs(args))
     except ValueError as e:
