@@ -154,10 +154,15 @@ class Scheduler:
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if inflight is not None and self._waits_for_inflight(req, inflight):
-                passed.append(self.waiting.popleft())
-                continue
-            if not self._admit(req, budget, out):
+            if req.block_ids:  # arrived with imported KV: nothing to look up or share
+                admitted = self._admit_preloaded(req, budget, out)
+            else:
+                hashes, hit = self._cached_prefix(req)
+                if inflight is not None and self._waits_for_inflight(hashes, len(hit), req, inflight):
+                    passed.append(self.waiting.popleft())
+                    continue
+                admitted = self._admit(req, hit, budget, out)
+            if not admitted:
                 break
             budget -= out.scheduled[-1].num_new_tokens
             if inflight is not None:
@@ -179,25 +184,23 @@ class Scheduler:
         if req.num_committed_blocks < full:
             inflight.update(req.full_block_hashes()[req.num_committed_blocks:full])
 
-    def _waits_for_inflight(self, req: Request, inflight: set[BlockHash]) -> bool:
-        """Whether ``req``'s next block past its cached prefix is being prefilled now."""
-        if req.block_ids or not inflight:
-            return False  # imported KV: nothing left to share
-        hashes = req.full_block_hashes()
-        max_blocks = (req.num_tokens - 1) // self.block_size
-        n = len(self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids))
-        if n < max_blocks and hashes[n] in inflight:
+    def _waits_for_inflight(self, hashes: list[BlockHash], num_hit: int, req: Request,
+                            inflight: set[BlockHash]) -> bool:
+        """Whether ``req``'s next block past its ``num_hit`` cached ones is being prefilled."""
+        if num_hit < (req.num_tokens - 1) // self.block_size and hashes[num_hit] in inflight:
             self.num_inflight_waits += 1
             return True
         return False
 
-    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
-        if req.block_ids:
-            return self._admit_preloaded(req, budget, out)
-        # Longest cached prefix, leaving at least one token to compute for the logits.
+    def _cached_prefix(self, req: Request) -> tuple[list[BlockHash], list[int]]:
+        """``req``'s block hashes and the blocks of its longest cached prefix, leaving at least
+        one token to compute for the logits."""
         hashes = req.full_block_hashes()
         max_blocks = (req.num_tokens - 1) // self.block_size
-        hit = self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids)
+        return hashes, self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids)
+
+    def _admit(self, req: Request, hit: list[int], budget: int, out: SchedulerOutput) -> bool:
+        """Admit ``req`` (no blocks yet) on its cached prefix ``hit`` if budget and blocks allow."""
         num_cached = len(hit) * self.block_size
         remaining = req.num_tokens - num_cached
         n = self._chunk(remaining, budget)
