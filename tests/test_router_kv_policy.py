@@ -177,3 +177,17 @@ def test_serve_refuses_fixed_event_ports(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", "tiny-random", "--kv-events-port", "5557"])
     assert e.value.code == 2 and "--kv-events-port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (("--long-prefill-token-threshold", "-1"), "--long-prefill-token-threshold"),
+    (("--max-num-seqs", "0"), "--max-num-seqs"),
+])
+def test_serve_refuses_bad_engine_flags_before_starting_workers(
+        argv: tuple[str, ...], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvbaton.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "tiny-random", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"serve: error: {flag}:" in err and "exited" not in err
