@@ -165,7 +165,7 @@ def load_hf_model(model: str, load_format: str, dtype: torch.dtype, device: str)
         cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    from kvbaton.models.loader import resolve_model_dir
+    from kvbaton.models.sources import resolve_model_dir
 
     path = str(resolve_model_dir(model))
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -10,7 +10,7 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput"]
 if TYPE_CHECKING:
     from kvbaton.engine.llm import LLM
     from kvbaton.engine.outputs import RequestOutput
-    from kvbaton.engine.sampling_params import SamplingParams
+    from kvbaton.sampling_params import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return LLM
     if name == "SamplingParams":
-        from kvbaton.engine.sampling_params import SamplingParams
+        from kvbaton.sampling_params import SamplingParams
 
         return SamplingParams
     if name == "RequestOutput":

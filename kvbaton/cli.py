@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
+
+from kvbaton.errors import ConfigError, InvalidRequestError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -41,11 +43,28 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _config_error(parser: argparse.ArgumentParser, e: ValueError) -> None:
-    """Exit with a config error, naming the flag when the message starts with its field."""
-    words = str(e).split()
-    flag = "--" + words[0].replace("_", "-") if words else ""
-    parser.error(f"{flag}: {e}" if flag in parser._option_string_actions else str(e))
+# Config fields whose flag is not the field's name (with a trailing ``_s`` dropped).
+_FIELD_FLAGS = {"lease_ttl_s": "--kv-lease-ttl", "num_threads": "--threads"}
+
+
+def _flag_of(parser: argparse.ArgumentParser, name: str | None) -> str | None:
+    """The flag of config field or sampling parameter ``name``, if ``parser`` has one."""
+    if not name:
+        return None
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    base = name[:-2] if name.endswith("_s") else name
+    for flag in (_FIELD_FLAGS.get(name), "--" + name.replace("_", "-"), "--" + base.replace("_", "-")):
+        if flag in known:
+            return flag
+    return None
+
+
+def _config_error(parser: argparse.ArgumentParser, e: ValueError) -> NoReturn:
+    """Exit with a config error naming the flag of the field it is about (typed errors carry
+    the field: ConfigError for settings, InvalidRequestError for sampling parameters)."""
+    name = e.field if isinstance(e, ConfigError) else e.param if isinstance(e, InvalidRequestError) else None
+    flag = _flag_of(parser, name)
+    parser.error(f"{flag}: {e}" if flag else str(e))
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -144,7 +163,7 @@ def _cmd_router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         cfg = router_config_from_args(args)
     except ValueError as e:
-        parser.error(str(e))
+        _config_error(parser, e)
     try:
         return run_router(cfg, announce=lambda line: print(line, flush=True))
     except (ValueError, OSError) as e:

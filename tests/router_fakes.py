@@ -21,8 +21,8 @@ from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.models.tokenizer import byte_tokenizer
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.server import RouterThread
-from kvbaton.worker.server import AppThread
-from kvbaton.worker.protocol import sse
+from kvbaton.api.server import AppThread
+from kvbaton.api.sse import sse
 
 FINGERPRINT = "fake-fingerprint"
 BLOCK_SIZE = 4
@@ -131,7 +131,8 @@ class FakeWorker:
         return app
 
     def _error(self, status: int, message: str) -> JSONResponse:
-        code = "invalid_value" if status < 500 else "server_error"
+        # A 502 is what a decode worker answers when the KV fetch failed under --kv-transfer-failure fail.
+        code = "invalid_value" if status < 500 else "kv_transfer_failed" if status == 502 else "server_error"
         return JSONResponse({"error": {"message": message, "type": "x", "param": "prompt" if status < 500 else None,
                                        "code": code}}, status_code=status)
 
@@ -187,9 +188,11 @@ class FakeWorker:
         offset = 0
         try:
             if fault in ("error_event", "transfer_event"):
-                message = "fake engine died" if fault == "error_event" else "fake KV transfer failed"
+                transfer = fault == "transfer_event"
+                message = "fake KV transfer failed" if transfer else "fake engine died"
+                code = "kv_transfer_failed" if transfer else "service_unavailable"
                 yield sse({"error": {"message": message, "type": "server_error", "param": None,
-                                     "code": "service_unavailable"}})
+                                     "code": code}})
                 yield "data: [DONE]\n\n"
                 done = True
                 return

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvbaton.bench.load import LoadConfig
 from kvbaton.bench.runner import BenchConfig, run_bench
 from kvbaton.cli import main
-from kvbaton.worker.server import bind_socket
+from kvbaton.api.server import bind_socket
 from worker_support import running_worker
 
 # Key names shared with `vllm bench serve`'s result JSON.

@@ -31,7 +31,7 @@ RAW = [
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from kvbaton.models.loader import resolve_model_dir
+    from kvbaton.models.sources import resolve_model_dir
 
     try:
         return resolve_model_dir("smollm2-135m")

@@ -9,7 +9,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from kvbaton.cli import build_parser
+from kvbaton.cli import build_parser, main
+from kvbaton.errors import ConfigError
 from kvbaton.kv.event_stream import KVEventBatch
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.index import KVIndex
@@ -83,7 +84,20 @@ def test_event_flags() -> None:
     args = build_parser().parse_args(
         ["worker", "--kv-events-port", "5557", "--kv-events-replay-port", "5558", "--no-kv-events"])
     assert (args.kv_events_port, args.kv_events_replay_port, args.no_kv_events) == (5557, 5558, True)
-    with pytest.raises(ValueError, match="--kv-events-port"):
+    with pytest.raises(ConfigError) as bad_port:
         WorkerConfig(kv_events_port=70000)
-    with pytest.raises(ValueError, match="--kv-events-replay-port"):
+    assert bad_port.value.field == "kv_events_port"
+    with pytest.raises(ConfigError) as same_port:
         WorkerConfig(kv_events_port=5557, kv_events_replay_port=5557)
+    assert same_port.value.field == "kv_events_replay_port"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--kv-events-port", "70000"], "--kv-events-port"),
+    (["--kv-events-port", "5557", "--kv-events-replay-port", "5557"], "--kv-events-replay-port"),
+])
+def test_worker_cli_names_the_bad_event_flag(argv, flag, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["worker", "--model", "tiny-random", *argv])
+    assert exited.value.code == 2
+    assert f"error: {flag}:" in capsys.readouterr().err

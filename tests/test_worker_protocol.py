@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbaton.worker.protocol import ApiError, CompletionRequest, TextDeltas
+from kvbaton.api.protocol import ApiError, CompletionRequest, TextDeltas
 
 
 def test_text_deltas_without_stop_pass_text_through():

@@ -395,14 +395,9 @@ def load_tokenizer(name_or_path: str | None) -> Any:
 
     None: the bundled SmolLM2 tokenizer; "tiny-random" (or any other random-weight model name)
     the byte tokenizer those models use; otherwise a model name, GGUF file or HF directory
-    as ``kvbaton.models.loader.resolve_model_dir`` accepts.
+    as ``kvbaton.models.sources.resolve_model_dir`` accepts.
     """
-    from kvbaton.models.loader import resolve_model_dir
-    from kvbaton.models.registry import BUNDLED_SMOLLM2, DUMMY_CONFIGS
-    from kvbaton.models.tokenizer import byte_tokenizer
-    from kvbaton.models.tokenizer import load_tokenizer as load_dir_tokenizer
+    from kvbaton.models.sources import tokenizer_for_model
 
-    if name_or_path in DUMMY_CONFIGS:
-        return byte_tokenizer()
-    return load_dir_tokenizer(resolve_model_dir(name_or_path or BUNDLED_SMOLLM2))
+    return tokenizer_for_model(name_or_path)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbaton.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings for one engine instance.
 
     KV memory is sized from ``num_kv_blocks`` if given, else from ``kv_cache_memory_bytes``,
-    else from a default budget (2 GiB on CPU, 85% of free GPU memory on CUDA).
+    else from a default budget (2 GiB on CPU, 85% of free GPU memory on CUDA). A setting that
+    cannot work raises :class:`~kvbaton.errors.ConfigError` naming its field.
     """
 
     model: str = "smollm2-135m"
@@ -41,18 +44,18 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError("block_size must be a power of two")
+            raise ConfigError("block_size", "must be a power of two")
         if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
+            raise ConfigError("max_num_seqs", "must be >= 1")
         if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
+            raise ConfigError("max_num_batched_tokens", "must be >= 1")
         if self.long_prefill_token_threshold < 0:
-            raise ValueError("long_prefill_token_threshold must be >= 0 (0: no cap)")
+            raise ConfigError("long_prefill_token_threshold", "must be >= 0 (0: no cap)")
         if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
-            raise ValueError("long_prefill_token_threshold needs enable_chunked_prefill")
+            raise ConfigError("long_prefill_token_threshold", "needs enable_chunked_prefill")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks must be >= 1")
+            raise ConfigError("num_kv_blocks", "must be >= 1")
         if self.lease_ttl_s <= 0:
-            raise ValueError("lease_ttl_s must be > 0")
+            raise ConfigError("lease_ttl_s", "must be > 0")
         if self.load_format not in ("auto", "dummy"):
-            raise ValueError("load_format must be 'auto' or 'dummy'")
+            raise ConfigError("load_format", "must be 'auto' or 'dummy'")

@@ -21,13 +21,16 @@ from kvbaton.engine.model_runner import ModelRunner
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import sample
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams
 from kvbaton.engine.scheduler import Scheduler
+from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.events import KVEventSink
 from kvbaton.kv.hashing import BlockHash, root_hash
 from kvbaton.kv.spec import KVSpec, torch_dtype
+from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
 from kvbaton.models.tokenizer import chat_prompt_ids
+from kvbaton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt;
-        ValueError if the model has no chat template or a message is malformed."""
+        InvalidRequestError if the model has no chat template or a message is malformed."""
         return chat_prompt_ids(self.tokenizer, messages, self.config.model)
 
     def add_request(
@@ -144,9 +147,9 @@ class LLMEngine:
         lease_ttl_s: float | None = None,
         first_token: tuple[int, float | None] | None = None,
     ) -> str:
-        """Queue a request; raises ValueError (naming the problem) for inputs that can never
-        run: empty prompt, unknown token ids, or prompt + max_tokens beyond the context or
-        the whole KV cache.
+        """Queue a request; raises :class:`~kvbaton.errors.InvalidRequestError` (naming the
+        field) for inputs that can never run: empty prompt, unknown token ids, or prompt +
+        max_tokens beyond the context or the whole KV cache.
 
         ``lease_ttl_s``: a prefill-only request; when it finishes its prompt's blocks stay
         pinned under a lease (``RequestOutput.kv_lease``) for a decode worker to fetch.
@@ -171,25 +174,11 @@ class LLMEngine:
     ) -> Request:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens"
-            )
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens {params.max_tokens} + prompt {len(ids)} tokens exceeds the "
-                f"context of {self.max_model_len} tokens"
-            )
-        need_blocks = -(-(len(ids) + params.max_tokens) // self.config.block_size)
-        if need_blocks > self.pool.num_blocks:
-            raise ValueError(
-                f"request needs {need_blocks} KV blocks; the cache has {self.pool.num_blocks}"
-            )
+            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        check_request_fits(len(ids), params.max_tokens, self.max_model_len,
+                           self.pool.num_blocks, self.config.block_size)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if new_id and (rid in self.scheduler.requests or rid in self.handoff.plans):
             raise ValueError(f"duplicate request id {rid!r}")
@@ -199,8 +188,9 @@ class LLMEngine:
 
     def _append_first_token(self, req: Request, first_token: tuple[int, float | None]) -> None:
         tok, logprob = first_token
-        if not isinstance(tok, int) or not 0 <= tok < self.model_config.vocab_size:
-            raise ValueError(f"first token id must be an integer in [0, {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        if not isinstance(tok, int) or not 0 <= tok < vocab:
+            raise InvalidRequestError("kv_transfer_params", f": first token id must be an integer in [0, {vocab})")
         req.token_ids.append(tok)
         if req.params.logprobs is not None:
             # Top-n alternatives of the first token stay on the prefill worker.

@@ -28,6 +28,12 @@ from kvbaton.engine.scheduler import Scheduler
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
 
 
+class HandleMismatch(ValueError):
+    """A KV handle's block hashes are not this prompt's on this worker (another model, other
+    tokens or another tenant salt): its blocks must not be imported. The worker recomputes the
+    prompt instead (a transfer failure, not the client's error)."""
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     """What a prefill-only request's output says about the lease on its prompt's blocks."""
@@ -108,14 +114,15 @@ class KVHandoff:
         handle_hashes: tuple[BlockHash, ...],
     ) -> ImportPlan | None:
         """Reserve blocks for an import; None when the pool cannot hold the prompt now.
-        ValueError when the handle does not describe this prompt for this model and tenant."""
+        :class:`HandleMismatch` when the handle does not describe this prompt for this model
+        and tenant."""
         if request_id in self.plans or request_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         bs = self.pool.block_size
         n = len(prompt_token_ids)
         own = hash_block_chain(root, prompt_token_ids, bs)
         if tuple(own) != tuple(handle_hashes):
-            raise ValueError(
+            raise HandleMismatch(
                 "kv_transfer_params.block_hashes do not match this prompt on this worker "
                 "(different model, tokens or cache_salt)"
             )

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
 
 

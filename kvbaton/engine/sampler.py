@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams
 
 
 @dataclass

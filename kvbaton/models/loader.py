@@ -21,7 +21,8 @@ import torch
 from kvbaton.models.config import ModelConfig
 from kvbaton.models.llama import LlamaForCausalLM, RotaryEmbedding
 from kvbaton.models.registry import BUNDLED_SMOLLM2, DUMMY_CONFIGS
-from kvbaton.models.tokenizer import byte_tokenizer, load_tokenizer
+from kvbaton.models.sources import dir_tokenizer, resolve_model_dir
+from kvbaton.models.tokenizer import byte_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,6 @@ def _file_identity(path: Path) -> str:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read(1 << 20))
     return h.hexdigest()
-
-
-def resolve_model_dir(name: str) -> Path:
-    """Turn a model name or path into an HF-style directory (converting GGUF if needed)."""
-    from kvbaton.models import gguf
-
-    if name == BUNDLED_SMOLLM2:
-        return gguf.cached_hf_dir_for_gguf(gguf.find_bundled_smollm2_gguf())
-    p = Path(name).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return gguf.cached_hf_dir_for_gguf(p)
-    if p.is_dir() and (p / "config.json").is_file():
-        return p
-    known = sorted([BUNDLED_SMOLLM2, *DUMMY_CONFIGS])
-    raise ValueError(
-        f"unknown model {name!r}: not a built-in name ({', '.join(known)}), a .gguf file, "
-        "or a directory with config.json"
-    )
 
 
 def _iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -135,9 +118,3 @@ def _merge_generation_eos(cfg_dict: dict[str, Any], model_dir: Path) -> None:
     for v in (cfg_dict.get("eos_token_id"), extra):
         ids.extend(v if isinstance(v, list) else [] if v is None else [v])
     cfg_dict["eos_token_id"] = sorted(set(ids))
-
-
-def dir_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer saved in ``model_dir``, or the byte tokenizer when it holds none."""
-    has_tok = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return load_tokenizer(model_dir) if has_tok else byte_tokenizer()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvbaton.errors import InvalidRequestError
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
     "message['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -55,7 +57,18 @@ def byte_tokenizer() -> Any:
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The tokenizer (and chat template) saved in a Hugging Face model directory."""
+    """The tokenizer (and chat template) saved in a Hugging Face model directory.
+
+    A directory with ``tokenizer.json`` is loaded as a fast tokenizer directly: it is what
+    ``AutoTokenizer`` builds for these files, without ``AutoTokenizer``'s import of the model
+    configuration machinery, which loads torch (the router and the bench only tokenize).
+    Only a directory without one (a slow, sentencepiece-only tokenizer) goes through
+    ``AutoTokenizer``.
+    """
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
@@ -65,17 +78,17 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) 
     """Token ids of a conversation followed by the assistant's generation prompt.
 
     The one implementation of this step, shared by the engine and the router so both compute
-    the same ids (and so the same block hashes) for the same chat. ValueError, naming
-    ``messages``, when the model has no chat template, a message is malformed or the template
-    rejects the conversation. Not thread-safe (HF fast tokenizers are not): callers serialize.
+    the same ids (and so the same block hashes) for the same chat.
+    :class:`~kvbaton.errors.InvalidRequestError`, naming ``messages``, when the model has no
+    chat template, a message is malformed or the template rejects the conversation. Not thread-safe (HF fast tokenizers are not): callers serialize.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"messages: model {model!r} has no chat template")
+        raise InvalidRequestError("messages", f": model {model!r} has no chat template")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+            raise InvalidRequestError("messages", f"[{i}] must be an object with string 'role' and 'content'")
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - jinja raises for conversations a template rejects
-        raise ValueError(f"messages: the chat template failed: {e}") from None
+        raise InvalidRequestError("messages", f": the chat template failed: {e}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+
+from kvbaton.api.guard import RequestGuard, install_error_handlers
+from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from kvbaton.api.sse import EventStreamResponse, until_disconnect
 
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
@@ -30,10 +35,6 @@ from kvbaton.router.policies import PrefixOverlap
 from kvbaton.router.pool import WorkerPool
 from kvbaton.router.relay import MidStreamError, RelayStream
 from kvbaton.router.responses import ClientView
-from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
-from kvbaton.worker.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-
-T = TypeVar("T")
 
 
 class RouterState:
@@ -65,49 +66,10 @@ class RouterState:
         self.metrics.request_failures.labels("mid_stream").inc()
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """``await work``, or cancel it and return None if the client leaves first (a
-    RelayStream it produced anyway is closed)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        return None
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if not task.cancelled() and task.exception() is None:
-                result = task.result()
-                if isinstance(result, RelayStream):
-                    await result.aclose()
-
-
-class _RelayResponse(StreamingResponse):
-    """SSE response that closes its worker stream however the response ends."""
-
-    def __init__(self, content: AsyncIterator[str], stream: RelayStream, on_done: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._stream = stream
-        self._on_done = on_done
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._stream.aclose()
-            self._on_done()
+async def _close_orphan(result: object) -> None:
+    """A RelayStream the cancelled work opened anyway: close it (the worker aborts)."""
+    if isinstance(result, RelayStream):
+        await result.aclose()
 
 
 async def _collect(state: RouterState, view: ClientView, job: Job, stream: RelayStream) -> dict[str, Any]:
@@ -158,13 +120,17 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
         if state.draining:
             raise ApiError(503, "the router is shutting down", None, "service_unavailable")
         job = state.orchestrator.new_job(prep.request_id, prep.token_ids, prep.max_tokens, prep.fields, arrival)
-        stream = await until_disconnect(request, state.orchestrator.open(job))
+        stream = await until_disconnect(request, state.orchestrator.open(job), _close_orphan)
         if stream is None:
             return Response(status_code=499)
         view = ClientView(prep)
         if prep.stream:
             events = view.events(stream, lambda e: state.mid_stream_failure(stream, e))
-            return _RelayResponse(events, stream, lambda: state.orchestrator.finished(job))
+            async def close() -> None:
+                await stream.aclose()
+                state.orchestrator.finished(job)
+
+            return EventStreamResponse(events, close)
         try:
             body = await until_disconnect(request, _collect(state, view, job, stream))
         finally:

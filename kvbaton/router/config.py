@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from kvbaton.api.frontdoor import FrontDoorConfig
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
@@ -41,8 +42,9 @@ def normalize_worker_url(url: str, flag: str = "--worker") -> str:
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    """Settings of one router process.
+class RouterConfig(FrontDoorConfig):
+    """Settings of one router process (the HTTP API's own, shared with the workers, come from
+    :class:`~kvbaton.api.frontdoor.FrontDoorConfig`).
 
     Workers come from three lists: ``workers`` (role discovered from the worker's
     ``/kv/info``), ``prefill_workers`` and ``decode_workers`` (used only for that role; the
@@ -56,7 +58,6 @@ class RouterConfig:
     prefill_workers: tuple[str, ...] = ()
     decode_workers: tuple[str, ...] = ()
     model: str = "smollm2-135m"
-    served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     prefill_policy: str = DEFAULT_POLICY
@@ -67,6 +68,9 @@ class RouterConfig:
     # temperature over -cost (0: always the cheapest).
     prefill_load_scale: float = 1.0
     routing_temperature: float = 0.0
+    # Seeds the policies' random choices (tie-breaks, temperature sampling), so a run can be
+    # repeated exactly; None: a fresh seed per router.
+    routing_seed: int | None = None
     # Follow the workers' KV event streams into a prefix index (conditional disaggregation
     # and kv_aware use it); how long a placement counts as cached there before its events.
     kv_events: bool = True
@@ -79,19 +83,11 @@ class RouterConfig:
     # Retries of a request that failed before its first token reached the client, each on a
     # decode worker not tried yet.
     max_retries: int = 1
-    api_key: str | None = None
     # Sent as 'Authorization: Bearer ...' to workers started with --api-key.
     worker_api_key: str | None = None
-    max_request_bytes: int = 8 << 20
-    drain_timeout_s: float = 5.0
-    max_logprobs: int = 20
-    # As the worker: chat requests without max_tokens generate at most this many tokens (and
-    # never past the context); completions default to 16.
-    default_chat_max_tokens: int = 1024
-    default_completion_max_tokens: int = 16
-    log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         seen: set[str] = set()
         lists = (("workers", "--worker"), ("prefill_workers", "--prefill"), ("decode_workers", "--decode"))
         for name, flag in lists:
@@ -129,12 +125,6 @@ class RouterConfig:
         for name, flag in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag}: must be > 0, got {getattr(self, name)}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"--drain-timeout: must be >= 0, got {self.drain_timeout_s}")
-        if self.max_request_bytes < 1024:
-            raise ValueError("--max-request-bytes: must be >= 1024")
-        if self.default_chat_max_tokens < 1 or self.default_completion_max_tokens < 1:
-            raise ValueError("default max tokens must be >= 1")
 
     def worker_specs(self) -> list[tuple[str, str | None]]:
         """(url, declared role or None) for every worker, in flag order."""
@@ -145,7 +135,7 @@ class RouterConfig:
         )
 
     def policy_options(self) -> PolicyOptions:
-        return PolicyOptions(self.prefill_load_scale, self.routing_temperature)
+        return PolicyOptions(self.prefill_load_scale, self.routing_temperature, self.routing_seed)
 
     @property
     def model_names(self) -> list[str]:
@@ -193,6 +183,8 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
                              "blocks exceed the other's by scale*k)")
     parser.add_argument("--routing-temperature", type=float, default=0.0,
                         help="kv_aware: 0 picks the cheapest worker; >0 samples softmax(-cost/T)")
+    parser.add_argument("--routing-seed", type=int, default=None,
+                        help="seed of the policies' random tie-breaks and sampling (repeatable runs)")
     parser.add_argument("--kv-prediction-ttl", type=float, default=2.0,
                         help="seconds a placement counts as cached on its worker before the "
                              "worker's KV events confirm it (sibling requests follow it)")
@@ -222,6 +214,7 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         disagg_min_tokens=args.disagg_min_tokens,
         prefill_load_scale=args.prefill_load_scale,
         routing_temperature=args.routing_temperature,
+        routing_seed=args.routing_seed,
         kv_prediction_ttl_s=args.kv_prediction_ttl,
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,

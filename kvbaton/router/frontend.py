@@ -15,21 +15,13 @@ from typing import Any
 
 import anyio
 
-from kvbaton.models.loader import dir_tokenizer, resolve_model_dir
+from kvbaton.models.sources import tokenizer_for_model
 from kvbaton.models.tokenizer import chat_prompt_ids
-from kvbaton.models.registry import DUMMY_CONFIGS
-from kvbaton.models.tokenizer import byte_tokenizer
+from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
+from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvbaton.errors import InvalidRequestError
+from kvbaton.limits import check_request_fits, default_max_tokens
 from kvbaton.router.config import RouterConfig
-from kvbaton.worker.params import request_sampling_params
-from kvbaton.worker.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
-
-
-def load_router_tokenizer(model: str) -> Any:
-    """The tokenizer a worker started with ``--model model`` uses (same resolution: built-in
-    names, .gguf files, HF directories; random-weight models get the byte tokenizer)."""
-    if model in DUMMY_CONFIGS:
-        return byte_tokenizer()
-    return dir_tokenizer(resolve_model_dir(model))
 
 
 @dataclass
@@ -54,16 +46,10 @@ class Frontend:
 
     def __init__(self, config: RouterConfig, tokenizer: Any | None = None) -> None:
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else load_router_tokenizer(config.model)
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_for_model(config.model)
         # Tokenization runs on worker threads; HF fast tokenizers can raise "Already borrowed"
         # when one object is used from two threads at once.
         self._lock = threading.Lock()
-
-    def resolve_model(self, name: str | None) -> str:
-        names = self.config.model_names
-        if name is None or name in names:
-            return name or names[0]
-        raise ApiError(404, f"model {name!r} does not exist; this router serves {names}", "model", "model_not_found")
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
@@ -73,63 +59,47 @@ class Frontend:
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         # The engine's own function, so the router's ids equal what a worker would compute.
-        try:
-            with self._lock:
-                return chat_prompt_ids(self.tokenizer, messages, self.config.model)
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages", "invalid_value") from None
+        with self._lock:
+            return chat_prompt_ids(self.tokenizer, messages, self.config.model)
 
     # ---- requests ------------------------------------------------------------------------
 
     async def completion(self, body: CompletionRequest, max_model_len: int | None) -> Prepared:
-        body.check_supported()
-        name = self.resolve_model(body.model)
-        prompt = body.prompt_input()
-        if body.logprobs is not None and body.logprobs > self.config.max_logprobs:
-            raise ApiError(400, f"logprobs: at most {self.config.max_logprobs}", "logprobs", "invalid_value")
-        max_tokens = self.config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
-        request_sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
-        if isinstance(prompt, str):
-            ids = await anyio.to_thread.run_sync(self._encode, prompt)
+        pre = completion_preamble(self.config, self.config.model_names, "router", body)
+        if isinstance(pre.prompt, str):
+            ids = await anyio.to_thread.run_sync(self._encode, pre.prompt)
         else:
-            ids = prompt
+            ids = list(pre.prompt or [])
             if any(t < 0 for t in ids):
                 raise ApiError(400, "prompt: token ids must be non-negative", "prompt", "invalid_value")
-        self._check_context(ids, max_tokens, max_model_len, "prompt", "max_tokens")
-        fields = _forwarded(body, body.logprobs)
-        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, name, ids, max_tokens, fields,
-                        body.stream, _include_usage(body))
+        max_tokens = pre.params.max_tokens
+        self._check(pre, len(ids), max_tokens, max_model_len)
+        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, ids, max_tokens,
+                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body))
 
     async def chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> Prepared:
-        body.check_supported()
-        name = self.resolve_model(body.model)
-        messages = body.template_input()
-        max_tokens, logprobs, aliases = body.limits(self.config.max_logprobs)
-        request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
-        ids = await anyio.to_thread.run_sync(self._chat_ids, messages)
+        pre = chat_preamble(self.config, self.config.model_names, "router", body)
+        assert pre.messages is not None
+        try:
+            ids = await anyio.to_thread.run_sync(self._chat_ids, pre.messages)
+        except InvalidRequestError as e:
+            raise pre.error(e) from None
+        max_tokens = pre.max_tokens
         if max_tokens is None:
-            room = max_model_len - len(ids) if max_model_len else self.config.default_chat_max_tokens
-            max_tokens = max(1, min(self.config.default_chat_max_tokens, room))
-        self._check_context(ids, max_tokens, max_model_len, "messages", aliases.get("max_tokens", "max_tokens"))
-        fields = _forwarded(body, logprobs)
-        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", True, name, ids, max_tokens, fields,
-                        body.stream, _include_usage(body), chat_top_logprobs=logprobs)
+            max_tokens = default_max_tokens(self.config.default_chat_max_tokens, len(ids), max_model_len)
+        self._check(pre, len(ids), max_tokens, max_model_len)
+        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", True, pre.model, ids, max_tokens,
+                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body),
+                        chat_top_logprobs=pre.logprobs)
 
     @staticmethod
-    def _check_context(ids: list[int], max_tokens: int, max_model_len: int | None,
-                       prompt_param: str, max_param: str) -> None:
-        """The workers' own checks (same messages), done here so that no leg starts."""
-        if not ids:
-            raise ApiError(400, f"{prompt_param}: prompt is empty", prompt_param, "invalid_value")
-        if max_model_len is None:
-            return  # no worker reported its context yet; the decode worker checks
-        if len(ids) >= max_model_len:
-            raise ApiError(400, f"prompt has {len(ids)} tokens; the context is {max_model_len} tokens",
-                           prompt_param, "context_length_exceeded")
-        if len(ids) + max_tokens > max_model_len:
-            raise ApiError(
-                400, f"{max_param} {max_tokens} + prompt {len(ids)} tokens exceeds the context of "
-                f"{max_model_len} tokens", max_param, "context_length_exceeded")
+    def _check(pre: Preamble, num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
+        """The workers' own check (:func:`kvbaton.limits.check_request_fits`), done here so
+        that no leg starts; without a known context only emptiness is checked."""
+        try:
+            check_request_fits(num_prompt_tokens, max_tokens, max_model_len)
+        except InvalidRequestError as e:
+            raise pre.error(e) from None
 
 
 def _include_usage(body: SamplingFields) -> bool:

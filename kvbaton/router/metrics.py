@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from kvbaton.kv.index import KVIndex
 from kvbaton.router.pool import WorkerPool
-from kvbaton.worker.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
+from kvbaton.api.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 
 PREFIX = "kvbaton:router_"
 PATHS = ("disagg", "local", "direct")

@@ -37,7 +37,7 @@ from kvbaton.router.relay import (
     CLEANUP_TIMEOUT_S, DONE, LegFailure, RelayStream, WorkerApiError, close_quietly, sse_events,
     transport_failure,
 )
-from kvbaton.worker.protocol import ApiError
+from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -323,17 +323,18 @@ class Orchestrator:
         body = _json_or_text(r)
         if 400 <= r.status_code < 500:
             return WorkerApiError(r.status_code, body)
-        if r.status_code == 502 and job.lease is not None:
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        if job.lease is not None and code == KV_TRANSFER_FAILED:
             self.metrics.transfer_failures.labels("failed").inc()
             return LegFailure("transfer_failed", WorkerApiError(502, body))
         return LegFailure("http_5xx", WorkerApiError(r.status_code, body))
 
     def _error_event_failure(self, job: Job, event: dict[str, Any]) -> LegFailure:
         # A streaming decode worker under the 'fail' transfer policy may report the failed
-        # transfer as an error event instead of a 502; its code or message says so.
+        # transfer as an error event instead of a 502; its error code says so.
         err = event.get("error") if isinstance(event.get("error"), dict) else {}
-        said = f"{err.get('code') or ''} {err.get('message') or ''}".lower()
-        if job.lease is not None and "transfer" in said:
+        if job.lease is not None and err.get("code") == KV_TRANSFER_FAILED:
             self.metrics.transfer_failures.labels("failed").inc()
             return LegFailure("transfer_failed", WorkerApiError(502, event))
         return LegFailure("error_event", WorkerApiError(502, event))

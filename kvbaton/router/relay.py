@@ -16,7 +16,7 @@ import anyio
 import httpx
 
 from kvbaton.router.pool import InFlight, Worker
-from kvbaton.worker.protocol import ApiError
+from kvbaton.api.protocol import ApiError
 
 DONE = "[DONE]"
 # Closing a worker stream or answering a control call must not hold up the client for long,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable
 
+from kvbaton.api.protocol import chat_logprobs, now_s, usage
+from kvbaton.api.sse import DONE_EVENT, sse
 from kvbaton.router.frontend import Prepared
 from kvbaton.router.relay import MidStreamError, RelayStream
-from kvbaton.worker.protocol import chat_logprobs, now_s, sse, usage
 
-DONE_EVENT = "data: [DONE]\n\n"
 _EXTRAS = ("stop_reason", "token_ids")
 
 

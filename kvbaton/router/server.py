@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from kvbaton.router.app import RouterState, create_app
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.policies import PrefixOverlap
-from kvbaton.worker.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
+from kvbaton.api.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 
 
 def make_router_server(app: FastAPI, log_level: str = "WARNING",

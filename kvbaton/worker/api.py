@@ -15,24 +15,22 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
+from kvbaton.api.guard import RequestGuard, install_error_handlers
+from kvbaton.api.metrics import CONTENT_TYPE
+from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError, ChatCompletionRequest, CompletionRequest
+from kvbaton.api.sse import EventStreamResponse, until_disconnect
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.handle import KVHandle
 from kvbaton.worker.async_engine import AsyncEngine
-from kvbaton.worker.stream import (
-    EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream,
-)
 from kvbaton.worker.config import WorkerConfig
-from kvbaton.worker.http_guard import RequestGuard, install_error_handlers
 from kvbaton.worker.kv_connector import KVConnector
-from kvbaton.worker.metrics import CONTENT_TYPE, WorkerMetrics
-from kvbaton.worker.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest,
-)
-from kvbaton.worker.params import request_sampling_params, value_error
+from kvbaton.worker.metrics import WorkerMetrics
+from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream
 from kvbaton.worker.streaming import chat_events, chat_response, completion_events, completion_response
 
 class WorkerState:
@@ -51,14 +49,6 @@ class WorkerState:
         self.draining = False
         self.worker_id = f"{config.role}-{uuid.uuid4().hex[:12]}"
         self.kv = KVConnector(engine, self.engine, config, self.worker_id, self.metrics.registry)
-
-    def resolve_model(self, name: str | None) -> str:
-        if name is None or name in self.model_names:
-            return name or self.model_names[0]
-        raise ApiError(
-            404, f"model {name!r} does not exist; this worker serves {self.model_names}",
-            "model", "model_not_found",
-        )
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -79,13 +69,6 @@ class WorkerState:
             pass
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def _collect(request: Request, stream: RequestStream, engine: AsyncEngine) -> RequestOutput | None:
     """Wait for the final output; None (and the request aborted) if the client left first."""
 
@@ -95,42 +78,19 @@ async def _collect(request: Request, stream: RequestStream, engine: AsyncEngine)
             last = out
         return last
 
-    result = asyncio.ensure_future(run())
-    gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        return result.result() if result in done else None
+        return await until_disconnect(request, run())
     finally:
-        result.cancel()
-        gone.cancel()
         engine.abort(stream.request_id)  # no-op unless still running
 
 
-class _EventStream(StreamingResponse):
-    """SSE response that aborts its request however the response ends (even unstarted)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Any]) -> None:
-        super().__init__(
-            content, media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
-async def _start(state: WorkerState, req: GenerationRequest, rid: str,
-                 aliases: dict[str, str], prompt_param: str) -> RequestStream:
+async def _start(state: WorkerState, req: GenerationRequest, rid: str, pre: Preamble) -> RequestStream:
     if state.draining:
         raise ApiError(503, "the worker is shutting down", None, "service_unavailable")
     try:
         return await state.engine.add_request(req, rid)
-    except ValueError as e:
-        raise value_error(e, aliases, prompt_param) from None
+    except InvalidRequestError as e:
+        raise pre.error(e) from None
     except (EngineDeadError, EngineStoppedError) as e:
         raise ApiError(503, str(e), None, "service_unavailable") from None
 
@@ -143,17 +103,15 @@ async def _respond(
     left first); either way the request is aborted if it is still running when we finish."""
     rid = stream.request_id
     if streaming:
-        return _EventStream(events(), lambda: state.engine.abort(rid))
+        return EventStreamResponse(events(), lambda: state.engine.abort(rid))
     final = await _collect(request, stream, state.engine)
     if final is None:
         return Response(status_code=499)
     return JSONResponse(body(final))
 
 
-async def _prefill_only(
-    request: Request, state: WorkerState, body: CompletionRequest, name: str,
-    prompt: str | list[int], params: SamplingParams, rid: str,
-) -> Response:
+async def _prefill_only(request: Request, state: WorkerState, body: CompletionRequest,
+                        pre: Preamble, rid: str) -> Response:
     """Run the prompt, sample the first token, and answer with a KV handle (the blocks stay
     leased for the decode worker)."""
     if state.config.role == "decode":
@@ -162,23 +120,21 @@ async def _prefill_only(
     if body.stream:
         raise ApiError(400, "stream: a prefill-only request (do_remote_decode) answers once; "
                        "set stream to false", "stream", "invalid_value")
-    one = dataclasses.replace(params, max_tokens=1)
-    gen = GenerationRequest(one, prompt=prompt, cache_salt=body.cache_salt,
+    one = dataclasses.replace(pre.params, max_tokens=1)
+    gen = GenerationRequest(one, prompt=pre.prompt, cache_salt=body.cache_salt,
                             lease_ttl_s=state.engine.engine.leases.default_ttl_s)
-    stream = await _start(state, gen, rid, {}, "prompt")
+    stream = await _start(state, gen, rid, pre)
     final = await _collect(request, stream, state.engine)
     if final is None:
         return Response(status_code=499)
     if final.kv_lease is None:  # aborted (drain) before the prompt finished
         raise ApiError(503, "the prefill was aborted", None, "service_unavailable")
     handle = state.kv.handle_for(final)
-    return JSONResponse(completion_response(state, final, body, name, {"kv_transfer_params": handle}))
+    return JSONResponse(completion_response(state, final, body, pre.model, {"kv_transfer_params": handle}))
 
 
-async def _with_handle(
-    state: WorkerState, body: CompletionRequest, prompt: str | list[int], params: SamplingParams,
-    rid: str, ktp: dict[str, Any],
-) -> tuple[GenerationRequest, dict[str, Any]]:
+async def _with_handle(state: WorkerState, body: CompletionRequest, pre: Preamble, rid: str,
+                       ktp: dict[str, Any]) -> tuple[GenerationRequest, dict[str, Any]]:
     """A decode request with a KV handle: import the prompt's KV (or, if that fails, recompute
     it here or refuse, by policy) and continue after the first token."""
     if state.config.role == "prefill":
@@ -188,6 +144,7 @@ async def _with_handle(
         handle = KVHandle.from_dict(ktp)
     except ValueError as e:
         raise ApiError(400, str(e), "kv_transfer_params", "invalid_value") from None
+    prompt, params = pre.prompt, pre.params
     if not isinstance(prompt, list):
         raise ApiError(400, "prompt: a request with a KV handle must send the prompt as token "
                        "ids", "prompt", "invalid_type")
@@ -199,8 +156,8 @@ async def _with_handle(
     first = (handle.first_token_id, handle.first_token_logprob)
     try:
         res = await state.kv.import_kv(rid, prompt, handle, body.cache_salt)
-    except ValueError as e:
-        raise value_error(e, {}, "prompt") from None
+    except InvalidRequestError as e:
+        raise pre.error(e) from None
     if res.plan is not None:
         gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt,
                                 first_token=first, imported=True)
@@ -208,7 +165,7 @@ async def _with_handle(
     if state.config.kv_transfer_failure == "fail":
         state.kv.count_failure(recomputed=False)
         raise ApiError(502, f"KV transfer failed: {res.error}", "kv_transfer_params",
-                       "kv_transfer_failed")
+                       KV_TRANSFER_FAILED)
     state.kv.count_failure(recomputed=True)
     res.outcome = "recomputed"
     gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt, first_token=first)
@@ -251,48 +208,37 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        body.check_supported()
-        name = state.resolve_model(body.model)
-        prompt = body.prompt_input()
-        if body.logprobs is not None and body.logprobs > config.max_logprobs:
-            raise ApiError(400, f"logprobs: at most {config.max_logprobs}", "logprobs", "invalid_value")
-        max_tokens = config.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
-        params = request_sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
+        pre = completion_preamble(config, state.model_names, "worker", body)
         rid = f"cmpl-{uuid.uuid4().hex}"
         ktp = body.kv_transfer_params
         if ktp is not None and ktp.get("do_remote_decode"):
-            return await _prefill_only(request, state, body, name, prompt, params, rid)
-        gen = GenerationRequest(params, prompt=prompt, cache_salt=body.cache_salt)
+            return await _prefill_only(request, state, body, pre, rid)
+        gen = GenerationRequest(pre.params, prompt=pre.prompt, cache_salt=body.cache_salt)
         extras: dict[str, Any] | None = None
         if ktp is not None:
-            gen, extras = await _with_handle(state, body, prompt, params, rid, ktp)
-        stream = await _start(state, gen, rid, {}, "prompt")
+            gen, extras = await _with_handle(state, body, pre, rid, ktp)
+        stream = await _start(state, gen, rid, pre)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
             request, state, stream, body.stream,
-            lambda: completion_events(state, stream, body, name, params, include_usage, extras),
-            lambda final: completion_response(state, final, body, name, extras),
+            lambda: completion_events(state, stream, body, pre.model, pre.params, include_usage, extras),
+            lambda final: completion_response(state, final, body, pre.model, extras),
         )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        body.check_supported()
-        name = state.resolve_model(body.model)
-        messages = body.template_input()
-        max_tokens, logprobs, aliases = body.limits(config.max_logprobs)
-        params = request_sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs,
-                                  aliases, "messages")
+        pre = chat_preamble(config, state.model_names, "worker", body)
         gen = GenerationRequest(
-            params, messages=messages, cache_salt=body.cache_salt,
-            default_max_tokens=config.default_chat_max_tokens if max_tokens is None else None,
+            pre.params, messages=pre.messages, cache_salt=body.cache_salt,
+            default_max_tokens=config.default_chat_max_tokens if pre.max_tokens is None else None,
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await _start(state, gen, rid, aliases, "messages")
+        stream = await _start(state, gen, rid, pre)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
             request, state, stream, body.stream,
-            lambda: chat_events(state, stream, body, name, params, include_usage),
-            lambda final: chat_response(state, final, body, name),
+            lambda: chat_events(state, stream, body, pre.model, pre.params, include_usage),
+            lambda final: chat_response(state, final, body, pre.model),
         )
 
     @app.get("/kv/info")

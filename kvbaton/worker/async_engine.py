@@ -23,6 +23,7 @@ from typing import Any, Callable, TypeVar
 
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
+from kvbaton.limits import default_max_tokens
 from kvbaton.worker.stream import (
     EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream, StreamObserver,
 )
@@ -381,11 +382,9 @@ class AsyncEngine:
         if req.default_max_tokens is not None:
             if isinstance(prompt, str):
                 prompt = eng.tokenize(prompt)
-            capacity = eng.stats()["kv_blocks_total"] * eng.config.block_size
-            room = min(eng.max_model_len, capacity) - len(prompt)
-            params = dataclasses.replace(
-                params, max_tokens=max(1, min(req.default_max_tokens, room))
-            )
+            capacity = eng.pool.num_blocks * eng.config.block_size
+            max_tokens = default_max_tokens(req.default_max_tokens, len(prompt), eng.max_model_len, capacity)
+            params = dataclasses.replace(params, max_tokens=max_tokens)
         if req.imported:
             assert req.first_token is not None
             eng.commit_import(request_id, params, req.first_token)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvbaton.engine.engine import LLMEngine
-from kvbaton.engine.kv_handoff import ImportPlan
+from kvbaton.engine.kv_handoff import HandleMismatch, ImportPlan
 from kvbaton.engine.leases import LeaseError as EngineLeaseError
 from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.outputs import RequestOutput
@@ -234,9 +234,9 @@ class KVConnector:
                 plan = await self.async_engine.call(
                     lambda e: e.reserve_import(prompt, handle.block_hashes, request_id, cache_salt)
                 )
-            except ValueError as e:
-                if "block_hashes" not in str(e):
-                    raise  # the prompt itself is bad: a 400 for the caller
+            except HandleMismatch as e:
+                # Not the client's fault (another model or salt on the prefill side): recompute.
+                # Any other InvalidRequestError is the prompt's own: a 400 for the caller.
                 raise TransferError(str(e)) from None
             if plan is None:
                 raise TransferError("no free KV blocks to receive the prompt now")

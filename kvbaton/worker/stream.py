@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvbaton.engine.outputs import RequestOutput
-from kvbaton.engine.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from kvbaton.engine.outputs import RequestOutput
-from kvbaton.engine.sampling_params import SamplingParams
-from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestStream
-from kvbaton.worker.protocol import (
+from kvbaton.api.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, TextDeltas, chat_logprobs,
-    completion_logprobs, now_s, sse, usage,
+    completion_logprobs, now_s, usage,
 )
+from kvbaton.api.sse import DONE_EVENT, sse
+from kvbaton.engine.outputs import RequestOutput
+from kvbaton.sampling_params import SamplingParams
+from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestStream
 
 if TYPE_CHECKING:
     from kvbaton.worker.api import WorkerState
-
-DONE = "data: [DONE]\n\n"
-
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
     return usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
@@ -110,7 +108,7 @@ async def _stream_events(
                 "id": stream.request_id, "object": obj, "created": created, "model": model,
                 "choices": [], "usage": _usage(last), **(usage_extras or {}),
             })
-    yield DONE
+    yield DONE_EVENT
 
 
 # ---- completions ----------------------------------------------------------------------------

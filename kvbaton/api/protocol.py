@@ -7,7 +7,6 @@ silently ignored. Unknown extra fields are ignored, as OpenAI clients send many.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
@@ -15,6 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 SEED_RANGE = Field(default=None, ge=-(2**63), lt=2**63)
+# The error code of a decode request whose KV transfer failed under the "fail" policy: the
+# router retries it elsewhere (a 502 with this code, or an SSE error event carrying it).
+KV_TRANSFER_FAILED = "kv_transfer_failed"
 
 
 class ApiError(Exception):
@@ -271,11 +273,3 @@ def chat_logprobs(
             ],
         })
     return {"content": content}
-
-
-def sse(data: dict[str, Any] | str) -> str:
-    """One server-sent event in OpenAI's framing."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n"
-
-

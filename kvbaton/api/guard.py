@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvbaton.worker.protocol import ApiError
+from kvbaton.api.protocol import ApiError
 
 log = logging.getLogger(__name__)
 

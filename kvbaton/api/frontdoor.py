@@ -1,0 +1,140 @@
+"""The front door both the worker and the router serve: the settings of their OpenAI API, and
+the one preamble every request goes through before either side does its own work.
+
+The preamble checks the fields the engine cannot honour, resolves the model name, builds the
+engine's :class:`~kvbaton.sampling_params.SamplingParams` (so a bad field is a 400 naming the
+field the client sent, on the router exactly as on a worker) and applies the ``max_tokens``
+defaults. Engine-side errors arrive typed (:class:`~kvbaton.errors.InvalidRequestError`) and
+become 400s here by their ``param`` and ``code``, never by their message text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvbaton.errors import ConfigError, InvalidRequestError
+from kvbaton.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class FrontDoorConfig:
+    """Settings of the OpenAI-compatible HTTP API, shared by ``WorkerConfig`` and
+    ``RouterConfig`` (both subclass it).
+
+    ``api_key``: when set, every route but ``/health`` and ``/metrics`` needs
+    ``Authorization: Bearer KEY``. Chat requests without ``max_tokens`` generate at most
+    ``default_chat_max_tokens`` (and never past the context or the KV cache); completions
+    default to ``default_completion_max_tokens``, as OpenAI's do.
+    """
+
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_bytes: int = 8 << 20
+    # Seconds in-flight requests may keep running after SIGTERM.
+    drain_timeout_s: float = 5.0
+    max_logprobs: int = 20
+    default_chat_max_tokens: int = 1024
+    default_completion_max_tokens: int = 16
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ConfigError("max_request_bytes", "must be >= 1024")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
+        if self.max_logprobs < 0:
+            raise ConfigError("max_logprobs", "must be >= 0")
+        for name in ("default_chat_max_tokens", "default_completion_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be >= 1")
+
+
+def resolve_model(name: str | None, served: list[str], server: str) -> str:
+    """The model name a response echoes: ``name`` if this server serves it (None: the first of
+    ``served``); a 404 naming what it serves otherwise."""
+    if name is None or name in served:
+        return name or served[0]
+    raise ApiError(404, f"model {name!r} does not exist; this {server} serves {served}", "model",
+                   "model_not_found")
+
+
+def invalid_request(e: InvalidRequestError, aliases: dict[str, str], prompt_param: str) -> ApiError:
+    """The 400 for an engine or sampling error: ``param`` mapped to the field the client sent
+    (``prompt`` is ``messages`` for chat; ``max_tokens`` may be ``max_completion_tokens``)."""
+    param = prompt_param if e.param == "prompt" else e.param
+    if param is not None:
+        param = aliases.get(param, param)
+    return ApiError(400, e.message_for(param), param, e.code)
+
+
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str],
+    prompt_param: str,
+) -> SamplingParams:
+    """The engine's SamplingParams for ``body``; a 400 naming the field the client sent."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            seed=body.seed,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except InvalidRequestError as e:
+        raise invalid_request(e, aliases, prompt_param) from None
+
+
+@dataclass
+class Preamble:
+    """A request that passed the front door.
+
+    Exactly one of ``prompt`` (completions: text or token ids) and ``messages`` (chat) is set.
+    ``max_tokens`` is None for a chat request that gave none: the default then depends on the
+    prompt's length, known once it is tokenized (:func:`kvbaton.limits.default_max_tokens`);
+    ``params.max_tokens`` holds 1 until then. ``aliases`` map engine field names to the
+    ones the client sent, and ``prompt_param`` is the field that holds the prompt, for
+    error messages.
+    """
+
+    model: str
+    params: SamplingParams
+    max_tokens: int | None
+    logprobs: int | None
+    prompt_param: str
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def error(self, e: InvalidRequestError) -> ApiError:
+        """The 400 for an error the engine raised about this request."""
+        return invalid_request(e, self.aliases, self.prompt_param)
+
+
+def completion_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
+                        body: CompletionRequest) -> Preamble:
+    """``POST /v1/completions`` up to the point where worker and router part ways."""
+    body.check_supported()
+    name = resolve_model(body.model, served, server)
+    prompt = body.prompt_input()
+    if body.logprobs is not None and body.logprobs > cfg.max_logprobs:
+        raise ApiError(400, f"logprobs: at most {cfg.max_logprobs}", "logprobs", "invalid_value")
+    max_tokens = cfg.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
+    params = sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
+    return Preamble(name, params, max_tokens, body.logprobs, "prompt", prompt=prompt)
+
+
+def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
+                  body: ChatCompletionRequest) -> Preamble:
+    """``POST /v1/chat/completions`` up to the point where worker and router part ways."""
+    body.check_supported()
+    name = resolve_model(body.model, served, server)
+    messages = body.template_input()
+    max_tokens, logprobs, aliases = body.limits(cfg.max_logprobs)
+    params = sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
+    return Preamble(name, params, max_tokens, logprobs, "messages", messages=messages, aliases=aliases)

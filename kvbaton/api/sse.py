@@ -1,0 +1,76 @@
+"""Server-sent events and client disconnects, as the worker and the router both serve them.
+
+:class:`EventStreamResponse` runs a cleanup however the response ends (finished, client gone,
+server shutting down, or never started), so an aborted stream always aborts its request.
+:func:`until_disconnect` awaits some work unless the client leaves first, in which case the
+work is cancelled (and a result it produced anyway is handed to ``orphan`` for cleanup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+T = TypeVar("T")
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event in OpenAI's framing."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that calls ``on_close`` (sync or async) however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Any]) -> None:
+        super().__init__(
+            content, media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            result = self._on_close()
+            if inspect.isawaitable(result):
+                await result
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client closes its connection."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(
+    request: Request, work: Awaitable[T], orphan: Callable[[T], Awaitable[None]] | None = None
+) -> T | None:
+    """``await work``, or cancel it and return None if the client leaves first. A result the
+    work produced anyway while being cancelled goes to ``orphan`` (to close it)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        return None
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if orphan is not None and not task.cancelled() and task.exception() is None:
+                await orphan(task.result())
