@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class OtherLoad:
 
     frac: float | None = None
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._start = (_busy_cpu_s(), sum(os.times()[:2]), time.perf_counter())
         return self
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from kvbaton.errors import ConfigError, InvalidRequestError
 

@@ -11,18 +11,19 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvbaton.api.server import AppThread
+from kvbaton.api.sse import sse
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.models.tokenizer import byte_tokenizer
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.server import RouterThread
-from kvbaton.api.server import AppThread
-from kvbaton.api.sse import sse
 
 FINGERPRINT = "fake-fingerprint"
 BLOCK_SIZE = 4

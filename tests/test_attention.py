@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GREEDY, make_llm, random_prompts
 
+from conftest import GREEDY, make_llm, random_prompts
 from kvbaton.engine.attention import (
     ATTENTION_BACKENDS,
     CPUPagedBackend,

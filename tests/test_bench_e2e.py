@@ -7,19 +7,19 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvbaton.api.server import bind_socket
 from kvbaton.bench.load import LoadConfig
 from kvbaton.bench.runner import BenchConfig, run_bench
 from kvbaton.cli import main
-from kvbaton.api.server import bind_socket
 from worker_support import running_worker
 
 # Key names shared with `vllm bench serve`'s result JSON.

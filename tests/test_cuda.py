@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GREEDY, make_llm, random_prompts
 
+from conftest import GREEDY, make_llm, random_prompts
 from kvbaton import SamplingParams
 
 pytestmark = [

@@ -9,15 +9,16 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
+from conftest import GREEDY, random_prompts
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.local_cluster import WorkerProcess, WorkerSpec
 from kvbaton.router.server import RouterThread
-from conftest import GREEDY, random_prompts
 from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
 
 ENGINE = {"num_kv_blocks": 512}

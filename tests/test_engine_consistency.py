@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import GREEDY, make_llm, random_prompts
 
+from conftest import GREEDY, make_llm, random_prompts
 from kvbaton import SamplingParams
 
 

@@ -6,14 +6,15 @@ import itertools
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
 import pytest
 import zmq
 
 from kvbaton.engine.block_pool import BlockPool
-from kvbaton.kv.event_stream import END_SEQ, KVEventBatch, KVEventPublisher
+from kvbaton.kv.event_stream import KVEventBatch, KVEventPublisher
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.events import AllBlocksCleared, BlockStored
 from kvbaton.kv.hashing import hash_block_chain, root_hash

@@ -11,10 +11,10 @@ import dataclasses
 
 import pytest
 
+from conftest import GREEDY, make_llm, random_prompts
 from kvbaton import SamplingParams
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.leases import LeaseError, LeaseTable
-from conftest import GREEDY, make_llm, random_prompts
 
 PREFILL = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 

@@ -9,10 +9,10 @@ import threading
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbaton.kv import index as kv_index
+from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbaton.kv.index import KVIndex
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import msgspec
 import pytest
 import torch
-from conftest import run_in_threads
 
+from conftest import run_in_threads
 from kvbaton.kv.codec import block_checksums
 from kvbaton.kv.spec import KVSpec
 from kvbaton.kv.transfer import (

@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch
 
+from conftest import run_in_threads
 from kvbaton.kv.spec import KVSpec
 from kvbaton.kv.transfer import (
     AuthError,
@@ -31,7 +32,6 @@ from kvbaton.kv.transfer import (
 )
 from kvbaton.kv.transfer.handshake import client_handshake
 from kvbaton.kv.transfer.shm_read import ShmMapping
-from conftest import run_in_threads
 from test_kv_transfer import FP, SPEC, Leases, client, eventually, same_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,13 +4,18 @@ answers from the prefill leg, chat conversion, non-streaming assembly, block has
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.router.policies import (
-    PlacementPolicy, RoutingRequest, WorkerView, POLICIES, register_policy,
+    POLICIES,
+    PlacementPolicy,
+    RoutingRequest,
+    WorkerView,
+    register_policy,
 )
 from router_fakes import BLOCK_SIZE, FINGERPRINT, FakeWorker, cluster, expected_text, tokenizer
 

@@ -4,18 +4,23 @@ the index-backed overlap, and the routing flags."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pytest
 
 from kvbaton.cli import build_parser
-from kvbaton.kv.events import AllBlocksCleared, BlockStored
 from kvbaton.kv.event_subscriber import WorkerEndpoints
+from kvbaton.kv.events import AllBlocksCleared, BlockStored
 from kvbaton.router.config import RouterConfig, add_router_args, router_config_from_args
 from kvbaton.router.kv_feed import KVIndexFeed
 from kvbaton.router.policies import (
-    KVAwarePolicy, PolicyOptions, PrefixOverlap, RoutingRequest, WorkerView, make_policy,
+    KVAwarePolicy,
+    PolicyOptions,
+    PrefixOverlap,
+    RoutingRequest,
+    WorkerView,
+    make_policy,
 )
 from kvbaton.router.pool import Worker, WorkerPool
 

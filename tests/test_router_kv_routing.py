@@ -6,11 +6,13 @@ cannot fill is repaired by the worker's resync (its whole cache, published in-st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
+from conftest import run_in_threads
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.router.config import RouterConfig
@@ -19,7 +21,6 @@ from kvbaton.router.pool import Worker
 from kvbaton.router.server import RouterThread
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.server import WorkerThread
-from conftest import run_in_threads
 from worker_support import ENGINE_DEFAULTS, MODEL, metric, parse_metrics, running_worker, wait_for
 
 BS = 16

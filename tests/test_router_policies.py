@@ -11,10 +11,18 @@ import httpx
 import pytest
 
 from kvbaton.router.config import (
-    DEFAULT_DISAGG_MIN_TOKENS, RouterConfig, add_router_args, router_config_from_args,
+    DEFAULT_DISAGG_MIN_TOKENS,
+    RouterConfig,
+    add_router_args,
+    router_config_from_args,
 )
 from kvbaton.router.policies import (
-    POLICIES, LeastLoadPolicy, PrefixOverlap, RoundRobinPolicy, RoutingRequest, WorkerView,
+    POLICIES,
+    LeastLoadPolicy,
+    PrefixOverlap,
+    RoundRobinPolicy,
+    RoutingRequest,
+    WorkerView,
     make_policy,
 )
 from router_fakes import FakeWorker, cluster

@@ -4,7 +4,8 @@ the router equals a direct worker request (the colocated path)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import make_llm, random_prompts
 
+from conftest import make_llm, random_prompts
 from kvbaton import SamplingParams
 from kvbaton.engine.sampler import sample
 

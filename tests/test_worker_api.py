@@ -8,10 +8,10 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import make_llm, random_prompts
-from worker_support import MODEL, metric, parse_metrics, running_worker
 
+from conftest import make_llm, random_prompts
 from kvbaton import SamplingParams
+from worker_support import MODEL, metric, parse_metrics, running_worker
 
 MAX_TOKENS = 12
 

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+
 from worker_support import MODEL, running_worker
 
 API_KEY = "sk-kvbaton-test"

@@ -4,7 +4,8 @@ evictions), /health carries the worker id and load, and --no-kv-events turns it 
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from worker_support import (
-    MODEL, engine_debug, metric, parse_metrics, running_worker, start_worker, wait_for, wait_idle,
+    MODEL,
+    engine_debug,
+    metric,
+    parse_metrics,
+    running_worker,
+    start_worker,
+    wait_for,
+    wait_idle,
 )
 
 LONG = {"model": MODEL, "prompt": [1, 2, 3, 4, 5], "max_tokens": 2000, "ignore_eos": True,

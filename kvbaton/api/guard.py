@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -7,7 +7,8 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvbaton.bench.client import ENDPOINT_TYPES, BenchError
 from kvbaton.bench.load import LoadConfig

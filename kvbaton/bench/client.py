@@ -72,7 +72,7 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def build_body(endpoint: Endpoint, session: "Session", turn_index: int,
+def build_body(endpoint: Endpoint, session: Session, turn_index: int,
                history: list[tuple[str, str]]) -> dict[str, Any]:
     """The request body for turn ``turn_index`` of ``session`` after the (user, answer) history.
 
@@ -122,7 +122,7 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text[:MAX_ERROR_CHARS]}" if text else f"HTTP {status}"
 
 
-async def send_turn(client: httpx.AsyncClient, endpoint: Endpoint, session: "Session",
+async def send_turn(client: httpx.AsyncClient, endpoint: Endpoint, session: Session,
                     turn_index: int, history: list[tuple[str, str]],
                     run_start: float) -> RequestRecord:
     """Send one turn, streaming, and time it. Never raises for a failure of the server or the

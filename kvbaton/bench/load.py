@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def arrival_intervals(n: int, request_rate: float, burstiness: float = 1.0,
     return rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n)
 
 
-def arrival_offsets(sessions: Sequence["Session"], request_rate: float, burstiness: float = 1.0,
+def arrival_offsets(sessions: Sequence[Session], request_rate: float, burstiness: float = 1.0,
                     time_scale: float = 1.0, seed: int = 0) -> list[float]:
     """Arrival time (s after the start) of each session, in input order. The first
     generated arrival is at 0; trace arrivals are scaled by ``time_scale``."""
@@ -131,11 +132,11 @@ class _Run:
         if seconds > 0:
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return not self.stopping.is_set()
 
-    async def session(self, session: "Session", arrival_s: float) -> None:
+    async def session(self, session: Session, arrival_s: float) -> None:
         if not await self._sleep_unless_stopping(arrival_s - (time.perf_counter() - self.t0)):
             return
         if self.slots is not None:
@@ -149,7 +150,7 @@ class _Run:
             if self.slots is not None:
                 self.slots.release()
 
-    async def _turns(self, session: "Session") -> None:
+    async def _turns(self, session: Session) -> None:
         history: list[tuple[str, str]] = []
         for i, turn in enumerate(session.turns):
             if i > 0 and not await self._sleep_unless_stopping(turn.think_time_s):
@@ -173,7 +174,7 @@ class _Run:
             history.append((turn.user, rec.text))
 
 
-async def drive(sessions: Sequence["Session"], send: SendTurn, config: LoadConfig,
+async def drive(sessions: Sequence[Session], send: SendTurn, config: LoadConfig,
                 on_record: Callable[[RequestRecord], None] | None = None) -> LoadResult:
     """Run ``sessions`` against ``send`` under ``config`` and return every record."""
     offsets = arrival_offsets(sessions, config.request_rate, config.burstiness,

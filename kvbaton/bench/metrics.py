@@ -13,8 +13,8 @@ Definitions follow vLLM's benchmark so numbers are comparable:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 

@@ -7,8 +7,9 @@ callable returned by :meth:`AttentionBackend.bind`, so model files stay backend-
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,8 @@ allows. Blocks are registered by hash only after their KV is written (``cache_bl
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
 from kvbaton.kv.hashing import BlockHash

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -21,7 +22,6 @@ from kvbaton.engine.model_runner import ModelRunner
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import sample
-from kvbaton.sampling_params import SamplingParams
 from kvbaton.engine.scheduler import Scheduler
 from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.events import KVEventSink

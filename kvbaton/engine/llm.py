@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any
 
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine

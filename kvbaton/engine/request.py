@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbaton.sampling_params import SamplingParams
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
+from kvbaton.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

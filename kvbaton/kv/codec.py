@@ -11,7 +11,7 @@ authenticated by the handshake, not by checksums. Both ends name it in the hands
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

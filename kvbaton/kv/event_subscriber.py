@@ -28,14 +28,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 import msgspec
 import zmq
 
 from kvbaton.kv.event_stream import (
-    END_SEQ, RESYNC_REQUEST, KVEventBatch, check_endpoint, decode_batch, split_topic,
+    END_SEQ,
+    RESYNC_REQUEST,
+    KVEventBatch,
+    check_endpoint,
+    decode_batch,
+    split_topic,
 )
 from kvbaton.kv.events import AllBlocksCleared
 

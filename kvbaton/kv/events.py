@@ -9,7 +9,8 @@ Defaults are always written (no ``omit_defaults``) because vLLM's decoder requir
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import msgspec
 

@@ -28,9 +28,9 @@ import heapq
 import itertools
 import threading
 import time
-from dataclasses import dataclass
 from collections import deque
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from kvbaton.kv.events import (
     DEFAULT_MEDIUM,

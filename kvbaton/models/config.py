@@ -69,7 +69,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Parse a Hugging Face ``config.json`` dict; unsupported model types raise ValueError."""
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -116,7 +116,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
         """Read a ``config.json`` file."""
         with open(path) as f:
             return cls.from_hf_dict(json.load(f))

@@ -11,7 +11,8 @@ several small ones.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

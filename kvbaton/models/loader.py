@@ -12,15 +12,16 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from kvbaton.models.config import ModelConfig
 from kvbaton.models.llama import LlamaForCausalLM, RotaryEmbedding
-from kvbaton.models.registry import BUNDLED_SMOLLM2, DUMMY_CONFIGS
+from kvbaton.models.registry import DUMMY_CONFIGS
 from kvbaton.models.sources import dir_tokenizer, resolve_model_dir
 from kvbaton.models.tokenizer import byte_tokenizer
 

@@ -8,7 +8,12 @@ Entry points: :func:`kvbaton.router.server.run_router` (CLI), :class:`RouterThre
 
 from kvbaton.router.config import RouterConfig, add_router_args, router_config_from_args
 from kvbaton.router.policies import (
-    POLICIES, NoPrefixOverlap, PlacementPolicy, PrefixOverlap, RoutingRequest, make_policy,
+    POLICIES,
+    NoPrefixOverlap,
+    PlacementPolicy,
+    PrefixOverlap,
+    RoutingRequest,
+    make_policy,
     register_policy,
 )
 

@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, Response
 from kvbaton.api.guard import RequestGuard, install_error_handlers
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from kvbaton.api.sse import EventStreamResponse, until_disconnect
-
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
 from kvbaton.router.kv_feed import KVIndexFeed

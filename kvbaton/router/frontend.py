@@ -15,12 +15,12 @@ from typing import Any
 
 import anyio
 
-from kvbaton.models.sources import tokenizer_for_model
-from kvbaton.models.tokenizer import chat_prompt_ids
 from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvbaton.errors import InvalidRequestError
 from kvbaton.limits import check_request_fits, default_max_tokens
+from kvbaton.models.sources import tokenizer_for_model
+from kvbaton.models.tokenizer import chat_prompt_ids
 from kvbaton.router.config import RouterConfig
 
 

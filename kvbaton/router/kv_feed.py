@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvbaton.kv.event_stream import KVEventBatch
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 _ANNOUNCE = re.compile(r"kvbaton worker \((\w+)\) serving .* at (http://\S+)/v1")
 

@@ -16,15 +16,15 @@ state per worker, and the event stream's lag and unrecoverable gaps.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvbaton.api.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 from kvbaton.kv.index import KVIndex
 from kvbaton.router.pool import WorkerPool
-from kvbaton.api.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 
 PREFIX = "kvbaton:router_"
 PATHS = ("disagg", "local", "direct")

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.router.config import RouterConfig
@@ -34,10 +35,15 @@ from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.policies import NoPrefixOverlap, PrefixOverlap, RoutingRequest, make_policy
 from kvbaton.router.pool import Worker, WorkerPool
 from kvbaton.router.relay import (
-    CLEANUP_TIMEOUT_S, DONE, LegFailure, RelayStream, WorkerApiError, close_quietly, sse_events,
+    CLEANUP_TIMEOUT_S,
+    DONE,
+    LegFailure,
+    RelayStream,
+    WorkerApiError,
+    close_quietly,
+    sse_events,
     transport_failure,
 )
-from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError
 
 log = logging.getLogger(__name__)
 

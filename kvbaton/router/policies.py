@@ -21,8 +21,9 @@ import itertools
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal, Protocol, Sequence
+from typing import ClassVar, Literal, Protocol
 
 from kvbaton.kv.hashing import BlockHash
 

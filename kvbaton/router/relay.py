@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import httpx
 
-from kvbaton.router.pool import InFlight, Worker
 from kvbaton.api.protocol import ApiError
+from kvbaton.router.pool import InFlight, Worker
 
 DONE = "[DONE]"
 # Closing a worker stream or answering a control call must not hold up the client for long,

@@ -10,7 +10,8 @@ as a worker does when its engine fails mid-stream.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from kvbaton.api.protocol import chat_logprobs, now_s, usage
 from kvbaton.api.sse import DONE_EVENT, sse

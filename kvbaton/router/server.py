@@ -9,14 +9,15 @@ its worker streams (the workers abort those requests) and releases unconsumed le
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 
+from kvbaton.api.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 from kvbaton.router.app import RouterState, create_app
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.policies import PrefixOverlap
-from kvbaton.api.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 
 
 def make_router_server(app: FastAPI, log_level: str = "WARNING",

@@ -7,12 +7,12 @@ all encoding (prompts, chat templates) happens on the engine thread.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +32,7 @@ from kvbaton.worker.kv_connector import KVConnector
 from kvbaton.worker.metrics import WorkerMetrics
 from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream
 from kvbaton.worker.streaming import chat_events, chat_response, completion_events, completion_response
+
 
 class WorkerState:
     """What the routes share: the async engine, metrics, config and the served names."""
@@ -299,7 +300,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
 
         try:
             result = await state.engine.call(probe)
-        except (EngineDeadError, EngineStoppedError, asyncio.TimeoutError) as e:
+        except (TimeoutError, EngineDeadError, EngineStoppedError) as e:
             raise ApiError(503, f"engine unavailable: {e!r}", None, "service_unavailable") from None
         result["num_streams"] = state.engine.num_streams
         result["role"] = config.role

@@ -18,14 +18,19 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.limits import default_max_tokens
 from kvbaton.worker.stream import (
-    EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream, StreamObserver,
+    EngineDeadError,
+    EngineStoppedError,
+    GenerationRequest,
+    RequestStream,
+    StreamObserver,
 )
 
 __all__ = [

@@ -8,11 +8,18 @@ chunk with empty ``choices`` carries the usage, as OpenAI does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from kvbaton.api.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, TextDeltas, chat_logprobs,
-    completion_logprobs, now_s, usage,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextDeltas,
+    chat_logprobs,
+    completion_logprobs,
+    now_s,
+    usage,
 )
 from kvbaton.api.sse import DONE_EVENT, sse
 from kvbaton.engine.outputs import RequestOutput

@@ -8,8 +8,8 @@ used), which keeps the path simple; it is not overlapped with the socket I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

@@ -79,7 +79,7 @@ class SharedKV:
         self.path = path
 
     @classmethod
-    def create(cls, spec: KVSpec, num_blocks: int, directory: str = SHM_DIR) -> "SharedKV":
+    def create(cls, spec: KVSpec, num_blocks: int, directory: str = SHM_DIR) -> SharedKV:
         """Allocate the file (all of it, up front) and map it.
 
         Raises OSError naming the size and directory when the file system cannot hold it (a

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class ShmMapping:
         self.rows = rows
 
     @classmethod
-    def open(cls, offer: wire.ShmOffer, block_bytes: int) -> "ShmMapping":
+    def open(cls, offer: wire.ShmOffer, block_bytes: int) -> ShmMapping:
         """Map ``offer``'s file; OSError if it cannot be opened, ValueError if it is not the
         file described (another host, another file under that name, a layout that disagrees)."""
         if offer.host_id != host_id():

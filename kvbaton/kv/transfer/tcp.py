@@ -18,8 +18,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 
@@ -36,8 +36,8 @@ from kvbaton.kv.transfer.transport import (
     FetchStats,
     PeerClosed,
     ProtocolError,
-    Transport,
     TransferError,
+    Transport,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class TransferClient(Transport):
         for c in conns:
             c.close()
 
-    def __enter__(self) -> "TransferClient":
+    def __enter__(self) -> TransferClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,8 @@ import logging
 import select
 import socket
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -94,7 +95,7 @@ class TransferServer(TransportServer):
             raise RuntimeError("the transfer server is not started")
         return self.host, self.port
 
-    def start(self) -> "TransferServer":
+    def start(self) -> TransferServer:
         if self._listener is not None:
             raise RuntimeError("the transfer server is already started")
         self._listener = sockio.listen(self.host, self.port, self.socket_buffer_bytes)
@@ -127,7 +128,7 @@ class TransferServer(TransportServer):
             raise ValueError(f"{len(block_ids)} block_ids but {len(checksums)} checksums")
         self._checksums.put(lease_id, list(block_ids), list(checksums))
 
-    def __enter__(self) -> "TransferServer":
+    def __enter__(self) -> TransferServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

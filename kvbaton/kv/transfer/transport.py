@@ -10,8 +10,9 @@ workers never change when one is added.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -40,7 +41,7 @@ class ChecksumError(TransferError):
         self.dst_block_id = dst_block_id  # destination block it was written to
 
     @classmethod
-    def at(cls, position: int, block_indexes: Sequence[int], dst_block_ids: Sequence[int]) -> "ChecksumError":
+    def at(cls, position: int, block_indexes: Sequence[int], dst_block_ids: Sequence[int]) -> ChecksumError:
         """The error for the block at ``position`` of a fetch."""
         b, d = block_indexes[position], dst_block_ids[position]
         msg = (
@@ -143,7 +144,7 @@ class TransportServer(ABC):
     """Server side of the data plane: serves one worker's KV blocks to its peers."""
 
     @abstractmethod
-    def start(self) -> "TransportServer":
+    def start(self) -> TransportServer:
         """Begin accepting peers (non-blocking: serves from background threads). Returns self."""
 
     @abstractmethod

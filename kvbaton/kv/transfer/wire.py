@@ -54,7 +54,7 @@ class SpecMsg(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block_size: int
 
     @classmethod
-    def of(cls, spec: KVSpec) -> "SpecMsg":
+    def of(cls, spec: KVSpec) -> SpecMsg:
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.block_size)
 
 
