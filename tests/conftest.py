@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -34,6 +35,18 @@ def run_in_threads(fn: Callable[[int], object], n: int, timeout_s: float = 30.0)
     for t in threads:
         t.join(timeout_s)
     return errors
+
+
+def wait_until(pred: Callable[[], object], timeout_s: float = 20.0, what: str = "condition",
+               interval_s: float = 0.01) -> None:
+    """Poll ``pred`` until it is true; AssertionError naming ``what`` after ``timeout_s``. The
+    one polling helper of the suite: servers record some facts just after the client sees them
+    (a counter after the last byte left), so tests wait for them, boundedly."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
 
 
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 512) -> list[list[int]]:

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 
-from conftest import GREEDY, random_prompts
+from conftest import GREEDY, random_prompts, wait_until
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.local_cluster import WorkerProcess, WorkerSpec
 from kvbaton.router.server import RouterThread
-from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
+from worker_support import metric, parse_metrics, running_worker, wait_idle
 
 ENGINE = {"num_kv_blocks": 512}
 BODY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
@@ -53,7 +53,7 @@ def cluster(
 def settle(*workers: Any) -> None:
     """Nothing running, no blocks used, no lease held, integrity checks pass, on each worker."""
     for w in workers:
-        wait_for(lambda: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
+        wait_until(lambda: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
 
 
 def routed(router: RouterThread, prompt: list[int], max_tokens: int = GREEDY.max_tokens, **extra: Any) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import GREEDY, random_prompts
-from worker_support import metric, parse_metrics, running_worker, wait_for, wait_idle
+from conftest import GREEDY, random_prompts, wait_until
+from worker_support import metric, parse_metrics, running_worker, wait_idle
 
 MAX_TOKENS = GREEDY.max_tokens
 
@@ -37,7 +37,7 @@ def decode(url: str, prompt: list[int], handle: dict[str, Any], **extra: Any) ->
 def settle(*urls: str) -> None:
     """Both workers idle, leases ended, no blocks used, integrity checks pass."""
     for url in urls:
-        wait_for(lambda: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
+        wait_until(lambda: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
 
 
 @pytest.fixture(scope="module", params=["shm", "tcp"])
@@ -66,9 +66,9 @@ def test_disaggregated_output_equals_colocated(pd, plain_reference, length: int)
     assert report["outcome"] == "fetched" and report["blocks_fetched"] == -(-length // 16)
     stats = p.state.kv.server.stats
     if p.state.engine.engine.config.shared_kv:
-        wait_for(lambda: stats.shm_fetches > 0, what="the shm fetch to be counted")
+        wait_until(lambda: stats.shm_fetches > 0, what="the shm fetch to be counted")
     else:
-        wait_for(lambda: stats.fetches > 0, what="the TCP fetch to be counted")
+        wait_until(lambda: stats.fetches > 0, what="the TCP fetch to be counted")
         assert stats.shm_fetches == 0
     settle(p.url, d.url)
 

@@ -6,27 +6,20 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
 import zmq
 
+from conftest import wait_until
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.kv.event_stream import KVEventBatch, KVEventPublisher
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.events import AllBlocksCleared, BlockStored
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.kv.index import KVIndex
-
-
-def wait_until(pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.005)
 
 
 def H(i: int) -> bytes:

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import torch
 
-from conftest import run_in_threads
+from conftest import run_in_threads, wait_until
 from kvbaton.kv.codec import block_checksums
 from kvbaton.kv.spec import KVSpec
 from kvbaton.kv.transfer import (
@@ -70,14 +70,6 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
 
 
-def eventually(predicate, timeout_s: float = 5.0) -> bool:
-    """The server records a refusal just after telling the client: wait for it, boundedly."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
-
-
 @contextmanager
 def serving(kv: torch.Tensor, spec: KVSpec = SPEC, **kwargs) -> Iterator[tuple[TransferServer, Leases]]:
     leases = Leases()
@@ -126,7 +118,7 @@ def test_many_blocks_in_one_message_and_index_subsets():
         assert same_bytes(dst2, src[[292, 292, 0, 299]])  # lease index i is block 299 - i
         # The server counts a fetch after its last byte left, which can be after the client
         # has it all.
-        assert eventually(lambda: server.stats.fetches == 2 and server.stats.blocks_sent == 304)
+        wait_until(lambda: server.stats.fetches == 2 and server.stats.blocks_sent == 304)
         assert server.stats.connections == 1  # the second fetch reused the connection
 
 
@@ -146,7 +138,7 @@ def test_concurrent_clients():
 
         errors = run_in_threads(worker, 8)
     assert not errors, errors
-    assert eventually(lambda: server.stats.fetches == 32)
+    wait_until(lambda: server.stats.fetches == 32)
 
 
 def test_corrupted_block_raises_checksum_error_naming_it():
@@ -194,7 +186,8 @@ def test_spec_or_fingerprint_mismatch_is_refused_at_handshake(client_spec, clien
         with pytest.raises(SpecMismatch, match=expected):
             c.fetch(*server.address, lease, [0, 1], dst, [0, 1])
         assert not dst.any()  # nothing was written
-        assert eventually(lambda: server.stats.spec_mismatches == 1) and server.stats.fetches == 0
+        wait_until(lambda: server.stats.spec_mismatches == 1)
+        assert server.stats.fetches == 0
 
 
 @pytest.mark.parametrize(
@@ -212,7 +205,7 @@ def test_wrong_or_missing_secret_is_refused_on_both_sides(server_secret, client_
         with pytest.raises(AuthError, match=expected):
             c.fetch(*server.address, lease, [0], dst, [0])
         assert not dst.any()
-        assert eventually(lambda: server.stats.auth_failures == 1)
+        wait_until(lambda: server.stats.auth_failures == 1)
         assert server.stats.fetches == 0 and "AuthError" in server.stats.errors[-1]
 
 
@@ -283,7 +276,7 @@ def test_server_stop_with_clients_connected_does_not_hang():
 
         t = threading.Thread(target=stalled)
         t.start()
-        assert eventually(lambda: server.stats.connections == 2)
+        wait_until(lambda: server.stats.connections == 2)
         stopper = threading.Thread(target=server.stop)
         stopper.start()
         stopper.join(10)
@@ -345,7 +338,7 @@ def test_wire_is_msgpack_only_and_pickle_is_refused():
             body = pickle.dumps({"type": "hello"})
             s.sendall(wire.FRAME_PREFIX.pack(len(body)) + body)
             assert s.recv(1) == b""  # the server hangs up
-        assert eventually(lambda: bool(server.stats.errors))
+        wait_until(lambda: bool(server.stats.errors))
         assert "malformed message" in server.stats.errors[-1]
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import run_in_threads
+from conftest import run_in_threads, wait_until
 from kvbaton.kv.spec import KVSpec
 from kvbaton.kv.transfer import (
     AuthError,
@@ -32,7 +32,7 @@ from kvbaton.kv.transfer import (
 )
 from kvbaton.kv.transfer.handshake import client_handshake
 from kvbaton.kv.transfer.shm_read import ShmMapping
-from test_kv_transfer import FP, SPEC, Leases, client, eventually, same_bytes
+from test_kv_transfer import FP, SPEC, Leases, client, same_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def test_round_trip_into_scattered_destination_blocks(dtype):
         for s, d in zip(src_ids, dst_ids):
             assert same_bytes(dst[d], kv.tensor[s])
         assert not dst[sorted(set(range(20)) - set(dst_ids))].any()
-        assert eventually(lambda: server.stats.shm_fetches == 1 and leases.pins == 0)
+        wait_until(lambda: server.stats.shm_fetches == 1 and leases.pins == 0)
         assert server.stats.bytes_sent == 10 * spec.bytes_per_block
 
 
@@ -120,7 +120,7 @@ def test_pin_is_held_during_the_copy_and_released_on_done(monkeypatch):
         for _ in range(3):  # one connection, one mapping, three fetches
             c.fetch(*server.address, lease, [0, 1, 2], SPEC.allocate(3, "cpu"), [0, 1, 2])
         assert seen == [1, 1, 1]
-        assert eventually(lambda: leases.pins == 0 and server.stats.shm_fetches == 3)
+        wait_until(lambda: leases.pins == 0 and server.stats.shm_fetches == 3)
         assert server.stats.connections == 1 and len(c._maps) == 1
 
 
@@ -135,7 +135,7 @@ def test_source_rewritten_after_checksums_were_cached_raises_checksum_error():
         with pytest.raises(ChecksumError, match=r"block 5 of the fetch .*lease index 5.*destination block 10.*xxh3_64") as ei:
             c.fetch(*server.address, lease, list(range(16)), dst, dst_ids)
         assert (ei.value.position, ei.value.block_index, ei.value.dst_block_id) == (5, 5, 10)
-        assert eventually(lambda: leases.pins == 0)  # the client said done despite the failure
+        wait_until(lambda: leases.pins == 0)  # the client said done despite the failure
         kv.tensor[5].copy_(good)
         assert c.fetch(*server.address, lease, list(range(16)), dst, list(range(16))).path == "shm"
         assert same_bytes(dst, kv.tensor) and server.stats.connections == 1
@@ -152,7 +152,7 @@ def test_lease_errors_over_shm_keep_the_connection():
         assert c.fetch(*server.address, lease, [1, 0], dst, [0, 1]).path == "shm"
         assert same_bytes(dst, kv.tensor[[2, 1]])
         assert server.stats.lease_errors == 2 and server.stats.connections == 1
-        assert eventually(lambda: leases.pins == 0)
+        wait_until(lambda: leases.pins == 0)
 
 
 @pytest.mark.parametrize("how", ["client_prefers_tcp", "server_prefers_tcp", "file_unlinked", "private_kv"])
@@ -198,7 +198,7 @@ def test_pin_released_when_the_client_hangs_up_or_goes_silent():
                 else:  # says nothing: the server gives up after io_timeout_s and hangs up
                     sock.settimeout(5)
                     assert sock.recv(1) == b""
-                assert eventually(lambda: leases.pins == 0)
+                wait_until(lambda: leases.pins == 0)
         assert server.stats.shm_fetches == 0
 
 
@@ -362,7 +362,7 @@ def test_concurrent_shm_fetches():
 
         errors = run_in_threads(worker, 8)
         assert not errors, errors
-        assert eventually(lambda: server.stats.shm_fetches == 24 and leases.pins == 0)
+        wait_until(lambda: server.stats.shm_fetches == 24 and leases.pins == 0)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -402,7 +402,7 @@ def test_injected_faults_apply_to_shm_fetches():
         server.faults = None
         assert c.fetch(*server.address, lease, list(range(8)), dst, list(range(8))).path == "shm"
         assert same_bytes(dst, kv.tensor)
-        assert eventually(lambda: leases.pins == 0)
+        wait_until(lambda: leases.pins == 0)
 
 
 def test_shm_messages_are_plain_msgpack():

@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from router_fakes import TRANSFER_BYTES, TRANSFER_S, FakeWorker, cluster, tokenizer, wait_until
+from conftest import wait_until
+from router_fakes import TRANSFER_BYTES, TRANSFER_S, FakeWorker, cluster, tokenizer
 from worker_support import metric, parse_metrics
 
 LONG = "x" * 40

@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from router_fakes import FakeWorker, cluster, dead_url, expected_text, wait_until
+from conftest import wait_until
+from router_fakes import FakeWorker, cluster, dead_url, expected_text
 from worker_support import metric, parse_metrics
 
 LONG = "x" * 40

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from conftest import run_in_threads
+from conftest import run_in_threads, wait_until
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.router.config import RouterConfig
@@ -21,7 +21,7 @@ from kvbaton.router.pool import Worker
 from kvbaton.router.server import RouterThread
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.server import WorkerThread
-from worker_support import ENGINE_DEFAULTS, MODEL, metric, parse_metrics, running_worker, wait_for
+from worker_support import ENGINE_DEFAULTS, MODEL, metric, parse_metrics, running_worker
 
 BS = 16
 SCALE = 2.0  # --prefill-load-scale: a cached block is worth 2 blocks of load
@@ -66,7 +66,7 @@ def kv_cluster() -> Iterator[Cluster]:
         try:
             c = Cluster(router, a, b)
             # Followed and resynced (each stream's AllBlocksCleared applied: within a heartbeat).
-            wait_for(lambda: all(c.feed.following(w.url) and not c.feed.index.is_approximate(w.url)
+            wait_until(lambda: all(c.feed.following(w.url) and not c.feed.index.is_approximate(w.url)
                                  for w in (a, b)), what="both streams")
             yield c
         finally:
@@ -82,7 +82,7 @@ def cache_directly(c: Cluster, w: WorkerThread, tokens: list[int]) -> None:
     before = c.feed.index.block_count(w.url)
     r = httpx.post(f"{w.url}/v1/completions", json={"prompt": tokens, "max_tokens": 1}, timeout=60)
     assert r.status_code == 200, r.text
-    wait_for(lambda: c.holds(w, before + len(tokens) // BS), what="the worker's events")
+    wait_until(lambda: c.holds(w, before + len(tokens) // BS), what="the worker's events")
 
 
 def test_cached_prefix_goes_to_its_worker_unless_overloaded_past_the_margin() -> None:
@@ -139,7 +139,7 @@ def test_restarted_worker_loses_its_entries_and_routing_recovers() -> None:
                 return (w.worker_id == new_id and w.usable and c.feed.following(c.b.url)
                         and not c.feed.index.is_approximate(c.b.url))
 
-            wait_for(resynced, what="the router to follow the restarted worker")
+            wait_until(resynced, what="the router to follow the restarted worker")
             assert new_id != old_id and c.feed.index.block_count(c.b.url) == 0
             first = c.complete(p + [1])
             second = c.complete(p + [2])
@@ -169,7 +169,7 @@ def test_gap_replay_cannot_fill_is_resynced_from_the_worker() -> None:
                     and not c.feed.index.is_approximate(c.b.url)
                     and all(c.feed.index.longest_prefix(ch) == {c.b.url: len(ch)} for ch in chains.values()))
 
-        wait_for(resynced, what="the gap to be noticed and the worker resynced")
+        wait_until(resynced, what="the gap to be noticed and the worker resynced")
         values = parse_metrics(httpx.get(f"{c.router.url}/metrics", timeout=10).text)
         assert metric(values, "kvbaton:router_kv_event_gaps_total", worker=c.b.url) >= 1
         assert metric(values, "kvbaton:router_kv_index_approximate", worker=c.b.url) == 0

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import wait_until
 from kvbaton.cli import build_parser, main
 from kvbaton.errors import ConfigError
 from kvbaton.kv.event_stream import KVEventBatch
@@ -17,7 +18,7 @@ from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.index import KVIndex
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.server import WorkerThread
-from worker_support import running_worker, wait_for, wait_idle
+from worker_support import running_worker, wait_idle
 
 BODY = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
 
@@ -61,7 +62,7 @@ def test_events_rebuild_the_pool_prefix_cache(small_worker: WorkerThread) -> Non
             return stats is not None and not stats.approximate and index.block_count("w") == len(truth) \
                 and all(("w", "device") in index.holders(h) for h in truth)
 
-        wait_for(same, timeout_s=10, what="the index to match the pool")
+        wait_until(same, timeout_s=10, what="the index to match the pool")
         assert {"AllBlocksCleared", "BlockStored", "BlockRemoved"} <= kinds
     finally:
         sub.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import wait_until
 from worker_support import (
     MODEL,
     engine_debug,
@@ -21,7 +22,6 @@ from worker_support import (
     parse_metrics,
     running_worker,
     start_worker,
-    wait_for,
     wait_idle,
 )
 
@@ -133,7 +133,7 @@ def _spawn_worker(*extra: str) -> tuple[subprocess.Popen, str]:
         proc.kill()
         raise AssertionError(f"worker did not announce its endpoint: {line!r}{proc.stdout.read()}")
     url = line.split(" at ")[-1].strip().removesuffix("/v1")
-    wait_for(lambda: _healthy(url), what="the worker to become healthy")
+    wait_until(lambda: _healthy(url), what="the worker to become healthy")
     return proc, url
 
 

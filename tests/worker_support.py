@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
+from conftest import wait_until
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.worker.config import WorkerConfig
@@ -37,14 +37,6 @@ def running_worker(worker: dict[str, Any] | None = None, **engine: Any) -> Itera
         assert w.stop()
 
 
-def wait_for(pred: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def engine_debug(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     r = httpx.get(f"{url}/debug/engine", headers=headers, timeout=10)
     r.raise_for_status()
@@ -63,7 +55,7 @@ def wait_idle(url: str, baseline_blocks: int, headers: dict[str, str] | None = N
             and s["kv_blocks_used"] == baseline_blocks and state["num_streams"] == 0
         )
 
-    wait_for(idle, what="the engine to become idle")
+    wait_until(idle, what="the engine to become idle")
     assert state["integrity_error"] is None, state["integrity_error"]
     return state
 
