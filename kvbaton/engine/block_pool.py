@@ -102,6 +102,27 @@ class BlockPool:
                 del self._free[bid]
             blk.ref_count += 1
 
+    def acquire(self, hit: Sequence[int], num_new: int) -> list[int] | None:
+        """Take references on the cached prefix ``hit`` (from ``find_cached_prefix``) and
+        allocate ``num_new`` fresh blocks after it: ``hit + new``, or None (and nothing taken)
+        when the pool cannot supply them. The one allocation rule of admission and import:
+        cached blocks that sit evictable on the free queue are about to be taken, so they do
+        not count as free."""
+        hit_evictable = sum(1 for b in hit if self.blocks[b].ref_count == 0)
+        if num_new > len(self._free) - hit_evictable:
+            return None
+        self.touch(hit)
+        return list(hit) + self.allocate(num_new)
+
+    def count_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Record one request's prefix lookup for the hit-rate counters (once per request)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def cached_hashes(self) -> set[BlockHash]:
+        """Every hash the prefix cache can find now (for tests and snapshots)."""
+        return set(self._cached)
+
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks with ref count 1, evicting least-recently-used cached blocks."""
         if n > len(self._free):

@@ -21,8 +21,9 @@ from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.model_runner import ModelRunner
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
-from kvbaton.engine.sampler import sample
+from kvbaton.engine.sampler import Sampler
 from kvbaton.engine.scheduler import Scheduler
+from kvbaton.engine.stop import check_stop
 from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.events import KVEventSink
 from kvbaton.kv.hashing import BlockHash, root_hash
@@ -83,6 +84,7 @@ class LLMEngine:
         )
         self.leases = LeaseTable(config.lease_ttl_s)
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
+        self.sampler = Sampler()
         self.runner = ModelRunner(
             self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend,
             shared_kv=config.shared_kv,
@@ -249,6 +251,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request at any point; its blocks are freed. False if unknown/finished."""
+        self.sampler.forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
@@ -264,10 +267,8 @@ class LLMEngine:
             return []
         logits = self.runner.execute(out)
         sampling = [s for s in out.scheduled if s.samples]
-        result = sample(
-            logits,
-            [s.request.params for s in sampling],
-            [s.request.generator for s in sampling],
+        result = self.sampler.sample(
+            logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
         )
         for s in out.scheduled:
             self.scheduler.commit_computed(s)
@@ -277,33 +278,27 @@ class LLMEngine:
             req.token_ids.append(result.token_ids[i])
             if req.params.logprobs is not None:
                 req.logprobs.append(result.logprobs[i])
-                if result.top_logprobs[i] is not None:
-                    req.top_logprobs.append(result.top_logprobs[i])  # type: ignore[arg-type]
+                top = result.top_logprobs[i]
+                if top is not None:
+                    req.top_logprobs.append(top)
             outputs.append(self._check_stop_and_output(req))
         return outputs
 
     def _check_stop_and_output(self, req: Request) -> RequestOutput:
         params = req.params
-        tok = req.token_ids[-1]
-        prev_text = req.output_text
         # Detokenizing every step costs O(n) per token; do it only when someone reads it.
         text = self._detokenize(req) if (params.stop or self.incremental_detokenize) else None
-        end: tuple[str, str | int | None] | None = None
-        if not params.ignore_eos and tok in self.eos_token_ids:
-            end = ("stop", None)
-        elif tok in params.stop_token_ids:
-            end = ("stop", tok)
-        elif text is not None and (hit := self._find_stop(text, prev_text, params.stop)):
-            text = text[: hit[0]]
-            end = ("stop", hit[1])
-        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
-            end = ("length", None)
+        end = check_stop(params, req.token_ids[-1], req.num_output_tokens, req.num_tokens,
+                         self.max_model_len, self.eos_token_ids, text, req.output_text)
         lease = None
         if end is not None:
-            hold = req.lease_ttl_s is not None
-            kept = self.scheduler.finish(req, end[0], end[1], keep_blocks=hold)
-            if hold:
-                lease = self.handoff.lease_out(req, kept, req.lease_ttl_s)  # type: ignore[arg-type]
+            if end.text is not None:
+                text = end.text
+            ttl = req.lease_ttl_s
+            kept = self.scheduler.finish(req, end.reason, end.stop_reason, keep_blocks=ttl is not None)
+            self.sampler.forget(req.request_id)
+            if ttl is not None:
+                lease = self.handoff.lease_out(req, kept, ttl)
         if text is None and req.finished:
             text = self._detokenize(req)
         if text is not None:
@@ -311,16 +306,6 @@ class LLMEngine:
         out = self._make_output(req)
         out.kv_lease = lease
         return out
-
-    @staticmethod
-    def _find_stop(text: str, prev_text: str, stops: list[str]) -> tuple[int, str] | None:
-        for s in stops:
-            # Only the tail can hold a new match (a few chars of slack: a half-decoded UTF-8
-            # character at the old end can be rewritten by the next token).
-            idx = text.find(s, max(0, len(prev_text) - len(s) - 3))
-            if idx >= 0:
-                return idx, s
-        return None
 
     def _detokenize(self, req: Request) -> str:
         ids = req.output_token_ids
@@ -350,7 +335,12 @@ class LLMEngine:
     # ---- introspection ---------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        """Assert block accounting: every block's refs equal the live requests holding it."""
+        """Assert block accounting (every block's refs equal the live requests, leases and
+        imports holding it), request states, and that no finished request left a sampler
+        generator behind."""
+        self.scheduler.check_states()
+        stale = set(self.sampler.generators) - set(self.scheduler.requests)
+        assert not stale, f"sampler generators of finished requests: {sorted(stale)[:5]}"
         refs = self.scheduler.block_refs()
         for b, n in self.handoff.block_refs().items():
             refs[b] = refs.get(b, 0) + n

@@ -127,14 +127,10 @@ class KVHandoff:
                 "(different model, tokens or cache_salt)"
             )
         hit = self.pool.find_cached_prefix(own, prompt_token_ids)
-        need = -(-n // bs) - len(hit)
-        hit_evictable = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
-        if need > self.pool.num_free_blocks - hit_evictable:
+        blocks = self.pool.acquire(hit, -(-n // bs) - len(hit))
+        if blocks is None:
             return None
-        self.pool.touch(hit)
-        plan = ImportPlan(
-            request_id, list(prompt_token_ids), cache_salt, own, hit + self.pool.allocate(need), len(hit)
-        )
+        plan = ImportPlan(request_id, list(prompt_token_ids), cache_salt, own, blocks, len(hit))
         self.plans[request_id] = plan
         return plan
 
@@ -150,13 +146,7 @@ class KVHandoff:
             parent = hashes[b - 1] if b else None
             self.pool.cache_block(plan.block_ids[b], hashes[b], plan.prompt_token_ids[b * bs : (b + 1) * bs], parent)
         self.num_imported_blocks += len(plan.block_ids) - plan.num_local_blocks
-        req.block_ids = list(plan.block_ids)
-        req.num_computed_tokens = n
-        req.num_committed_blocks = n // bs
-        req.num_cached_tokens = plan.num_local_blocks * bs
-        self.pool.prefix_queries += n
-        self.pool.prefix_hits += req.num_cached_tokens
-        self.scheduler.add(req)
+        self.scheduler.add_with_kv(req, plan.block_ids, n, plan.num_local_blocks * bs)
 
     def cancel(self, request_id: str) -> bool:
         plan = self.plans.pop(request_id, None)

@@ -1,4 +1,8 @@
-"""Request: one sequence's state inside the engine (tokens, blocks, progress, outcome)."""
+"""Request: one sequence's state inside the engine (tokens, blocks, progress, outcome).
+
+Torch-free on purpose: the scheduler, the block pool and the stop rule work on requests alone,
+so a simulator can drive them without a model (the sampler keeps seeded generators itself).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,17 @@ from kvbaton.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is in its life.
+
+    ``WAITING`` requests hold no blocks; admission looks up their cached prefix.
+    ``WAITING_WITH_KV`` requests already hold blocks with KV written for their first
+    ``num_computed_tokens`` tokens (imported from a prefill worker): admission gives them
+    blocks for the rest only. ``RUNNING`` requests are scheduled every step until
+    ``FINISHED``. Preemption sends a running request back to ``WAITING`` (its blocks freed).
+    """
+
     WAITING = "waiting"
+    WAITING_WITH_KV = "waiting_with_kv"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -47,7 +61,6 @@ class Request:
     top_logprobs: list[dict[int, float]] = field(init=False, default_factory=list)
     finish_reason: str | None = field(init=False, default=None)
     stop_reason: str | int | None = field(init=False, default=None)
-    generator: torch.Generator | None = field(init=False, default=None)
     output_text: str = field(init=False, default="")
     num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
     # Prefill-only: keep the prompt's blocks under a lease of this many seconds when finished.
@@ -55,8 +68,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -77,6 +88,10 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def waiting(self) -> bool:
+        return self.status in (RequestStatus.WAITING, RequestStatus.WAITING_WITH_KV)
 
     def full_block_hashes(self) -> list[BlockHash]:
         """Hashes of all full blocks of the current tokens (computed incrementally)."""

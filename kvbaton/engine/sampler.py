@@ -1,9 +1,15 @@
-"""Sampler: turns last-position logits into tokens (greedy, temperature, top-k, top-p, seed)."""
+"""Sampler: turns last-position logits into tokens (greedy, temperature, top-k, top-p, seed).
+
+:func:`sample` is the pure step; :class:`Sampler` adds what a seeded request needs across steps:
+its own random generator, kept here (keyed by request id) rather than on the request, so the
+engine's :class:`~kvbaton.engine.request.Request` stays free of torch and a simulator can run
+the scheduler on requests without it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,3 +69,34 @@ def sample(
         else:
             tops.append(None)
     return SampleResult(token_list, chosen, tops)
+
+
+@dataclass
+class Sampler:
+    """Samples for the engine and owns the generators of seeded requests.
+
+    A request's generator is created from its seed the first time it samples and lives until
+    :meth:`forget` (the engine calls it when the request ends, however it ends), so a
+    request's tokens depend only on its seed, never on what it was batched with, and a
+    preempted request continues its stream where it left off.
+    """
+
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    def sample(self, logits: torch.Tensor, request_ids: Sequence[str],
+               params: Sequence[SamplingParams]) -> SampleResult:
+        """One token per row of ``logits``, row ``i`` for ``request_ids[i]``."""
+        gens = [self._generator(rid, p) for rid, p in zip(request_ids, params)]
+        return sample(logits, params, gens)
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        gen = self.generators.get(request_id)
+        if gen is None:
+            gen = self.generators[request_id] = torch.Generator().manual_seed(params.seed)
+        return gen
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's generator (a no-op for unseeded requests)."""
+        self.generators.pop(request_id, None)

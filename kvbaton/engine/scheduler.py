@@ -154,8 +154,8 @@ class Scheduler:
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.block_ids:  # arrived with imported KV: nothing to look up or share
-                admitted = self._admit_preloaded(req, budget, out)
+            if req.status is RequestStatus.WAITING_WITH_KV:  # nothing to look up or share
+                admitted = self._admit_with_kv(req, budget, out)
             else:
                 hashes, hit = self._cached_prefix(req)
                 if inflight is not None and self._waits_for_inflight(hashes, len(hit), req, inflight):
@@ -206,36 +206,51 @@ class Scheduler:
         n = self._chunk(remaining, budget)
         if n < remaining and not self.enable_chunked_prefill:
             return False
-        need = self._blocks_for(num_cached + n) - len(hit)
-        # Cached blocks on the free queue are about to be taken, so they do not count as free.
-        hit_evictable = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
-        if need > self.pool.num_free_blocks - hit_evictable:
+        blocks = self.pool.acquire(hit, self._blocks_for(num_cached + n) - len(hit))
+        if blocks is None:
             return False
         self.waiting.popleft()
-        self.pool.touch(hit)
-        req.block_ids = hit + self.pool.allocate(need)
+        req.block_ids = blocks
         req.num_committed_blocks = len(hit)
         req.num_computed_tokens = num_cached
-        if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_cached
-            self.pool.prefix_queries += req.num_tokens
-            self.pool.prefix_hits += num_cached
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
-        out.scheduled.append(ScheduledRequest(req, n))
+        self._count_hit(req, num_cached)
+        self._run(req, n, out)
         return True
 
-    def _admit_preloaded(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
-        """Admit a request that arrived owning blocks with its prompt's KV already in them
-        (imported from a prefill worker): only its remaining tokens are computed."""
+    def _admit_with_kv(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
+        """Admit a request that arrived holding blocks with its first tokens' KV already in
+        them (imported from a prefill worker): only its remaining tokens are computed."""
         n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
         if not self._ensure_blocks(req, req.num_computed_tokens + n):
             return False
         self.waiting.popleft()
+        self._run(req, n, out)
+        return True
+
+    def _run(self, req: Request, n: int, out: SchedulerOutput) -> None:
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         out.scheduled.append(ScheduledRequest(req, n))
-        return True
+
+    def _count_hit(self, req: Request, num_cached: int) -> None:
+        """The hit-rate counters, once per request (a preempted request readmitted on its own
+        blocks is not a new lookup)."""
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_cached
+            self.pool.count_lookup(req.num_tokens, num_cached)
+
+    def add_with_kv(self, req: Request, block_ids: list[int], num_computed_tokens: int,
+                    num_cached_tokens: int) -> None:
+        """Queue ``req`` holding ``block_ids``, whose first ``num_computed_tokens`` tokens'
+        KV is in place (full blocks among them already registered by the caller);
+        ``num_cached_tokens`` of them were found in this worker's own cache (the rest came
+        from elsewhere), for the hit counters and the client's ``cached_tokens``."""
+        req.block_ids = list(block_ids)
+        req.num_computed_tokens = num_computed_tokens
+        req.num_committed_blocks = num_computed_tokens // self.block_size
+        self._count_hit(req, num_cached_tokens)
+        self.add(req)
+        req.status = RequestStatus.WAITING_WITH_KV
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens a request computes this step: what it has left, within the step's budget
@@ -289,8 +304,25 @@ class Scheduler:
     def block_refs(self) -> dict[int, int]:
         """Block -> number of live requests holding it (for integrity checks)."""
         refs: dict[int, int] = {}
-        # Waiting requests hold blocks only when they arrived with imported KV.
-        for req in (*self.running, *self.waiting):
+        for req in self.requests.values():
             for b in req.block_ids:
                 refs[b] = refs.get(b, 0) + 1
         return refs
+
+    def check_states(self) -> None:
+        """Assert that each live request's status matches where it is and what it holds."""
+        problems = []
+        for req in self.requests.values():
+            queue = "running" if req in self.running else "waiting" if req in self.waiting else None
+            ok = {
+                RequestStatus.WAITING: queue == "waiting" and not req.block_ids,
+                RequestStatus.WAITING_WITH_KV: queue == "waiting" and bool(req.block_ids),
+                RequestStatus.RUNNING: queue == "running",
+            }.get(req.status, False)
+            if not ok:
+                problems.append(f"{req.request_id}: {req.status.value} in {queue} with "
+                                f"{len(req.block_ids)} blocks")
+        if len(self.running) + len(self.waiting) != len(self.requests):
+            problems.append("a queued request is not in the request table")
+        if problems:
+            raise AssertionError("scheduler states: " + "; ".join(problems[:10]))

@@ -33,6 +33,7 @@ from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.policies import NoPrefixOverlap, PrefixOverlap, RoutingRequest, make_policy
+from kvbaton.router.placement import place
 from kvbaton.router.pool import Worker, WorkerPool
 from kvbaton.router.relay import (
     CLEANUP_TIMEOUT_S,
@@ -112,32 +113,24 @@ class Orchestrator:
         return Job(routing, fields, arrival, self.config.max_retries)
 
     def place(self, job: Job) -> tuple[Worker, Worker | None]:
-        """The decode worker and, when the request is worth disaggregating, a prefill one.
-        Both are told to the overlap provider (``routed``), so siblings follow them."""
+        """The decode worker and, when the request is worth disaggregating, a prefill one
+        (:func:`kvbaton.router.placement.place`). Both are told to the overlap provider
+        (``routed``), so siblings follow them."""
         started = time.perf_counter()
-        decoder, prefiller = self._choose(job)
-        self.metrics.routing_decision.observe(time.perf_counter() - started)
-        self.overlap.routed(job.routing, decoder)
-        if prefiller is not None:
-            self.overlap.routed(job.routing, prefiller)
-        return decoder, prefiller
-
-    def _choose(self, job: Job) -> tuple[Worker, Worker | None]:
         req = job.routing
         candidates = self.pool.decode_candidates(exclude=job.tried)
         if not candidates:
             raise ApiError(503, "no healthy decode worker is available", None, "service_unavailable")
-        decoder = self.decode_policy.choose(req, candidates, "decode")
-        cached = min(self.overlap.cached_tokens(req, decoder), req.num_prompt_tokens)
-        job.predicted[decoder.url] = cached
-        if req.num_prompt_tokens - cached < self.config.disagg_min_tokens or decoder.model_fingerprint is None:
-            return decoder, None
-        prefills = self.pool.prefill_candidates(exclude=[decoder])
-        if not prefills:
-            if self.pool.has_dedicated_prefill():
-                self.metrics.fallbacks.labels("no_prefill_worker").inc()
-            return decoder, None
-        return decoder, self.prefill_policy.choose(req, prefills, "prefill")
+        p = place(req, candidates, self.pool.prefill_candidates(), self.overlap, self.decode_policy,
+                  self.prefill_policy, self.config.disagg_min_tokens, self.pool.has_dedicated_prefill())
+        self.metrics.routing_decision.observe(time.perf_counter() - started)
+        job.predicted[p.decoder.url] = p.predicted_cached
+        if p.fallback is not None:
+            self.metrics.fallbacks.labels(p.fallback).inc()
+        self.overlap.routed(req, p.decoder)
+        if p.prefiller is not None:
+            self.overlap.routed(req, p.prefiller)
+        return p.decoder, p.prefiller
 
     # ---- the flow ------------------------------------------------------------------------
 

@@ -65,6 +65,11 @@ class WorkerView(Protocol):
     def role(self) -> str: ...
 
     @property
+    def model_fingerprint(self) -> str | None:
+        """The model fingerprint the worker reported (None until it did: it cannot import KV)."""
+        ...
+
+    @property
     def in_flight_requests(self) -> int: ...
 
     @property
