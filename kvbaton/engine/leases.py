@@ -142,6 +142,11 @@ class LeaseTable:
             live = [lease.deadline for lease in self._leases.values() if not lease.ended]
         return min(live) if live else None
 
+    def ids(self) -> list[str]:
+        """Ids of the leases not collected yet (live or ended)."""
+        with self._lock:
+            return list(self._leases)
+
     def block_refs(self) -> dict[int, int]:
         """Block -> number of leases holding it (for integrity checks)."""
         refs: dict[int, int] = {}
