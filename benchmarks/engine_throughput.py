@@ -144,8 +144,8 @@ def run_ttft(llm: LLM, prompts: list[list[int]], device: str) -> dict[str, Any]:
     cold, warm, cached = [], [], []
     with OtherLoad() as load:
         for p in prompts:  # each is new to the cache (cold), then runs again (warm)
-            cold.append(timed(lambda: llm.generate(p, sp), device)[0])
-            t_warm, outs = timed(lambda: llm.generate(p, sp), device)
+            cold.append(timed(lambda p=p: llm.generate(p, sp), device)[0])
+            t_warm, outs = timed(lambda p=p: llm.generate(p, sp), device)
             warm.append(t_warm)
             cached.append(outs[0].num_cached_tokens)
     c, w = statistics.median(cold), statistics.median(warm)
@@ -191,7 +191,7 @@ def run_hf(model: Any, prompts: list[list[int]], output_len: int, batch_sizes: l
     for bs in batch_sizes:
         batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
         with OtherLoad() as load:
-            wall, n_out = timed(lambda: sum(generate(b, output_len) for b in batches), device)
+            wall, n_out = timed(lambda batches=batches: sum(generate(b, output_len) for b in batches), device)
         assert n_out == len(prompts) * output_len, f"HF made {n_out} tokens"
         runs[str(bs)] = {"wall_s": wall, "output_tok_s": n_out / wall,
                          "total_tok_s": (n_out + n_prompt) / wall, "other_cpu_load": load.frac}

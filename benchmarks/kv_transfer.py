@@ -131,7 +131,11 @@ def run(args: argparse.Namespace) -> dict:
             for path, client in clients.items():
                 used: set[str] = set()
 
-                def fetch(lease: str) -> float:
+                # The loop's values are bound as defaults (fetch is only called in this iteration).
+                def fetch(
+                    lease: str, *, client: TransferClient = client, idx: list[int] = idx, dst: torch.Tensor = dst,
+                    dst_ids: list[int] = dst_ids, used: set[str] = used,
+                ) -> float:
                     stats = client.fetch("127.0.0.1", port, lease, idx, dst, dst_ids)
                     used.add(stats.path)
                     return stats.seconds

@@ -175,7 +175,7 @@ def test_lost_batch_is_replayed(closers: list[Any]) -> None:
     col = Collector()
     sub = make_sub(closers, {"w": pub}, col)
     base = sync(pub, col)
-    pub._wire_filter = lambda seq: seq not in (base + 3, base + 4)
+    pub.wire_filter = lambda seq: seq not in (base + 3, base + 4)
     publish_batches(pub, range(1, 8))
     wait_until(lambda: col.seqs()[-1:] == [base + 7])
     assert col.seqs() == list(range(base + 8))
@@ -197,7 +197,7 @@ def test_gap_beyond_the_ring_buffer_calls_on_gap(closers: list[Any]) -> None:
     col.gaps.clear()
     assert not index.is_approximate("w")  # the sync batches were AllBlocksCleared
     lost = {base + 1, base + 2, base + 3, base + 4}
-    pub._wire_filter = lambda seq: seq not in lost
+    pub.wire_filter = lambda seq: seq not in lost
     publish_batches(pub, range(1, 7))
     wait_until(lambda: col.seqs()[-1:] == [base + 6])
     assert col.gaps == ["w"]
@@ -251,12 +251,12 @@ def test_unfillable_gap_is_resynced_from_a_snapshot(closers: list[Any]) -> None:
     resyncs = pub.resyncs
     a, b = list(range(16)), [5] * 12
     chain_a, chain_b = hash_block_chain(root, a, bs), hash_block_chain(root, b, bs)
-    pub._wire_filter = lambda seq: False  # everything about prompt a is lost on the wire
+    pub.wire_filter = lambda seq: False  # everything about prompt a is lost on the wire
     with owner.lock:
         run_prompt(pool, a, chain_a)
     assert pub.flush(2.0)
     publish_batches(pub, range(900, 903))  # lost too, and push a's batches out of the buffer
-    pub._wire_filter = None
+    pub.wire_filter = None
     with owner.lock:
         run_prompt(pool, b, chain_b)
     assert pub.flush(2.0)
@@ -278,7 +278,7 @@ def test_replay_timeout_calls_on_gap(closers: list[Any]) -> None:
     closers.append(sub)
     base = sync(pub, col)  # may itself report a gap: the SUB joined late and replay is dead
     col.gaps.clear()
-    pub._wire_filter = lambda seq: seq != base + 1
+    pub.wire_filter = lambda seq: seq != base + 1
     publish_batches(pub, range(1, 3))
     wait_until(lambda: col.seqs()[-1:] == [base + 2])
     assert col.gaps == ["w"] and base + 1 not in col.seqs()
@@ -297,7 +297,7 @@ def test_queue_overflow_shows_as_an_unfillable_gap(closers: list[Any]) -> None:
     sync(pub, col)
     col.gaps.clear()
     entered, gate = threading.Event(), threading.Event()
-    pub._wire_filter = lambda seq: (entered.set(), gate.wait(5))[1]  # stall the thread
+    pub.wire_filter = lambda seq: (entered.set(), gate.wait(5))[1]  # stall the thread
     pub.publish(stored(1))
     assert entered.wait(5)  # the thread is stuck sending stored(1); the queue is empty
     for i in (2, 3, 4, 5):  # 4 and 5 overflow the 2-event queue
@@ -378,7 +378,7 @@ def test_close_never_hangs_with_dead_peers(closers: list[Any]) -> None:
         pub.publish(stored(i))
     pub.close()
     sub.close()
-    assert not pub._thread.is_alive() and not sub._thread.is_alive()
+    assert not pub.alive and not sub.alive
     pub.publish(stored(0))  # after close: dropped, no error
     assert pub.dropped_events == 1
 

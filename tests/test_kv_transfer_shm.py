@@ -121,7 +121,7 @@ def test_pin_is_held_during_the_copy_and_released_on_done(monkeypatch):
             c.fetch(*server.address, lease, [0, 1, 2], SPEC.allocate(3, "cpu"), [0, 1, 2])
         assert seen == [1, 1, 1]
         wait_until(lambda: leases.pins == 0 and server.stats.shm_fetches == 3)
-        assert server.stats.connections == 1 and len(c._maps) == 1
+        assert server.stats.connections == 1 and c.num_mapped == 1
 
 
 def test_source_rewritten_after_checksums_were_cached_raises_checksum_error():

@@ -154,10 +154,10 @@ def test_gap_replay_cannot_fill_is_resynced_from_the_worker() -> None:
         pub = c.b.state.kv.events
         assert pub is not None
         cache_directly(c, c.b, prefix(4))
-        pub._max_queue = 0  # the publisher cannot keep up: events are dropped, one seq skipped
+        pub.max_queue_events = 0  # the publisher cannot keep up: events are dropped, one seq skipped
         r = httpx.post(f"{c.b.url}/v1/completions", json={"prompt": prefix(5), "max_tokens": 1}, timeout=60)
         assert r.status_code == 200
-        pub._max_queue = 1_000_000
+        pub.max_queue_events = 1_000_000
         r = httpx.post(f"{c.b.url}/v1/completions", json={"prompt": prefix(6), "max_tokens": 1}, timeout=60)
         assert r.status_code == 200
         chains = {p: c.router.state.orchestrator.new_job("x", prefix(p), 1, {}, 0.0).routing.block_hashes

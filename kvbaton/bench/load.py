@@ -199,8 +199,8 @@ async def drive(sessions: Sequence[Session], send: SendTurn, config: LoadConfig,
         for t in tasks:  # the caller was cancelled: leave nothing running behind
             t.cancel()
     for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # a bug in send(): failures of the server are records, not raises
+        if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
+            raise exc  # a bug in send(): failures of the server are records, not raises
     return LoadResult(
         records=run.records, duration_s=time.perf_counter() - run.t0,
         sessions_started=run.started, sessions_not_started=len(sessions) - run.started,

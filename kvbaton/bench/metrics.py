@@ -153,7 +153,7 @@ def per_tag(records: Sequence[RequestRecord], percentiles: Iterable[int] = PERCE
     for tag in tags:
         rs = [r for r in records if tag in r.tags]
         done = [r for r in rs if r.ok]
-        block = {"completed": len(done), "failed": len(rs) - len(done)}
+        block: dict[str, float | None] = {"completed": len(done), "failed": len(rs) - len(done)}
         for name, values in _latency_values(done).items():
             if name != "itl":
                 block.update(distribution_ms(values, name, percentiles))

@@ -288,12 +288,13 @@ async def _compare_async(cfg: BenchConfig, targets: Sequence[tuple[str, str]], s
     results = []
     for name, _ in targets:
         rs = runs[name]
-        cache = None if any(c is None for c in caches[name]) else (
-            sum(c[0] for c in caches[name]), sum(c[1] for c in caches[name]))
-        res = _result(cfg, endpoints[name], load, cfg.seed, [rec for x in rs for rec in x.records],
-                      sum(x.duration_s for x in rs), cache, rs)
-        res["run"]["duration_limit_s"] = cfg.load.duration_s
-        results.append({"name": name, **res})
+        known = [c for c in caches[name] if c is not None]
+        total = None if len(known) < len(caches[name]) else (
+            sum(c[0] for c in known), sum(c[1] for c in known))
+        summary = _result(cfg, endpoints[name], load, cfg.seed, [rec for x in rs for rec in x.records],
+                          sum(x.duration_s for x in rs), total, rs)
+        summary["run"]["duration_limit_s"] = cfg.load.duration_s
+        results.append({"name": name, **summary})
     return {"rounds": len(chunks), "order": order, "targets": results,
             "ratios": compare_ratios(results)}
 

@@ -158,7 +158,7 @@ def _parse_options(workload: str, cls: type, options: dict[str, Any]) -> Any:
             low = _MINIMUM.get(name, 0)
             if not (math.isfinite(value) and value >= low):
                 raise ValueError(f"option {name!r} must be a finite number >= {low}, got {value!r}")
-            value = type(default)(value)
+            value = float(value) if isinstance(default, float) else int(value)  # `ok`: an int or float field
         values[name] = value
     opts = cls(**values)
     if "range_ratio" in fields and not opts.range_ratio < 1:

@@ -30,12 +30,13 @@ def host_bytes(kv: torch.Tensor) -> memoryview:
         raise ValueError(f"host_bytes needs a CPU tensor, got one on {kv.device}")
     if not kv.is_contiguous():
         raise ValueError("host_bytes needs a contiguous tensor")
-    return memoryview(kv.view(torch.uint8).reshape(-1).numpy())
+    return kv.view(torch.uint8).reshape(-1).numpy().data  # == memoryview(array), typed as one
 
 
 def checksum(data: memoryview | bytes | np.ndarray) -> int:
     """The checksum of one block's bytes (XXH3-64, unsigned); any contiguous buffer."""
-    return xxhash.xxh3_64_intdigest(data)
+    # numpy's stubs declare ndarray's buffer protocol (__buffer__) only for Python >= 3.12.
+    return xxhash.xxh3_64_intdigest(data)  # type: ignore[arg-type]
 
 
 def block_checksums(kv: torch.Tensor, block_ids: Sequence[int]) -> list[int]:

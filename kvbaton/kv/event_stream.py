@@ -77,7 +77,7 @@ def check_endpoint(name: str, endpoint: str) -> None:
         raise ValueError(f"{name}: expected a ZMQ endpoint like tcp://host:port, got {endpoint!r}")
 
 
-def _bind(sock: zmq.Socket, name: str, endpoint: str) -> str:
+def _bind(sock: zmq.SyncSocket, name: str, endpoint: str) -> str:
     check_endpoint(name, endpoint)
     try:
         sock.bind(endpoint)
@@ -107,6 +107,11 @@ class KVEventPublisher:
     ``max_queue_events`` (the thread cannot keep up), further events are dropped and one
     sequence number is skipped, so subscribers see a gap that replay cannot fill (their
     index then flags this worker approximate) rather than silently diverging.
+
+    Two public attributes exist for fault-injection tests and may be changed while the
+    publisher runs: ``max_queue_events`` (set it to 0 to make every ``publish`` overflow) and
+    ``wire_filter`` (drops chosen batches on the wire only). ``alive`` says whether the
+    publisher thread is running.
     """
 
     def __init__(
@@ -145,7 +150,8 @@ class KVEventPublisher:
         self._max_batch = max_batch_events
         self._interval = batch_interval_s
         self._heartbeat = heartbeat_s
-        self._max_queue = max_queue_events
+        # Read by publish() on every call, so a test can lower it to force an overflow.
+        self.max_queue_events = max_queue_events
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._overflowed = False
@@ -153,15 +159,17 @@ class KVEventPublisher:
         self._enqueued = 0  # written by publish() callers only
         self._sent = 0  # written by the publisher thread only
         self._seq = -1
-        # Tests set this to drop chosen seqs on the PUB socket only (still kept for replay).
-        self._wire_filter: Callable[[int], bool] | None = None
+        # For fault-injection tests: called on the publisher thread with each batch's seq just
+        # before it is sent; a batch it returns False for is not sent on the PUB socket (it is
+        # still kept for replay), as if the network had lost it. None (the default) sends all.
+        self.wire_filter: Callable[[int], bool] | None = None
 
-        ctx = zmq.Context.instance()
+        ctx: zmq.SyncContext = zmq.Context.instance()
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self.endpoint = _bind(self._pub, "endpoint", endpoint)
-        self._replay: zmq.Socket | None = None
+        self._replay: zmq.SyncSocket | None = None
         self.replay_endpoint: str | None = None
         if replay_endpoint is not None:
             self._replay = ctx.socket(zmq.ROUTER)
@@ -184,7 +192,7 @@ class KVEventPublisher:
         if self._closed:
             self.dropped_events += 1
             return
-        if self._queue.qsize() >= self._max_queue:
+        if self._queue.qsize() >= self.max_queue_events:
             self._overflowed = True
             self.dropped_events += 1
             return
@@ -198,6 +206,12 @@ class KVEventPublisher:
     def last_seq(self) -> int:
         """Sequence number of the last batch sent (-1 before the first)."""
         return self._seq
+
+    @property
+    def alive(self) -> bool:
+        """Whether the publisher thread is running (False once ``close()`` has stopped it, or
+        if it failed)."""
+        return self._thread.is_alive()
 
     def flush(self, timeout_s: float = 1.0) -> bool:
         """Wait until every event published so far has been sent; False on timeout (exact
@@ -279,7 +293,8 @@ class KVEventPublisher:
         self._seq += 1
         payload = encode_batch(KVEventBatch(time.time(), events, self._dp_rank))
         seq = self._seq
-        if self._wire_filter is None or self._wire_filter(seq):
+        wire_filter = self.wire_filter
+        if wire_filter is None or wire_filter(seq):
             self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
         self._buffer.append((seq, payload))
         if from_queue:

@@ -63,7 +63,7 @@ class _Stream:
     __slots__ = ("worker_id", "sock", "replay", "stream", "next_seq", "resync_at", "resync_wanted",
                  "resync_wait")
 
-    def __init__(self, worker_id: WorkerId, sock: zmq.Socket, replay: str | None) -> None:
+    def __init__(self, worker_id: WorkerId, sock: zmq.SyncSocket, replay: str | None) -> None:
         self.worker_id = worker_id
         self.sock = sock
         self.replay = replay
@@ -78,7 +78,8 @@ class KVEventSubscriber:
     """Delivers every worker's batches in seq order to ``on_batch(worker_id, seq, batch)``.
 
     Callbacks run on the subscriber's own thread; an exception in one is logged and the
-    stream goes on. ``close()`` returns within its timeout whatever the peers do.
+    stream goes on. ``close()`` returns within its timeout whatever the peers do; ``alive``
+    says whether the thread is still running.
     """
 
     def __init__(
@@ -106,8 +107,8 @@ class KVEventSubscriber:
         self._replay_timeout = replay_timeout_s
         self._poll_ms = max(1, int(poll_interval_s * 1000))
         self._rcvhwm = rcvhwm
-        self._ctx = zmq.Context.instance()
-        self._commands: queue.SimpleQueue[tuple[WorkerId, zmq.Socket | None, str | None]] = (
+        self._ctx: zmq.SyncContext = zmq.Context.instance()
+        self._commands: queue.SimpleQueue[tuple[WorkerId, zmq.SyncSocket | None, str | None]] = (
             queue.SimpleQueue()
         )
         self._stop = threading.Event()
@@ -141,6 +142,12 @@ class KVEventSubscriber:
         """Stop following a worker; its batches stop being delivered. Thread-safe."""
         self._commands.put((worker_id, None, None))
 
+    @property
+    def alive(self) -> bool:
+        """Whether the subscriber thread is running (False once ``close()`` has stopped it, or
+        if it failed)."""
+        return self._thread.is_alive()
+
     def close(self, timeout_s: float = 2.0) -> None:
         """Stop the thread and close its sockets; waits at most ``timeout_s`` (plus one
         replay timeout if a replay is in flight)."""
@@ -153,7 +160,7 @@ class KVEventSubscriber:
 
     def _run(self) -> None:
         streams: dict[WorkerId, _Stream] = {}
-        by_sock: dict[zmq.Socket, _Stream] = {}
+        by_sock: dict[zmq.SyncSocket, _Stream] = {}
         poller = zmq.Poller()
         try:
             while not self._stop.is_set():
@@ -185,7 +192,7 @@ class KVEventSubscriber:
                     sock.close(linger=0)
 
     def _apply_commands(
-        self, streams: dict[WorkerId, _Stream], by_sock: dict[zmq.Socket, _Stream],
+        self, streams: dict[WorkerId, _Stream], by_sock: dict[zmq.SyncSocket, _Stream],
         poller: zmq.Poller,
     ) -> None:
         while True:

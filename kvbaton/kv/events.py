@@ -10,7 +10,6 @@ Defaults are always written (no ``omit_defaults``) because vLLM's decoder requir
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import msgspec
 
@@ -20,10 +19,13 @@ DEFAULT_MEDIUM = "device"
 
 
 class KVCacheEvent(msgspec.Struct, array_like=True, tag=True, frozen=True, gc=False):
-    """Base of the three events; the tag (first array element) is the class name."""
+    """Base of the three events; the tag (first array element) is the class name.
+
+    msgspec passes ``frozen`` on to subclasses by itself; the subclasses repeat it so that type
+    checkers, which read each class's keywords, see them as frozen too."""
 
 
-class BlockStored(KVCacheEvent):
+class BlockStored(KVCacheEvent, frozen=True):
     """Full blocks whose KV is written and that can now be found by hash."""
 
     block_hashes: list[BlockHash]
@@ -34,16 +36,16 @@ class BlockStored(KVCacheEvent):
     medium: str | None = DEFAULT_MEDIUM
 
 
-class BlockRemoved(KVCacheEvent):
+class BlockRemoved(KVCacheEvent, frozen=True):
     """Blocks evicted: their hashes no longer find anything."""
 
     block_hashes: list[BlockHash]
     medium: str | None = DEFAULT_MEDIUM
 
 
-class AllBlocksCleared(KVCacheEvent):
+class AllBlocksCleared(KVCacheEvent, frozen=True):
     """The whole prefix cache was dropped (reset or restart)."""
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 KVEventSink = Callable[[KVEvent], None]

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvbaton.kv.events import (
     DEFAULT_MEDIUM,
@@ -42,6 +43,13 @@ from kvbaton.kv.events import (
 from kvbaton.kv.hashing import BlockHash
 
 WorkerId = Hashable
+
+
+class HasEvents(Protocol):
+    """A batch of events, such as a decoded ``KVEventBatch``."""
+
+    @property
+    def events(self) -> Sequence[KVEvent]: ...
 
 
 @dataclass
@@ -94,7 +102,7 @@ class KVIndex:
 
     # ---- feeding ---------------------------------------------------------------------------
 
-    def apply(self, worker_id: WorkerId, seq: int, events: Iterable[KVEvent]) -> None:
+    def apply(self, worker_id: WorkerId, seq: int, events: Iterable[KVEvent] | HasEvents) -> None:
         """Apply one batch of a worker's stream (``events``: the batch's events, or any
         object with an ``events`` attribute such as a decoded ``KVEventBatch``).
 
@@ -105,7 +113,7 @@ class KVIndex:
         A restart whose seq 0 was lost is invisible in seqs alone: the subscriber detects it
         by stream id and replays from 0 or calls ``mark_approximate``.
         """
-        evs = getattr(events, "events", events)
+        evs: Iterable[KVEvent] = events.events if hasattr(events, "events") else events
         with self._lock:
             w = self._worker(worker_id)
             expected = 0 if w.last_seq is None else w.last_seq + 1

@@ -72,6 +72,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables indexed by absolute position (values identical to HF's)."""
 
+    cos: torch.Tensor  # buffers (register_buffer below); declared for type checkers
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(cfg)
@@ -241,7 +244,7 @@ class LlamaForCausalLM(nn.Module):
                     )
                 dst.copy_(tensor)
             loaded.add(f"{target}@{offset}")
-        expected = set()
+        expected: set[str] = set()
         for pname in params:
             fused = pname.rsplit(".", 2)[-2] if pname.count(".") >= 2 else ""
             offsets = [off for f, off, _ in shard_offsets.values() if f == fused] or [0]

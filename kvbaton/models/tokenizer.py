@@ -43,8 +43,8 @@ def byte_tokenizer() -> Any:
 
     byte_chars = _bytes_to_unicode()
     vocab = {byte_chars[b]: b for b in range(256)}
-    for i, tok in enumerate(BYTE_SPECIALS):
-        vocab[tok] = 256 + i
+    for i, special in enumerate(BYTE_SPECIALS):
+        vocab[special] = 256 + i
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
@@ -80,7 +80,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) 
     The one implementation of this step, shared by the engine and the router so both compute
     the same ids (and so the same block hashes) for the same chat.
     :class:`~kvbaton.errors.InvalidRequestError`, naming ``messages``, when the model has no
-    chat template, a message is malformed or the template rejects the conversation. Not thread-safe (HF fast tokenizers are not): callers serialize.
+    chat template, a message is malformed or the template rejects the conversation. Not thread-safe
+    (HF fast tokenizers are not): callers serialize.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("messages", f": model {model!r} has no chat template")

@@ -87,18 +87,18 @@ class BlockIO:
 
     def read(self, block_ids: Sequence[int]) -> Iterator[Chunk]:
         """Chunks holding the bytes of ``kv[block_ids]``, in order."""
-        if not self.on_cuda:
-            yield self._direct(0, block_ids)
+        if self._mv is not None:  # on CPU
+            yield self._direct(self._mv, 0, block_ids)
             return
         rows = self.kv.view(torch.uint8).view(self.num_blocks, self.block_bytes)
         for start in range(0, len(block_ids), self._staging_blocks):
             ids = block_ids[start : start + self._staging_blocks]
-            staging = self._ensure_staging()
-            with torch.cuda.stream(self._stream):
+            staging, staging_mv, stream = self._ensure_staging()
+            with torch.cuda.stream(stream):
                 for p, n in contiguous_runs(ids):
                     staging[p : p + n].copy_(rows[ids[p] : ids[p] + n], non_blocking=True)
-            self._stream.synchronize()
-            yield self._staged(start, len(ids))
+            stream.synchronize()
+            yield self._staged(staging_mv, start, len(ids))
 
     def write(self, block_ids: Sequence[int]) -> Iterator[Chunk]:
         """Chunks to fill with the bytes destined for ``kv[block_ids]``, in order.
@@ -106,36 +106,38 @@ class BlockIO:
         On CUDA a chunk reaches the tensor when the next one is requested, so exhaust the
         iterator; stopping early (a failed fetch) leaves the rest unwritten.
         """
-        if not self.on_cuda:
-            yield self._direct(0, block_ids)
+        if self._mv is not None:  # on CPU
+            yield self._direct(self._mv, 0, block_ids)
             return
         rows = self.kv.view(torch.uint8).view(self.num_blocks, self.block_bytes)
         for start in range(0, len(block_ids), self._staging_blocks):
             ids = block_ids[start : start + self._staging_blocks]
-            staging = self._ensure_staging()
-            yield self._staged(start, len(ids))
-            with torch.cuda.stream(self._stream):
+            staging, staging_mv, stream = self._ensure_staging()
+            yield self._staged(staging_mv, start, len(ids))
+            with torch.cuda.stream(stream):
                 for p, n in contiguous_runs(ids):
                     rows[ids[p] : ids[p] + n].copy_(staging[p : p + n], non_blocking=True)
-            self._stream.synchronize()  # before the staging buffer is overwritten
+            stream.synchronize()  # before the staging buffer is overwritten
 
-    def _direct(self, start: int, block_ids: Sequence[int]) -> Chunk:
-        mv, bb = self._mv, self.block_bytes
+    def _direct(self, mv: memoryview, start: int, block_ids: Sequence[int]) -> Chunk:
+        bb = self.block_bytes
         blocks = [mv[b * bb : (b + 1) * bb] for b in block_ids]
         iov = [mv[block_ids[p] * bb : (block_ids[p] + n) * bb] for p, n in contiguous_runs(block_ids)]
         return Chunk(start, blocks, iov)
 
-    def _staged(self, start: int, count: int) -> Chunk:
-        mv, bb = self._staging_mv, self.block_bytes
+    def _staged(self, mv: memoryview, start: int, count: int) -> Chunk:
+        bb = self.block_bytes
         blocks = [mv[i * bb : (i + 1) * bb] for i in range(count)]
         return Chunk(start, blocks, [mv[: count * bb]])
 
-    def _ensure_staging(self) -> torch.Tensor:
-        if self.staging is None:
+    def _ensure_staging(self) -> tuple[torch.Tensor, memoryview, torch.cuda.Stream]:
+        """The pinned staging buffer, a byte view of it, and the side stream (made on first use)."""
+        if self.staging is None or self._staging_mv is None:  # both set together
             self.staging = torch.empty(
                 (self._staging_blocks, self.block_bytes), dtype=torch.uint8, pin_memory=True
             )
             self._staging_mv = host_bytes(self.staging)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.kv.device)
-        return self.staging
+            # torch.cuda.Stream.__new__ has no annotations.
+            self._stream = torch.cuda.Stream(device=self.kv.device)  # type: ignore[no-untyped-call]
+        return self.staging, self._staging_mv, self._stream

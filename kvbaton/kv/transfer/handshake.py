@@ -16,6 +16,7 @@ import hmac
 import os
 import socket
 from hashlib import sha256
+from typing import TypeVar
 
 from kvbaton.kv.codec import CHECKSUM_ALGORITHM
 from kvbaton.kv.transfer import wire
@@ -143,7 +144,10 @@ def client_handshake(
     return ready.shm if host_id is not None else None
 
 
-def _expect(msg: wire.Message, cls: type) -> wire.Message:
+_M = TypeVar("_M")
+
+
+def _expect(msg: wire.Message, cls: type[_M]) -> _M:
     if isinstance(msg, wire.Error):
         raise remote_error(msg)
     if not isinstance(msg, cls):

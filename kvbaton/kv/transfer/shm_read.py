@@ -42,7 +42,9 @@ class ShmMapping:
         if offer.block_bytes != block_bytes:
             raise ValueError(f"offered blocks of {offer.block_bytes} bytes, the spec has {block_bytes}")
         if offer.offset < 0 or offer.num_blocks < 1 or offer.offset + offer.num_blocks * block_bytes > offer.size:
-            raise ValueError(f"offered {offer.num_blocks} blocks at offset {offer.offset} do not fit {offer.size} bytes")
+            raise ValueError(
+                f"offered {offer.num_blocks} blocks at offset {offer.offset} do not fit {offer.size} bytes"
+            )
         fd = os.open(offer.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
@@ -66,7 +68,9 @@ class ShmMapping:
         against ``checksums[i]``; ChecksumError names the first block that fails."""
         n = len(dst_block_ids)
         if len(src_block_ids) != n or len(checksums) != n:
-            raise ProtocolError(f"server answered {len(src_block_ids)} blocks and {len(checksums)} checksums; asked for {n}")
+            raise ProtocolError(
+                f"server answered {len(src_block_ids)} blocks and {len(checksums)} checksums; asked for {n}"
+            )
         bad = [b for b in src_block_ids if not 0 <= b < len(self.rows)]
         if bad:
             raise ProtocolError(f"server named blocks {bad[:5]} outside its {len(self.rows)} shared blocks")

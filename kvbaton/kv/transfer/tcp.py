@@ -67,7 +67,7 @@ class TransferClient(Transport):
     the peer has meanwhile closed is replaced once, transparently). With ``prefer_shm`` (the
     default) a peer on this host that offers its KV in shared memory is read through it; the
     mapping is kept per peer until the peer offers another one, cannot be reached, or
-    :meth:`close`. Thread-safe.
+    :meth:`close` (:attr:`num_mapped` counts the mappings held). Thread-safe.
     """
 
     def __init__(
@@ -145,6 +145,13 @@ class TransferClient(Transport):
             return reply.released
         conn.close()
         raise ProtocolError(f"expected released, got {type(reply).__name__}")
+
+    @property
+    def num_mapped(self) -> int:
+        """How many peers' shared KV this client holds mapped now (offers that could not be
+        opened, and so are read over TCP, are not counted)."""
+        with self._lock:
+            return sum(mapping is not None for _, mapping in self._maps.values())
 
     def close(self) -> None:
         with self._lock:

@@ -212,7 +212,9 @@ class TransferServer(TransportServer):
             for name, d in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + d)
 
-    def _call_source(self, sock: socket.socket, deadline: Deadline, fn: Callable[..., T], lease_id: str, *args: Any) -> T | None:
+    def _call_source(
+        self, sock: socket.socket, deadline: Deadline, fn: Callable[..., T], lease_id: str, *args: Any
+    ) -> T | None:
         """``fn(lease_id, *args)``, or None after telling the client why it failed."""
         try:
             return fn(lease_id, *args)
@@ -267,7 +269,9 @@ class TransferServer(TransportServer):
                 sums[p] = s
         return sums  # type: ignore[return-value]  # every None was filled
 
-    def _lend_shared(self, sock: socket.socket, ids: list[int], sums: list[int], deadline: Deadline, peer: object) -> bool:
+    def _lend_shared(
+        self, sock: socket.socket, ids: list[int], sums: list[int], deadline: Deadline, peer: object
+    ) -> bool:
         """Name the blocks in the shared tensor and hold the pin until the client has copied them."""
         faults = self.faults
         if faults is not None:
@@ -285,7 +289,9 @@ class TransferServer(TransportServer):
         self._count(fetches=1, shm_fetches=1, blocks_sent=len(ids), bytes_sent=len(ids) * self._block_bytes)
         return True
 
-    def _send_blocks(self, sock: socket.socket, io: BlockIO, ids: list[int], sums: list[int], deadline: Deadline) -> bool:
+    def _send_blocks(
+        self, sock: socket.socket, io: BlockIO, ids: list[int], sums: list[int], deadline: Deadline
+    ) -> bool:
         sockio.send_msg(sock, wire.BlocksHeader(io.block_bytes, sums), deadline)
         faults = self.faults
         if faults is not None:
@@ -295,7 +301,9 @@ class TransferServer(TransportServer):
         self._count(fetches=1, blocks_sent=len(ids), bytes_sent=len(ids) * io.block_bytes)
         return True
 
-    def _send_faulty(self, sock: socket.socket, io: BlockIO, ids: list[int], deadline: Deadline, faults: Faults) -> bool:
+    def _send_faulty(
+        self, sock: socket.socket, io: BlockIO, ids: list[int], deadline: Deadline, faults: Faults
+    ) -> bool:
         limit = faults.stall_after_bytes if faults.stall_after_bytes is not None else faults.close_after_bytes
         sent = 0
         for chunk in io.read(ids):

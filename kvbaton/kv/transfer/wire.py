@@ -30,7 +30,6 @@ of its read-only mapping, verifies the checksums, and sends ``ShmDone``, which u
 from __future__ import annotations
 
 import struct
-from typing import Union
 
 import msgspec
 
@@ -148,9 +147,10 @@ class Error(msgspec.Struct, tag="error", frozen=True):
     message: str
 
 
-Message = Union[
-    Hello, Welcome, Proof, Ready, FetchRequest, BlocksHeader, ShmBlocks, ShmDone, ReleaseRequest, ReleaseReply, Error
-]
+Message = (
+    Hello | Welcome | Proof | Ready | FetchRequest | BlocksHeader | ShmBlocks | ShmDone
+    | ReleaseRequest | ReleaseReply | Error
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -162,7 +162,7 @@ def encode_frame(msg: Message) -> bytes:
     return FRAME_PREFIX.pack(len(body)) + body
 
 
-def decode(body: bytes | memoryview) -> Message:
+def decode(body: bytes | bytearray | memoryview) -> Message:
     """One message body; raises msgspec.DecodeError / ValidationError on anything else."""
     return _decoder.decode(body)
 
