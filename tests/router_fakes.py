@@ -7,7 +7,6 @@ must survive. They record what they were sent, ``/kv/release`` calls and aborted
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from conftest import free_port
 from kvbaton.api.server import AppThread
 from kvbaton.api.sse import sse
 from kvbaton.kv.hashing import hash_block_chain, root_hash
@@ -247,11 +247,7 @@ def _lp(i: int, offset: int, n: int) -> dict[str, Any]:
 
 def dead_url() -> str:
     """A URL nothing listens on (connections are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 ROUTER_DEFAULTS: dict[str, Any] = dict(

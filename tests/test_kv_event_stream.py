@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import msgspec
 import pytest
 import zmq
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.kv.event_stream import KVEventBatch, KVEventPublisher
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
@@ -269,9 +268,7 @@ def test_unfillable_gap_is_resynced_from_a_snapshot(closers: list[Any]) -> None:
 
 def test_replay_timeout_calls_on_gap(closers: list[Any]) -> None:
     pub = make_pub(closers, replay_endpoint=None)
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"tcp://127.0.0.1:{free_port()}"
     col = Collector()
     sub = KVEventSubscriber({"w": WorkerEndpoints(pub.endpoint, dead)}, col.on_batch,
                             col.on_gap, replay_timeout_s=0.2)
@@ -369,9 +366,7 @@ def test_heartbeat_batches_are_empty_and_keep_seq(closers: list[Any]) -> None:
 
 
 def test_close_never_hangs_with_dead_peers(closers: list[Any]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"tcp://127.0.0.1:{free_port()}"
     sub = KVEventSubscriber({"w": WorkerEndpoints(dead, dead)}, lambda *a: None)
     pub = KVEventPublisher(heartbeat_s=None)
     for i in range(1000):

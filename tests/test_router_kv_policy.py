@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from conftest import free_port
 from kvbaton.cli import build_parser
 from kvbaton.kv.event_subscriber import WorkerEndpoints
 from kvbaton.kv.events import AllBlocksCleared, BlockStored
@@ -132,14 +133,21 @@ def test_in_flight_legs_share_prompt_blocks_and_reports_add_external_load() -> N
 
 def test_feed_answers_overlap_from_the_index_and_predictions() -> None:
     feed = KVIndexFeed(prediction_ttl_s=5.0)
-    a, b = Worker("http://a"), Worker("http://b")
-    feed._followed = {a.url: ("a", WorkerEndpoints("tcp://x:1")), b.url: ("b", WorkerEndpoints("tcp://x:2"))}
+    feed.start()
+    # Followed (predictions count only for workers whose events the feed follows); nothing
+    # listens on these ports, and no event is needed: the index is fed by hand below.
+    a = Worker("http://a", worker_id="a", kv_events=WorkerEndpoints(f"tcp://127.0.0.1:{free_port()}"))
+    b = Worker("http://b", worker_id="b", kv_events=WorkerEndpoints(f"tcp://127.0.0.1:{free_port()}"))
+    for w in (a, b):
+        feed.worker_discovered(w, "")
+    assert feed.following(a.url) and feed.following(b.url)
     r = req(3)
     feed.index.apply(b.url, 0, [AllBlocksCleared(), BlockStored([H(0), H(1)], None, [], BS)])
     assert feed.cached_tokens_each(r, [a, b]) == [0, 2 * BS]
     feed.routed(r, a)
     assert feed.cached_tokens_each(r, [a, b]) == [3 * BS, 2 * BS]
     assert feed.cached_tokens(RoutingRequest("x", (1,), (), None, None, 1), a) == 0
+    feed.close()
 
 
 # ---- flags -------------------------------------------------------------------------------

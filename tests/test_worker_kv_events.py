@@ -25,7 +25,7 @@ BODY = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
 
 def _pool_hashes(w: WorkerThread) -> set[bytes]:
     # Read between steps (the worker is idle): the pool's cached hashes are the ground truth.
-    return set(w.state.engine.engine.pool._cached)
+    return w.state.engine.engine.pool.cached_hashes()
 
 
 @pytest.fixture

@@ -143,8 +143,14 @@ def validation_error(exc: RequestValidationError) -> ApiError:
             return ApiError(400, "request body is missing; expected a JSON object", None, "invalid_json")
         return ApiError(400, f"request body must be a JSON object: {err.get('msg', '')}", None, "invalid_type")
     param = str(fields[0])
-    # Drop pydantic's union-member tags ("str", "list[int]") from the path.
-    path = _loc_str(p for p in fields if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
+    # Drop pydantic's union-member tags ("str", "list[int]") from the path. A validator of
+    # the request models may name the exact place itself (ctx "field_path", e.g. the list
+    # item of ``stop`` it checked), as its error is raised for the whole field.
+    field_path = (err.get("ctx") or {}).get("field_path")
+    if isinstance(field_path, str):
+        path = field_path
+    else:
+        path = _loc_str(p for p in fields if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
     code = "missing_required_parameter" if kind == "missing" else "invalid_value"
     return ApiError(400, f"{path or param}: {err.get('msg', 'invalid value')}", param, code)
 
@@ -166,7 +172,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        # FastAPI's own 400 is a body it could not parse (bytes that are not UTF-8, say).
+        codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
         err = ApiError(exc.status_code, str(exc.detail), None, codes.get(exc.status_code))
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 

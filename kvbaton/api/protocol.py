@@ -11,7 +11,8 @@ import math
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 SEED_RANGE = Field(default=None, ge=-(2**63), lt=2**63)
 # The error code of a decode request whose KV transfer failed under the "fail" policy: the
@@ -43,6 +44,56 @@ class ApiError(Exception):
 
 def unsupported(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message} (unsupported)", param, "unsupported_value")
+
+
+# ---- text that can be encoded ---------------------------------------------------------------
+
+# The pydantic error type of a string holding a lone surrogate. JSON may spell one
+# ("\ud800"), Python's json decodes it into a str holding U+D800, and such a str cannot be
+# encoded as UTF-8: tokenizers, chat templates, cache-salt hashing and the router's forwarded
+# body would all fail on it (a 500). The request models reject it instead, so the worker and
+# the router answer the same 400. The error's ctx carries ``field_path`` (e.g.
+# ``messages[0].content[1].text``), which :func:`kvbaton.api.guard.validation_error` names in
+# the message; ``param`` stays the top-level field.
+UNPAIRED_SURROGATE = "unpaired_surrogate"
+
+
+def surrogate_index(text: str) -> int | None:
+    """Index of the first UTF-16 surrogate code point in ``text`` (None if there is none).
+
+    A properly paired escape (``"\\ud83d\\ude00"``) is decoded by JSON into one non-BMP
+    character, so any surrogate left in a decoded string is unpaired."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _unpaired(path: str, text: str, index: int) -> PydanticCustomError:
+    return PydanticCustomError(
+        UNPAIRED_SURROGATE,
+        "contains an unpaired UTF-16 surrogate ({char} at index {index}); send valid Unicode",
+        {"field_path": path, "char": f"\\u{ord(text[index]):04x}", "index": index},
+    )
+
+
+def check_text(value: Any, path: str) -> None:
+    """Raise the pydantic error for the first string in ``value`` (a string, or lists and
+    dicts of them, keys included) that holds a lone surrogate; ``path`` names ``value``."""
+    if isinstance(value, str):
+        i = surrogate_index(value)
+        if i is not None:
+            raise _unpaired(path, value, i)
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            check_text(item, f"{path}[{k}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{path} (a key)")
+            check_text(item, f"{path}.{key}")
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -82,6 +133,13 @@ class SamplingFields(BaseModel):
     # answers with a KV handle; a handle (do_remote_prefill) makes this a decode request.
     kv_transfer_params: dict[str, Any] | None = None
 
+    # ``user`` is not checked: it is accepted and ignored, never encoded.
+    @field_validator("model", "stop", "cache_salt", "kv_transfer_params", mode="after")
+    @classmethod
+    def _encodable(cls, value: Any, info: ValidationInfo) -> Any:
+        check_text(value, str(info.field_name))
+        return value
+
     def check_supported(self) -> None:
         if self.n != 1:
             raise unsupported("n", "only n=1 is supported")
@@ -104,6 +162,15 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _encodable_prompt(cls, value: Any) -> Any:
+        # Only a string prompt is ever encoded; token ids (what the router sends, possibly
+        # many thousands) are not walked, and a batch of strings is refused as unsupported.
+        if isinstance(value, str):
+            check_text(value, "prompt")
+        return value
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -160,6 +227,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _encodable_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        for i, m in enumerate(value):
+            check_text(m.role, f"messages[{i}].role")
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    check_text(part.type, f"messages[{i}].content[{j}].type")
+                    check_text(part.text, f"messages[{i}].content[{j}].text")
+            else:
+                check_text(m.content, f"messages[{i}].content")
+        return value
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -96,7 +96,6 @@ class LLMEngine:
         self._ids = itertools.count()
         # Servers that stream text set this; batch callers only need text at the end.
         self.incremental_detokenize = False
-        self._roots: dict[str | None, BlockHash] = {}
         tokens = num_blocks * config.block_size
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %d B/token); "
@@ -127,13 +126,21 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
 
     def root_hash(self, cache_salt: str | None = None) -> BlockHash:
-        """Root of the block-hash chain for this model and tenant."""
-        if cache_salt not in self._roots:
-            self._roots[cache_salt] = root_hash(self.model_fingerprint, cache_salt)
-        return self._roots[cache_salt]
+        """Root of the block-hash chain for this model and tenant (one SHA-256 of a short
+        string: computed per request rather than cached, so no number of tenant salts can
+        grow a table)."""
+        try:
+            return root_hash(self.model_fingerprint, cache_salt)
+        except UnicodeError:
+            raise InvalidRequestError("cache_salt", "must be valid Unicode") from None
 
     def tokenize(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        """Token ids of ``prompt``; InvalidRequestError for text no tokenizer can take (an
+        unpaired surrogate: the HTTP API refuses those itself, this covers direct callers)."""
+        try:
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        except (TypeError, UnicodeError) as e:
+            raise InvalidRequestError("prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode") from None
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt;

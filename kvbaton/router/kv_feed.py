@@ -61,6 +61,11 @@ class KVIndexFeed(PrefixOverlap):
             self._subscriber.close(timeout_s)
             self._subscriber = None
 
+    @property
+    def resyncs(self) -> int:
+        """Whole-cache resyncs the subscriber has asked workers for (0 before ``start``)."""
+        return self._subscriber.resyncs if self._subscriber is not None else 0
+
     # ---- following workers (event loop) ----------------------------------------------------
 
     def worker_discovered(self, worker: Worker, previous_id: str) -> None:
