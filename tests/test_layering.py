@@ -55,3 +55,11 @@ def test_the_front_door_depends_on_neither_side() -> None:
     mods = _loaded("import kvbaton.api.frontdoor, kvbaton.api.server, kvbaton.api.sse, kvbaton.api.guard, "
                    "kvbaton.limits, kvbaton.sampling_params")
     assert _forbidden(mods, "kvbaton.engine", "kvbaton.worker", "kvbaton.router", "kvbaton.models") == []
+
+
+def test_the_engines_bookkeeping_imports_without_torch() -> None:
+    """The scheduler, block pool, leases, KV import and stop rule: what a simulator drives."""
+    mods = _loaded("import kvbaton.engine.scheduler, kvbaton.engine.block_pool, kvbaton.engine.kv_handoff, "
+                   "kvbaton.engine.stop, kvbaton.engine.request, kvbaton.router.placement")
+    assert "kvbaton.engine.scheduler" in mods
+    assert _forbidden(mods, "kvbaton.engine.engine", "kvbaton.engine.model_runner") == []

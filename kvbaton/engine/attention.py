@@ -82,7 +82,7 @@ class _DecodeGroup:
 class SDPAMetadata:
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
-    decode_groups: list[_DecodeGroup]
+    decode_groups: Sequence[_DecodeGroup | _KernelDecode]  # one kind per backend
     prefills: list[_Prefill]
 
 
@@ -138,7 +138,7 @@ class SDPABackend(AttentionBackend):
 
     def _decode_groups(
         self, idx: list[int], tables: list[list[int]], lens: list[int]
-    ) -> list[_DecodeGroup]:
+    ) -> Sequence[_DecodeGroup | _KernelDecode]:
         device, bs = self.kv_cache.device, self.block_size
         order = sorted(range(len(idx)), key=lambda i: lens[i])
         group_size = self.decode_group_size if device.type == "cpu" else max(len(idx), 1)
@@ -194,6 +194,7 @@ class SDPABackend(AttentionBackend):
         v_rows = self.kv_cache[:, layer, 1].flatten(1)
         kv_shape = self.kv_cache.shape[-2:]
         for g in meta.decode_groups:
+            assert isinstance(g, _DecodeGroup)  # built by this class's _decode_groups
             n = g.token_idx.shape[0]
             keys = k_rows.index_select(0, g.block_table).view(n, -1, *kv_shape).transpose(1, 2)
             vals = v_rows.index_select(0, g.block_table).view(n, -1, *kv_shape).transpose(1, 2)
@@ -229,14 +230,17 @@ class CPUPagedBackend(SDPABackend):
             raise RuntimeError("the CPU decode kernel could not be built")
         self.kernel = cpu_kernel.PagedDecodeKernel(lib, kv_cache, torch.get_num_threads())
 
-    def _decode_groups(self, idx, tables, lens):  # type: ignore[override]
+    def _decode_groups(
+        self, idx: list[int], tables: list[list[int]], lens: list[int]
+    ) -> Sequence[_KernelDecode]:
         if not idx:
             return []
         max_blocks = max(len(t) for t in tables)
         flat = [t + [0] * (max_blocks - len(t)) for t in tables]
         # Split sequences across threads so each gets about the same number of KV rows.
         n_threads = min(self.kernel.num_threads, len(idx))
-        total, bounds, start, acc = sum(lens), [], 0, 0
+        bounds: list[tuple[int, int]] = []
+        total, start, acc = sum(lens), 0, 0
         for i, n in enumerate(lens):
             acc += n
             if len(bounds) < n_threads - 1 and acc * n_threads >= total * (len(bounds) + 1):
@@ -254,6 +258,7 @@ class CPUPagedBackend(SDPABackend):
 
     def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
         for d in meta.decode_groups:
+            assert isinstance(d, _KernelDecode)  # built by this class's _decode_groups
             qd = q.index_select(0, d.token_idx).contiguous()
             out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens, d.bounds)
 

@@ -196,7 +196,7 @@ class BlockPool:
             return 0
         self.event_sink(AllBlocksCleared())
         children: dict[BlockHash | None, list[Block]] = {}
-        for h, bid in self._cached.items():
+        for bid in self._cached.values():
             blk = self.blocks[bid]
             # A parent evicted before its child makes the child a root of what is left.
             parent = blk.parent_hash if blk.parent_hash in self._cached else None

@@ -140,7 +140,9 @@ class LLMEngine:
         try:
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
         except (TypeError, UnicodeError) as e:
-            raise InvalidRequestError("prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode") from None
+            raise InvalidRequestError(
+                "prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode"
+            ) from None
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt;
@@ -318,7 +320,8 @@ class LLMEngine:
         ids = req.output_token_ids
         if not req.params.ignore_eos and ids and ids[-1] in self.eos_token_ids:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        return text
 
     def _make_output(self, req: Request) -> RequestOutput:
         n_prev = req.num_reported_tokens

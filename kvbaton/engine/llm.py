@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, cast
 
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
@@ -44,11 +44,11 @@ class LLM:
 
         ``prompts`` is a string, a list of token ids, or a list of either.
         """
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        plist = list(prompts)  # type: ignore[arg-type]
+        plist: list[Prompt]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            plist = [cast(Prompt, prompts)]  # one prompt: text or token ids
+        else:
+            plist = list(cast(Sequence[Prompt], prompts))
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(plist)
         else:

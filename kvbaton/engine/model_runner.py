@@ -52,7 +52,7 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = self.backend.prepare(seqs)
-        hidden = self.model(ids, pos, self.backend.bind(meta))
+        hidden: torch.Tensor = self.model(ids, pos, self.backend.bind(meta))
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
 from kvbaton.sampling_params import SamplingParams
 

@@ -128,11 +128,10 @@ class RouterConfig(FrontDoorConfig):
 
     def worker_specs(self) -> list[tuple[str, str | None]]:
         """(url, declared role or None) for every worker, in flag order."""
-        return (
-            [(u, None) for u in self.workers]
-            + [(u, "prefill") for u in self.prefill_workers]
-            + [(u, "decode") for u in self.decode_workers]
-        )
+        specs: list[tuple[str, str | None]] = [(u, None) for u in self.workers]
+        specs += [(u, "prefill") for u in self.prefill_workers]
+        specs += [(u, "decode") for u in self.decode_workers]
+        return specs
 
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(self.prefill_load_scale, self.routing_temperature, self.routing_seed)

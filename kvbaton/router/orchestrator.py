@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -32,8 +32,8 @@ from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.metrics import RouterMetrics
-from kvbaton.router.policies import NoPrefixOverlap, PrefixOverlap, RoutingRequest, make_policy
 from kvbaton.router.placement import place
+from kvbaton.router.policies import NoPrefixOverlap, PrefixOverlap, RoutingRequest, make_policy
 from kvbaton.router.pool import Worker, WorkerPool
 from kvbaton.router.relay import (
     CLEANUP_TIMEOUT_S,
@@ -164,7 +164,10 @@ class Orchestrator:
         if job.retries_left <= 0:
             return None
         candidates = self.pool.decode_candidates(exclude=job.tried)
-        return self.decode_policy.choose(job.routing, candidates, "decode") if candidates else None
+        if not candidates:
+            return None
+        # A policy returns one of the candidates it was given.
+        return cast(Worker, self.decode_policy.choose(job.routing, candidates, "decode"))
 
     def _finished_by_first_token(self, job: Job, pre: Prefilled) -> bool:
         return pre.handle.finish_reason is not None or job.routing.max_tokens == 1
@@ -215,7 +218,8 @@ class Orchestrator:
         self.metrics.ttft_prefill.labels("disagg").observe(time.monotonic() - started)
         return Prefilled(worker, handle, raw, data)  # type: ignore[arg-type]
 
-    def _prefill_fallback(self, worker: Worker, kind: str, detail: str) -> None:
+    def _prefill_fallback(self, worker: Worker, kind: str, detail: str) -> Prefilled | None:
+        """Count a failed prefill leg; None: the decode worker prefills."""
         log.warning("prefill leg on %s failed (%s: %s); the decode worker prefills", worker.url, kind, detail)
         self.metrics.worker_errors.labels(worker.url, kind).inc()
         self.metrics.fallbacks.labels(f"prefill_{kind}").inc()
@@ -332,8 +336,8 @@ class Orchestrator:
     def _error_event_failure(self, job: Job, event: dict[str, Any]) -> LegFailure:
         # A streaming decode worker under the 'fail' transfer policy may report the failed
         # transfer as an error event instead of a 502; its error code says so.
-        err = event.get("error") if isinstance(event.get("error"), dict) else {}
-        if job.lease is not None and err.get("code") == KV_TRANSFER_FAILED:
+        err = event.get("error")
+        if job.lease is not None and isinstance(err, dict) and err.get("code") == KV_TRANSFER_FAILED:
             self.metrics.transfer_failures.labels("failed").inc()
             return LegFailure("transfer_failed", WorkerApiError(502, event))
         return LegFailure("error_event", WorkerApiError(502, event))

@@ -105,9 +105,10 @@ class PrefixOverlap(ABC):
         """``cached_tokens`` for each of ``workers``; override when one lookup answers all."""
         return [self.cached_tokens(request, w) for w in workers]
 
-    def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
+    def routed(self, request: RoutingRequest, worker: WorkerView) -> None:  # noqa: B027 - optional hook
         """The router just sent ``request``'s prompt to ``worker`` (it will compute or fetch
-        those blocks there); a provider may count them as held there from now on."""
+        those blocks there); a provider may count them as held there from now on. Optional:
+        the default does nothing."""
 
 
 class NoPrefixOverlap(PrefixOverlap):
