@@ -125,7 +125,29 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
                         "with serve, the router also indexes nothing")
 
 
+def _check_announce_fd(parser: argparse.ArgumentParser, fd: int | None) -> None:
+    """``--announce-fd`` must be an open, writable descriptor of its own (not 0-2: the JSON
+    line would mix with what people read); checked before the model loads."""
+    if fd is None:
+        return
+    if fd < 3:
+        parser.error(f"--announce-fd: {fd} is stdin/stdout/stderr; pass a descriptor of its "
+                     "own (>= 3), e.g. `--announce-fd 3 3>ready.json`")
+    import fcntl
+
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        parser.error(f"--announce-fd: {fd} is not an open file descriptor")
+    if mode == os.O_RDONLY:
+        parser.error(f"--announce-fd: {fd} is not open for writing")
+    # Nothing this worker starts may hold the descriptor: the reader's EOF must mean
+    # "announced or exited".
+    os.set_inheritable(fd, False)
+
+
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
+    _check_announce_fd(parser, getattr(args, "announce_fd", None))
     from kvbaton.engine.config import EngineConfig
     from kvbaton.worker.config import WorkerConfig
     from kvbaton.worker.server import run_worker
@@ -145,7 +167,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
     except ValueError as e:
         _config_error(parser, e)
     try:
-        return run_worker(ecfg, wcfg, announce=lambda line: print(line, flush=True))
+        return run_worker(ecfg, wcfg, announce=lambda line: print(line, flush=True),
+                          announce_fd=getattr(args, "announce_fd", None))
     except KeyboardInterrupt:  # Ctrl-C while the model was still loading
         return 130
     except (ValueError, OSError) as e:
@@ -259,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "imports KV by handle; both: either (every role serves whole requests)")
     _add_engine_args(w)
     _add_worker_args(w, default_port=8100)
+    w.add_argument("--announce-fd", type=int, default=None, metavar="N",
+                   help="once listening, write one JSON line {\"event\": \"ready\", \"url\", "
+                        "\"role\", \"worker_id\", \"pid\", \"models\"} to open file descriptor "
+                        "N (>= 3) and close it: what programs (kvbaton serve) read instead of "
+                        "the stdout line")
     w.set_defaults(func=_cmd_worker, parser=w)
     r = sub.add_parser("router", help="the OpenAI front door for prefill/decode/colocated workers")
     add_router_args(r)

@@ -7,14 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
+import time
 
 import httpx
 import pytest
 
 from conftest import wait_until
+from kvbaton.router.local_cluster import WorkerProcess, WorkerSpec
 from worker_support import (
     MODEL,
     engine_debug,
@@ -27,7 +27,6 @@ from worker_support import (
 
 LONG = {"model": MODEL, "prompt": [1, 2, 3, 4, 5], "max_tokens": 2000, "ignore_eos": True,
         "temperature": 0}
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +121,18 @@ def test_dead_engine_loop_fails_health_and_requests():
 
 
 def _spawn_worker(*extra: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "kvbaton.cli", "worker", "--model", MODEL, "--port", "0",
-           "--num-kv-blocks", "256", "--threads", "1", "--role", "both", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "http://" not in line:
-        proc.kill()
-        raise AssertionError(f"worker did not announce its endpoint: {line!r}{proc.stdout.read()}")
-    url = line.split(" at ")[-1].strip().removesuffix("/v1")
+    worker = WorkerProcess(
+        WorkerSpec("both", ("--model", MODEL, "--num-kv-blocks", "256", "--threads", "1", *extra)),
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = worker.wait_ready(time.monotonic() + 120)
+    except RuntimeError:
+        worker.proc.kill()
+        worker.wait_or_kill(10)
+        raise
     wait_until(lambda: _healthy(url), what="the worker to become healthy")
-    return proc, url
+    return worker.proc, url
 
 
 def _healthy(url: str) -> bool:
