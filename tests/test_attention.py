@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import GREEDY, make_llm, random_prompts
+from kvbaton.engine import cpu_kernel
 from kvbaton.engine.attention import (
     ATTENTION_BACKENDS,
     CPUPagedBackend,
@@ -67,12 +72,40 @@ def test_backend_matches_dense_attention_over_scattered_blocks(backend):
 
 
 def test_auto_picks_kernel_for_fp32_cpu_and_sdpa_otherwise():
+    # The kernel is there exactly when it builds here (a C compiler, KVBATON_DISABLE_C_KERNEL unset).
+    expected = "cpu_paged" if cpu_kernel.load() is not None else "sdpa"
     fp32 = create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D), BS)
     bf16 = create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D, dtype=torch.bfloat16), BS)
     assert bf16.name == "sdpa"
-    assert fp32.name in ("cpu_paged", "sdpa")
+    assert fp32.name == expected
     with pytest.raises(ValueError, match="unknown attention backend"):
         create_attention_backend("nope", torch.zeros(2, L, 2, BS, HKV, D), BS)
+
+
+def test_kernel_builds_wherever_a_c_compiler_exists():
+    if os.environ.get("KVBATON_DISABLE_C_KERNEL"):
+        pytest.skip("KVBATON_DISABLE_C_KERNEL is set")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: SDPA is the only CPU backend here")
+    assert cpu_kernel.load() is not None
+
+
+PROBE = """
+import torch
+from kvbaton.engine import cpu_kernel
+from kvbaton.engine.attention import create_attention_backend
+print(cpu_kernel.load() is None, create_attention_backend("auto", torch.zeros(2, 2, 2, 4, 2, 16), 4).name)
+"""
+
+
+def test_disable_env_var_makes_auto_fall_back_to_sdpa():
+    # load() caches its first answer for the process, so the variable is tried in a fresh one.
+    if cpu_kernel.load() is None:
+        pytest.skip("the kernel does not build here: disabling it could change nothing")
+    env = {**os.environ, "KVBATON_DISABLE_C_KERNEL": "1"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["True", "sdpa"]
 
 
 def test_engine_outputs_equal_across_backends():
@@ -100,8 +133,6 @@ def test_kernel_splits_work_across_threads():
 
 
 def test_auto_falls_back_to_sdpa_without_the_kernel(monkeypatch):
-    from kvbaton.engine import cpu_kernel
-
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)  # as when no C compiler exists
     cache = torch.zeros(2, L, 2, BS, HKV, D)
     with pytest.raises(RuntimeError, match="could not be built"):

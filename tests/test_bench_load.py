@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import selectors
 import time
 
 import httpx
@@ -25,6 +26,52 @@ def sessions(n: int, turns: int = 1, think: float = 0.0, **kw) -> list[Session]:
 def ok_record(session: Session, i: int, t0: float, text: str = "ans") -> RequestRecord:
     return RequestRecord(session.session_id, i, session.tags, ok=True, ttft_s=0.01, e2el_s=0.02,
                          prompt_tokens=3, output_tokens=4, text=text)
+
+
+class _JumpSelector(selectors.DefaultSelector):
+    """Never blocks: with nothing to read, it moves its loop's clock on by the timeout it was
+    asked to wait, which is the time until the loop's next timer."""
+
+    loop: _VirtualClockLoop
+
+    def select(self, timeout: float | None = None):
+        events = super().select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:
+            raise RuntimeError("virtual clock: every task waits and no timer is set")
+        self.loop.now += timeout
+        return []
+
+
+class _VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop on a virtual clock: whenever nothing is ready to run, the clock jumps to
+    the next timer instead of sleeping. Sleeps and timeouts take no real time, and every time
+    the driver sees is exact, so tests assert the schedule itself, not how long sleeping took."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        selector = _JumpSelector()
+        selector.loop = self
+        super().__init__(selector)
+
+    def time(self) -> float:
+        return self.now
+
+
+def run_virtual(coro):
+    """Run ``coro`` on a virtual clock. The driver's clock is ``time.perf_counter`` (SendTurn's
+    ``run_start`` is on it), so meanwhile that reads the same virtual clock."""
+    loop = _VirtualClockLoop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(time, "perf_counter", loop.time)
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            return runner.run(coro)
+
+
+def now_s(t0: float) -> float:
+    """Seconds since the run started, for a fake ``send``: on the virtual clock, exact."""
+    return time.perf_counter() - t0
 
 
 # ---- arrivals ----------------------------------------------------------------------------
@@ -98,62 +145,94 @@ def test_concurrency_bound_is_respected_and_reached():
 
 
 def test_multi_turn_sessions_send_history_in_order_and_a_failure_ends_the_session():
-    seen: list[tuple[str, int, list]] = []
+    think, answer = 0.25, 1.0  # s
+    seen: list[tuple[str, int, list, float]] = []
 
     async def send(session, i, history, t0):
-        seen.append((session.session_id, i, list(history)))
+        seen.append((session.session_id, i, list(history), now_s(t0)))
+        await asyncio.sleep(answer)
         if session.session_id == "s1" and i == 1:
             return RequestRecord(session.session_id, i, ok=False, error="HTTP 500: no")
         return ok_record(session, i, t0, text=f"a{i}")
 
-    res = asyncio.run(drive(sessions(2, turns=3, think=0.001), send, LoadConfig(max_concurrency=1)))
-    s0 = [h for sid, _, h in seen if sid == "s0"]
+    res = run_virtual(drive(sessions(2, turns=3, think=think), send, LoadConfig(max_concurrency=1)))
+    s0 = [h for sid, _, h, _ in seen if sid == "s0"]
     assert s0 == [[], [("u0.0 ", "a0")], [("u0.0 ", "a0"), ("u0.1 ", "a1")]]
-    assert [i for sid, i, _ in seen if sid == "s1"] == [0, 1]  # turn 2 needs turn 1's answer
+    assert [i for sid, i, _, _ in seen if sid == "s1"] == [0, 1]  # turn 2 needs turn 1's answer
     assert res.turns_not_sent == 1 and len(res.records) == 5
     # One slot: the whole of s0, think times included, before s1 starts.
-    assert [sid for sid, _, _ in seen] == ["s0"] * 3 + ["s1"] * 2
+    assert [sid for sid, _, _, _ in seen] == ["s0"] * 3 + ["s1"] * 2
+    # A later turn goes out one think time after the previous answer; s1's first turn the moment
+    # s0's last answer frees the slot; the run ends with s1's failed answer.
+    expected, t = [], 0.0
+    for i in (0, 1, 2, 0, 1):
+        t += think if i > 0 else 0.0
+        expected.append(t)
+        t += answer
+    assert [at for _, _, _, at in seen] == pytest.approx(expected, abs=1e-9)
+    assert res.duration_s == pytest.approx(t, abs=1e-9)
 
 
-def test_sessions_are_not_sent_before_their_arrival_time():
-    ss = sessions(4, arrival_s=None) + [Session("trace", (Turn("x", 1),), arrival_s=0.0)]
-    offsets = arrival_offsets(ss, 50.0, seed=3)
+def test_sessions_are_sent_at_their_arrival_time_in_arrival_order():
+    ss = sessions(6) + [Session("trace", (Turn("x", 1),), arrival_s=0.5)]
+    offsets = arrival_offsets(ss, 5.0, seed=3)
+    sent: list[tuple[str, float]] = []
 
     async def send(session, i, history, t0):
-        rec = ok_record(session, i, t0)
-        rec.start_s = time.perf_counter() - t0
-        return rec
+        sent.append((session.session_id, now_s(t0)))
+        return ok_record(session, i, t0)
 
-    async def main():
-        res = await drive(ss, send, LoadConfig(request_rate=50.0, seed=3))
-        return {r.session_id: r.start_s for r in res.records}
+    res = run_virtual(drive(ss, send, LoadConfig(request_rate=5.0, seed=3)))
+    schedule = sorted(zip(offsets, (s.session_id for s in ss)))
+    assert [sid for sid, _ in sent] == [sid for _, sid in schedule]
+    # Neither early nor late: each session's first request goes out at the offset drawn for it.
+    assert [at for _, at in sent] == pytest.approx([off for off, _ in schedule], abs=1e-9)
+    assert res.stopped_by == "completed" and res.duration_s == pytest.approx(max(offsets), abs=1e-9)
 
-    start = asyncio.run(main())
-    for s, off in zip(ss, offsets):
-        assert start[s.session_id] >= off - 1e-3
+
+def test_an_arrived_session_waits_for_a_free_slot():
+    arrivals = [0.0, 0.5, 0.75, 4.0]
+    ss = [Session(f"t{i}", (Turn("x", 1),), arrival_s=a) for i, a in enumerate(arrivals)]
+    sent: dict[str, float] = {}
+
+    async def send(session, i, history, t0):
+        sent[session.session_id] = now_s(t0)
+        await asyncio.sleep(1.0)
+        return ok_record(session, i, t0)
+
+    res = run_virtual(drive(ss, send, LoadConfig(max_concurrency=1)))
+    # One slot, 1 s per request: a session starts when it arrives or when the slot frees, if later.
+    expected, free = {}, 0.0
+    for s, a in zip(ss, arrivals):
+        expected[s.session_id] = max(a, free)
+        free = expected[s.session_id] + 1.0
+    assert sent == pytest.approx(expected, abs=1e-9)
+    assert res.max_in_flight == 1 and res.duration_s == pytest.approx(free, abs=1e-9)
 
 
 def test_duration_bound_cancels_what_is_still_in_flight_after_the_drain_bound():
     async def send(session, i, history, t0):
         await asyncio.Event().wait()  # a server that never answers
 
-    res = asyncio.run(drive(sessions(50), send,
-                            LoadConfig(max_concurrency=4, duration_s=0.05, drain_timeout_s=0.0)))
+    res = run_virtual(drive(sessions(50), send,
+                             LoadConfig(max_concurrency=4, duration_s=5.0, drain_timeout_s=2.0)))
     assert res.stopped_by == "duration" and res.cancelled == 4
     assert res.records == [] and res.sessions_started == 4 and res.sessions_not_started == 46
+    assert res.duration_s == pytest.approx(5.0 + 2.0, abs=1e-9)  # the whole drain bound, no more
 
 
 def test_duration_bound_lets_in_flight_requests_finish_within_the_drain_bound():
     async def send(session, i, history, t0):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(3.0)
         return ok_record(session, i, t0)
 
-    res = asyncio.run(drive(sessions(50, turns=2), send,
-                            LoadConfig(max_concurrency=2, duration_s=0.1, drain_timeout_s=30.0)))
+    res = run_virtual(drive(sessions(50, turns=2), send,
+                             LoadConfig(max_concurrency=2, duration_s=1.0, drain_timeout_s=30.0)))
     assert res.stopped_by == "duration" and res.cancelled == 0
     # The two first turns finish; their second turns and every other session never start.
     assert len(res.records) == 2 and all(r.ok for r in res.records)
     assert res.turns_not_sent == 2 and res.sessions_not_started == 48
+    assert res.duration_s == pytest.approx(3.0, abs=1e-9)  # ends when they do, not at the drain bound
 
 
 # ---- the client against a fake OpenAI server (httpx.MockTransport) ------------------------

@@ -37,7 +37,7 @@ def decode(url: str, prompt: list[int], handle: dict[str, Any], **extra: Any) ->
 def settle(*urls: str) -> None:
     """Both workers idle, leases ended, no blocks used, integrity checks pass."""
     for url in urls:
-        wait_until(lambda: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
+        wait_until(lambda url=url: wait_idle(url, 0)["stats"]["kv_leases_active"] == 0, what="leases to end")
 
 
 @pytest.fixture(scope="module", params=["shm", "tcp"])

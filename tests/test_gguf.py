@@ -26,7 +26,8 @@ QT = gguf.GGMLQuantizationType
 
 
 # Q5_0/Q5_1 are not ours: they check the fallback to gguf.quants.
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1],
+                         ids=lambda q: q.name)
 def test_dequantize_matches_gguf_reference(qtype: QT) -> None:
     rng = np.random.default_rng(int(qtype))
     x = (rng.standard_normal((8, 256)) * rng.uniform(0.01, 3.0, (8, 1))).astype(np.float32)
@@ -59,7 +60,8 @@ def test_q4_block_layout_by_hand() -> None:
     assert np.array_equal(kg.dequantize(q4_0, QT.Q4_0, (32, 1))[0], (q - 8) * 0.5)
     q4_1 = np.concatenate([np.array([2.0, -1.0], np.float16).view(np.uint8), nibbles])
     assert np.array_equal(kg.dequantize(q4_1, QT.Q4_1, (32, 1))[0], q * 2 - 1)
-    q8_0 = np.concatenate([np.array([0.25], np.float16).view(np.uint8), np.arange(-16, 16, dtype=np.int8).view(np.uint8)])
+    q8_0 = np.concatenate([np.array([0.25], np.float16).view(np.uint8),
+                           np.arange(-16, 16, dtype=np.int8).view(np.uint8)])
     assert np.array_equal(kg.dequantize(q8_0, QT.Q8_0, (32, 1))[0], np.arange(-16, 16) * 0.25)
 
 
@@ -370,7 +372,8 @@ def test_smollm2_generates_paris_and_tokenizes_like_gguf(smollm2: tuple[Path, Pa
     src, out = smollm2
     tok = AutoTokenizer.from_pretrained(str(out))
     direct = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    for text in ["The capital of France is", "  leading spaces\tand tabs\n", "naïve café 東京 🙂", "<|im_start|>x<|im_end|>"]:
+    for text in ["The capital of France is", "  leading spaces\tand tabs\n", "naïve café 東京 🙂",
+                 "<|im_start|>x<|im_end|>"]:
         assert tok(text).input_ids == direct(text).input_ids
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     assert tok.chat_template == direct.chat_template

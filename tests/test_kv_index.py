@@ -351,7 +351,7 @@ def _run_drop_with_concurrent_lookups() -> None:
         idx.apply("a", 2 * round_, [AllBlocksCleared(), stored(*big)])
         done = threading.Event()
 
-        def look() -> None:
+        def look(done: threading.Event = done) -> None:
             try:
                 while not done.is_set():
                     seen.add(tuple(sorted(idx.longest_prefix(big[:128]).items())))

@@ -24,7 +24,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(llm):
     p1 = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
     a = [o.token_ids for o in llm.generate(PROMPTS, p1)]
     b = [o.token_ids for o in llm.generate(PROMPTS, p1)]
-    c = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True))]
+    p2 = SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True)
+    c = [o.token_ids for o in llm.generate(PROMPTS, p2)]
     assert a == b and a != c
 
 
@@ -59,7 +60,8 @@ def test_stop_token_ids(llm):
     free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     stop_tok = free.token_ids[6]
     first = free.token_ids.index(stop_tok)
-    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    params = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True)
+    out = llm.generate(PROMPTS[0], params)[0]
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
 

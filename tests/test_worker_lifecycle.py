@@ -156,7 +156,8 @@ def test_sigterm_exits_zero():
 
 
 def test_sigterm_with_stream_in_flight_exits_zero():
-    proc, url = _spawn_worker("--drain-timeout", "0.5")
+    # No drain time: the 2000-token stream is aborted as soon as the worker starts draining.
+    proc, url = _spawn_worker("--drain-timeout", "0")
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True},
                           timeout=60) as r:
@@ -165,7 +166,7 @@ def test_sigterm_with_stream_in_flight_exits_zero():
             proc.send_signal(signal.SIGTERM)
             rest = list(events)
         assert rest[-1] == "[DONE]"
-        assert json.loads(rest[-2])["choices"][0]["finish_reason"] in ("abort", "length")
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "abort"
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
