@@ -71,10 +71,14 @@ def load() -> ctypes.CDLL | None:
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 tmp_so = Path(tmp) / out.name
-                res = subprocess.run(
-                    [cc, *_CFLAGS, "-o", str(tmp_so), str(_SRC), "-lm"],
-                    capture_output=True, text=True,
-                )
+                try:
+                    res = subprocess.run(
+                        [cc, *_CFLAGS, "-o", str(tmp_so), str(_SRC), "-lm"],
+                        capture_output=True, text=True,
+                    )
+                except OSError as e:  # $CC names a program that is not there
+                    log.warning("C compiler %r cannot run (%s): CPU decode attention uses SDPA", cc, e)
+                    return None
                 if res.returncode != 0:
                     log.warning("C kernel build failed, using SDPA: %s", res.stderr[-2000:])
                     return None
