@@ -1,19 +1,27 @@
 """BlockPool: paged KV blocks with reference counts and a hash-chain prefix cache.
 
 A block is free (ref 0, no hash), in use (ref > 0), or evictable (ref 0 but still findable by
-hash). Free and evictable blocks share one LRU queue: allocation takes the least recently
-freed block and evicts its hash if it had one, so cached prefixes survive as long as memory
-allows. Blocks are registered by hash only after their KV is written (``cache_block``).
+hash). Allocation takes free blocks first, then evicts evictable ones in the order of the
+pool's eviction policy (``lru`` by default; see :mod:`kvbaton.kv.store.policies`), so cached
+prefixes survive as long as memory allows. Blocks are registered by hash only after their KV
+is written (``cache_block``).
+
+Two hooks let the tiered KV store follow the pool without the pool knowing it exists:
+``on_cached`` sees every block as it becomes findable (write-through offload) and
+``on_evict`` sees evicted blocks while their KV is still intact, before their memory is
+handed out again (write-back offload). Events carry the pool's ``medium`` (``CPU`` for a CPU
+device, ``GPU`` for CUDA), as vLLM's do.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
+from kvbaton.kv.events import DEFAULT_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
 from kvbaton.kv.hashing import BlockHash
+from kvbaton.kv.store.policies import DEFAULT_POLICY, EvictionPolicy, make_policy
 
 
 @dataclass
@@ -38,6 +46,8 @@ class BlockPool:
         block_size: int,
         enable_caching: bool = True,
         event_sink: KVEventSink | None = None,
+        eviction_policy: str = DEFAULT_POLICY,
+        medium: str = DEFAULT_MEDIUM,
     ) -> None:
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
@@ -45,9 +55,15 @@ class BlockPool:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.event_sink = event_sink
+        self.medium = medium
         self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks without a hash: worthless, so always reused before a cached one.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Cached blocks nobody holds: findable, evicted in the policy's order.
+        self._evictable: EvictionPolicy[int] = make_policy(eviction_policy)
         self._cached: dict[BlockHash, int] = {}
+        self.on_cached: Callable[[Block], None] | None = None
+        self.on_evict: Callable[[list[Block]], None] | None = None
         # Token counters for hit-rate metrics (queried vs found in cache).
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -57,11 +73,16 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be allocated now (free or evictable)."""
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    def eviction_candidates(self, n: int) -> list[int]:
+        """Up to ``n`` evictable blocks in the order they would likely be evicted (a hint:
+        write-back offload copies these out ahead of need)."""
+        return self._evictable.peek(n)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -95,21 +116,25 @@ class BlockPool:
     # ---- reference counting ----------------------------------------------------------------
 
     def touch(self, block_ids: Sequence[int]) -> None:
-        """Take a reference on cached blocks found by ``find_cached_prefix``."""
+        """Take a reference on cached blocks found by ``find_cached_prefix`` (a hit)."""
         for bid in block_ids:
             blk = self.blocks[bid]
             if blk.ref_count == 0:
-                del self._free[bid]
+                if blk.block_hash is None:
+                    del self._free[bid]
+                else:
+                    self._evictable.remove(bid)
+            if blk.block_hash is not None:
+                self._evictable.access(bid)
             blk.ref_count += 1
 
     def acquire(self, hit: Sequence[int], num_new: int) -> list[int] | None:
         """Take references on the cached prefix ``hit`` (from ``find_cached_prefix``) and
         allocate ``num_new`` fresh blocks after it: ``hit + new``, or None (and nothing taken)
         when the pool cannot supply them. The one allocation rule of admission and import:
-        cached blocks that sit evictable on the free queue are about to be taken, so they do
-        not count as free."""
+        cached blocks that sit evictable are about to be taken, so they do not count as free."""
         hit_evictable = sum(1 for b in hit if self.blocks[b].ref_count == 0)
-        if num_new > len(self._free) - hit_evictable:
+        if num_new > self.num_free_blocks - hit_evictable:
             return None
         self.touch(hit)
         return list(hit) + self.allocate(num_new)
@@ -124,22 +149,33 @@ class BlockPool:
         return set(self._cached)
 
     def allocate(self, n: int) -> list[int]:
-        """``n`` fresh blocks with ref count 1, evicting least-recently-used cached blocks."""
-        if n > len(self._free):
-            raise NoFreeBlocksError(f"need {n} blocks, {len(self._free)} free")
+        """``n`` fresh blocks with ref count 1: free ones first, then cached blocks evicted in
+        the policy's order (``on_evict`` sees those before they are reused)."""
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(f"need {n} blocks, {self.num_free_blocks} free")
         out: list[int] = []
-        evicted: list[BlockHash] = []
-        for _ in range(n):
-            bid, _ = self._free.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.block_hash is not None:
-                evicted.append(blk.block_hash)
+        while len(out) < n and self._free:
+            out.append(self._free.popitem(last=False)[0])
+        evicted: list[Block] = []
+        while len(out) + len(evicted) < n:
+            bid = self._evictable.evict()
+            assert bid is not None  # num_free_blocks counted it
+            evicted.append(self.blocks[bid])
+        if evicted:
+            if self.on_evict is not None:
+                self.on_evict(evicted)  # their KV is intact until the caller writes them
+            hashes = []
+            for blk in evicted:
+                assert blk.block_hash is not None
+                hashes.append(blk.block_hash)
                 del self._cached[blk.block_hash]
+                self._evictable.forget(blk.block_id)
                 blk.block_hash, blk.token_ids, blk.parent_hash = None, None, None
-            blk.ref_count = 1
-            out.append(bid)
-        if evicted and self.event_sink:
-            self.event_sink(BlockRemoved(evicted))
+                out.append(blk.block_id)
+            if self.event_sink:
+                self.event_sink(BlockRemoved(hashes, medium=self.medium))
+        for bid in out:
+            self.blocks[bid].ref_count = 1
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -152,11 +188,9 @@ class BlockPool:
             blk.ref_count -= 1
             if blk.ref_count == 0:
                 if blk.block_hash is None:
-                    # Uncached blocks are worthless: reuse them before evicting cached ones.
                     self._free[bid] = None
-                    self._free.move_to_end(bid, last=False)
                 else:
-                    self._free[bid] = None
+                    self._evictable.insert(bid)
 
     def cache_block(
         self,
@@ -172,14 +206,22 @@ class BlockPool:
         blk = self.blocks[block_id]
         blk.block_hash, blk.token_ids, blk.parent_hash = block_hash, tuple(token_ids), parent
         self._cached[block_hash] = block_id
+        if blk.ref_count == 0:  # registered while free (nothing does this today): evictable now
+            del self._free[block_id]
+            self._evictable.insert(block_id)
         if self.event_sink:
-            self.event_sink(BlockStored([block_hash], parent, list(token_ids), self.block_size))
+            self.event_sink(BlockStored([block_hash], parent, list(token_ids), self.block_size, medium=self.medium))
+        if self.on_cached is not None:
+            self.on_cached(blk)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""
         if self.num_used_blocks:
             return False
         for blk in self.blocks:
+            if blk.block_hash is not None:
+                self._evictable.forget(blk.block_id)
+                self._free[blk.block_id] = None
             blk.block_hash, blk.token_ids, blk.parent_hash = None, None, None
         self._cached.clear()
         if self.event_sink:
@@ -206,7 +248,7 @@ class BlockPool:
             blk = todo.pop()
             assert blk.block_hash is not None and blk.token_ids is not None
             self.event_sink(BlockStored([blk.block_hash], blk.parent_hash, list(blk.token_ids),
-                                        self.block_size))
+                                        self.block_size, medium=self.medium))
             sent += 1
             todo.extend(children.get(blk.block_hash, ()))
         return sent
@@ -219,10 +261,16 @@ class BlockPool:
         problems: list[str] = []
         for blk in self.blocks:
             in_free = blk.block_id in self._free
+            in_evictable = blk.block_id in self._evictable
             if blk.ref_count < 0:
                 problems.append(f"block {blk.block_id} ref {blk.ref_count}")
-            if (blk.ref_count == 0) != in_free:
-                problems.append(f"block {blk.block_id} ref {blk.ref_count} but in_free={in_free}")
+            if (blk.ref_count == 0) != (in_free or in_evictable):
+                problems.append(f"block {blk.block_id} ref {blk.ref_count} but free={in_free} "
+                                f"evictable={in_evictable}")
+            if in_free and in_evictable:
+                problems.append(f"block {blk.block_id} is both free and evictable")
+            if in_evictable and blk.block_hash is None:
+                problems.append(f"block {blk.block_id} is evictable without a hash")
             if blk.block_hash is not None and self._cached.get(blk.block_hash) != blk.block_id:
                 problems.append(f"block {blk.block_id} hash not indexed to it")
             if expected_refs is not None and blk.ref_count != expected_refs.get(blk.block_id, 0):

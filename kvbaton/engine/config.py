@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kvbaton.errors import ConfigError
+from kvbaton.kv.store.policies import POLICIES
+
+# Mirrors kvbaton.engine.offload.OFFLOAD_MODES (that module imports torch; this one must not).
+OFFLOAD_MODES = ("write-back", "write-through")
+DEFAULT_DISK_CACHE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,22 @@ class EngineConfig:
     # CPU only: put the KV cache in /dev/shm so decode workers on this host read leased blocks
     # straight from it (prefill workers turn this on).
     shared_kv: bool = False
+    # The tiered KV store (docs/kv-store.md): host memory for the host tier (0: none), a
+    # directory and size for the disk tier (None: none; 0 bytes: DEFAULT_DISK_CACHE_BYTES),
+    # the eviction policy of the device pool and of every tier, when blocks leave the device
+    # (write-back: when evicted; write-through: as soon as computed), the reuse filter (offload
+    # a block once this many requests used it), idle TTLs per tier (0: none), the longest pin
+    # and how long a load may take before the request computes its prompt instead.
+    kv_host_cache_bytes: int = 0
+    kv_disk_cache_dir: str | None = None
+    kv_disk_cache_bytes: int = 0
+    kv_eviction_policy: str = "lru"
+    kv_offload_mode: str = "write-back"
+    kv_offload_min_hits: int = 1
+    kv_host_ttl_s: float = 0.0
+    kv_disk_ttl_s: float = 0.0
+    kv_pin_max_ttl_s: float = 3600.0
+    kv_load_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -59,3 +81,36 @@ class EngineConfig:
             raise ConfigError("lease_ttl_s", "must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError("load_format", "must be 'auto' or 'dummy'")
+        if self.kv_eviction_policy not in POLICIES:
+            raise ConfigError("kv_eviction_policy", f"must be one of {', '.join(sorted(POLICIES))}, "
+                              f"got {self.kv_eviction_policy!r}")
+        if self.kv_offload_mode not in OFFLOAD_MODES:
+            raise ConfigError("kv_offload_mode", f"must be one of {', '.join(OFFLOAD_MODES)}, "
+                              f"got {self.kv_offload_mode!r}")
+        if self.kv_offload_min_hits < 1:
+            raise ConfigError("kv_offload_min_hits", "must be >= 1")
+        for name in ("kv_host_cache_bytes", "kv_disk_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
+        memory = machine_memory_bytes()
+        if memory and self.kv_host_cache_bytes > memory:
+            raise ConfigError("kv_host_cache_bytes", f"{self.kv_host_cache_bytes / 2**30:.1f} GiB is more than "
+                              f"this machine's {memory / 2**30:.1f} GiB of memory")
+        for name in ("kv_host_ttl_s", "kv_disk_ttl_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0 (0: no TTL)")
+        for name in ("kv_pin_max_ttl_s", "kv_load_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be > 0")
+
+    @property
+    def kv_tiers_enabled(self) -> bool:
+        return self.kv_host_cache_bytes > 0 or self.kv_disk_cache_dir is not None
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (0 when the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0

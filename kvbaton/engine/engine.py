@@ -15,19 +15,24 @@ from typing import Any
 import torch
 
 from kvbaton.engine.block_pool import BlockPool
-from kvbaton.engine.config import EngineConfig
+from kvbaton.engine.config import DEFAULT_DISK_CACHE_BYTES, EngineConfig
 from kvbaton.engine.kv_handoff import ImportPlan, KVHandoff
 from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.model_runner import ModelRunner
+from kvbaton.engine.offload import KVOffload
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import Sampler
 from kvbaton.engine.scheduler import Scheduler
 from kvbaton.engine.stop import check_stop
-from kvbaton.errors import InvalidRequestError
+from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.kv.events import KVEventSink
 from kvbaton.kv.hashing import BlockHash, root_hash
 from kvbaton.kv.spec import KVSpec, torch_dtype
+from kvbaton.kv.store.base import KVTier
+from kvbaton.kv.store.disk import DiskTier
+from kvbaton.kv.store.host import HostTier
+from kvbaton.kv.store.policies import make_policy
 from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
 from kvbaton.models.tokenizer import chat_prompt_ids
@@ -76,7 +81,10 @@ class LLMEngine:
         )
         num_blocks = self._num_kv_blocks()
         self.model_fingerprint = f"{self.loaded.fingerprint}:{self.kv_spec.layout_id()}"
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching, event_sink)
+        # Events name where blocks live: vLLM's "GPU" for a CUDA device; "CPU" for a CPU one.
+        medium = "GPU" if self.device.type == "cuda" else "CPU"
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching, event_sink,
+                              config.kv_eviction_policy, medium)
         self.scheduler = Scheduler(
             self.pool, config.max_num_seqs, config.max_num_batched_tokens,
             config.enable_chunked_prefill, config.share_inflight_prefill,
@@ -89,6 +97,7 @@ class LLMEngine:
             self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend,
             shared_kv=config.shared_kv,
         )
+        self.offload = self._build_offload() if config.kv_tiers_enabled and config.enable_prefix_caching else None
         eos = set(mcfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -122,6 +131,34 @@ class LLMEngine:
         if n < 1:
             raise ValueError(f"KV memory budget {budget} B holds no {self.kv_spec.bytes_per_block} B block")
         return int(n)
+
+    def _build_offload(self) -> KVOffload:
+        """The tiered KV store below the device pool: a host tier and/or a disk tier."""
+        cfg, spec = self.config, self.kv_spec
+        tiers: list[KVTier] = []
+        if cfg.kv_host_cache_bytes:
+            blocks = cfg.kv_host_cache_bytes // spec.bytes_per_block
+            if blocks < 1:
+                raise ConfigError("kv_host_cache_bytes", f"holds no {spec.bytes_per_block} B block")
+            tiers.append(HostTier(blocks, spec.bytes_per_block, cfg.block_size, make_policy(cfg.kv_eviction_policy),
+                                  cfg.kv_host_ttl_s, pin_memory=self.device.type == "cuda"))
+        if cfg.kv_disk_cache_dir is not None:
+            disk_bytes = cfg.kv_disk_cache_bytes or DEFAULT_DISK_CACHE_BYTES
+            blocks = disk_bytes // spec.bytes_per_block
+            if blocks < 1:
+                raise ConfigError("kv_disk_cache_bytes", f"holds no {spec.bytes_per_block} B block")
+            tiers.append(DiskTier(cfg.kv_disk_cache_dir, blocks, spec.bytes_per_block, cfg.block_size,
+                                  spec.layout_id(), self.model_fingerprint, make_policy(cfg.kv_eviction_policy),
+                                  cfg.kv_disk_ttl_s))
+        # Readahead covers what one step can allocate: its token budget, plus a block per
+        # running sequence that crosses into a new block.
+        readahead = 2 * -(-cfg.max_num_batched_tokens // cfg.block_size) + cfg.max_num_seqs
+        offload = KVOffload(self.pool, self.scheduler, self.runner.kv_cache, tiers, cfg.kv_offload_mode,
+                            cfg.kv_offload_min_hits, cfg.kv_load_timeout_s, readahead)
+        for t in tiers:
+            log.info("KV %s tier: %d blocks (%.2f GiB)", t.name, t.capacity_blocks,
+                     t.capacity_blocks * spec.bytes_per_block / 2**30)
+        return offload
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -271,8 +308,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that gained tokens or ended."""
         self.handoff.collect_leases()
+        if self.offload is not None:
+            self.offload.step_begin()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            if self.offload is not None and self.scheduler.waiting:
+                # Only prefixes loading (or nothing fits yet): wait for the IO thread a little
+                # instead of spinning on an empty schedule.
+                self.offload.io.wait_completed(0.05)
             return []
         logits = self.runner.execute(out)
         sampling = [s for s in out.scheduled if s.samples]
@@ -291,6 +334,8 @@ class LLMEngine:
                 if top is not None:
                     req.top_logprobs.append(top)
             outputs.append(self._check_stop_and_output(req))
+        if self.offload is not None:
+            self.offload.step_end()
         return outputs
 
     def _check_stop_and_output(self, req: Request) -> RequestOutput:
@@ -352,8 +397,13 @@ class LLMEngine:
         stale = set(self.sampler.generators) - set(self.scheduler.requests)
         assert not stale, f"sampler generators of finished requests: {sorted(stale)[:5]}"
         refs = self.scheduler.block_refs()
-        for b, n in self.handoff.block_refs().items():
-            refs[b] = refs.get(b, 0) + n
+        held = [self.handoff.block_refs()]
+        if self.offload is not None:
+            self.offload.check()
+            held.append(self.offload.block_refs())
+        for more in held:
+            for b, n in more.items():
+                refs[b] = refs.get(b, 0) + n
         self.pool.check_integrity(refs)
 
     def stats(self) -> dict[str, Any]:
@@ -371,4 +421,24 @@ class LLMEngine:
             "kv_leases_released": self.leases.num_released,
             "kv_leases_expired": self.leases.num_expired,
             "kv_blocks_imported": self.handoff.num_imported_blocks,
+            "kv_tiers": self.offload.tier_stats() if self.offload is not None else {},
+            "kv_offload_sync_stores": self.offload.sync_stores if self.offload is not None else 0,
         }
+
+    def publish_snapshot(self) -> int:
+        """Send the whole cache to the event sink (a router that lost events resyncs):
+        the device pool's blocks, then every tier's; returns the number of blocks sent."""
+        sent = self.pool.publish_snapshot()
+        sink = self.pool.event_sink
+        if self.offload is not None and sink is not None:
+            events = self.offload.snapshot_events()
+            for ev in events:
+                sink(ev)
+            sent += len(events)
+        return sent
+
+    def close(self) -> None:
+        """Release what outlives requests: the tiered store's IO thread and media."""
+        if self.offload is not None:
+            self.offload.close()
+

@@ -17,13 +17,16 @@ class RequestStatus(enum.Enum):
     """Where a request is in its life.
 
     ``WAITING`` requests hold no blocks; admission looks up their cached prefix.
-    ``WAITING_WITH_KV`` requests already hold blocks with KV written for their first
-    ``num_computed_tokens`` tokens (imported from a prefill worker): admission gives them
+    ``WAITING_FOR_KV`` requests hold blocks that a load from the tiered KV store is filling
+    with their prefix; the scheduler passes them over until it ends. ``WAITING_WITH_KV``
+    requests already hold blocks with KV written for their first ``num_computed_tokens``
+    tokens (imported from a prefill worker, or loaded from a tier): admission gives them
     blocks for the rest only. ``RUNNING`` requests are scheduled every step until
     ``FINISHED``. Preemption sends a running request back to ``WAITING`` (its blocks freed).
     """
 
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"
     WAITING_WITH_KV = "waiting_with_kv"
     RUNNING = "running"
     FINISHED = "finished"
@@ -61,6 +64,10 @@ class Request:
     stop_reason: str | int | None = field(init=False, default=None)
     output_text: str = field(init=False, default="")
     num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
+    # A prefix load from the tiered store failed or timed out: compute the prompt instead.
+    skip_tiers: bool = field(init=False, default=False)
+    # The tiered store's reuse filter has counted this request's blocks (once per request).
+    reuse_counted: bool = field(init=False, default=False)
     # Prefill-only: keep the prompt's blocks under a lease of this many seconds when finished.
     lease_ttl_s: float | None = field(init=False, default=None)
 
@@ -89,7 +96,7 @@ class Request:
 
     @property
     def waiting(self) -> bool:
-        return self.status in (RequestStatus.WAITING, RequestStatus.WAITING_WITH_KV)
+        return self.status in (RequestStatus.WAITING, RequestStatus.WAITING_FOR_KV, RequestStatus.WAITING_WITH_KV)
 
     def full_block_hashes(self) -> list[BlockHash]:
         """Hashes of all full blocks of the current tokens (computed incrementally)."""

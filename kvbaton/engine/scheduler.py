@@ -23,11 +23,31 @@ long as computing them alongside would have taken.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.engine.request import Request, RequestStatus
 from kvbaton.kv.hashing import BlockHash
+
+
+class PrefixLoader(Protocol):
+    """Loads a waiting request's prefix from somewhere below the device (the tiered KV store,
+    :class:`kvbaton.engine.offload.KVOffload`) while the scheduler goes on without it.
+
+    ``begin_load`` either starts loading the blocks that follow ``hit`` (the device's cached
+    prefix) into blocks it allocates for ``req``, sets ``req`` to ``WAITING_FOR_KV`` and
+    returns True, or changes nothing and returns False. When the load ends the loader calls
+    :meth:`Scheduler.kv_arrived`. A request aborted while loading is handed back with
+    ``abandon``: the loader keeps its blocks until the load has stopped writing them.
+    """
+
+    def begin_load(self, req: Request, hashes: list[BlockHash], hit: list[int]) -> bool: ...
+
+    def abandon(self, req: Request) -> None: ...
+
+    def loading_hashes(self) -> Set[BlockHash]: ...
 
 
 @dataclass
@@ -81,6 +101,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.share_inflight_prefill = share_inflight_prefill
         self.num_inflight_waits = 0  # admissions put off to share a prefix being prefilled
+        self.loader: PrefixLoader | None = None  # the tiered KV store, when there is one
+        self.num_kv_releases = 0  # waiting requests that gave up held KV for the queue's head
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -101,6 +123,7 @@ class Scheduler:
         references are returned to the caller instead (a lease takes them over)."""
         if req.finished:
             return []
+        loading = req.status is RequestStatus.WAITING_FOR_KV
         req.status = RequestStatus.FINISHED
         req.finish_reason, req.stop_reason = reason, stop_reason
         if req in self.running:
@@ -111,7 +134,12 @@ class Scheduler:
             except ValueError:
                 pass
         kept: list[int] = []
-        if keep_blocks:
+        if loading:
+            # A load may still be writing these blocks: the loader frees them once it stops.
+            assert self.loader is not None
+            self.loader.abandon(req)
+            req.block_ids, req.num_committed_blocks = [], 0
+        elif keep_blocks:
             kept, req.block_ids, req.num_committed_blocks = req.block_ids, [], 0
         else:
             self._free_blocks(req)
@@ -137,6 +165,8 @@ class Scheduler:
             req = self.running[i]
             n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_blocks(req, req.num_computed_tokens + n):
+                if self._release_waiting_kv(keep=None):
+                    continue  # a waiting request's blocks were cheaper to give up
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -154,14 +184,28 @@ class Scheduler:
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.status is RequestStatus.WAITING_FOR_KV:  # its prefix is still loading
+                passed.append(self.waiting.popleft())
+                continue
             if req.status is RequestStatus.WAITING_WITH_KV:  # nothing to look up or share
                 admitted = self._admit_with_kv(req, budget, out)
+                while not admitted and self._release_waiting_kv(keep=req):
+                    admitted = self._admit_with_kv(req, budget, out)
             else:
                 hashes, hit = self._cached_prefix(req)
                 if inflight is not None and self._waits_for_inflight(hashes, len(hit), req, inflight):
                     passed.append(self.waiting.popleft())
                     continue
+                if self.loader is not None and not req.skip_tiers and self.loader.begin_load(req, hashes, hit):
+                    passed.append(self.waiting.popleft())
+                    if inflight is not None:  # siblings wait for this load instead of repeating it
+                        inflight.update(self.loader.loading_hashes())
+                    continue
                 admitted = self._admit(req, hit, budget, out)
+                # The head of the queue must not starve behind requests that hold KV they
+                # loaded or imported: take their blocks back (newest first) until it fits.
+                while not admitted and self._release_waiting_kv(keep=req):
+                    admitted = self._admit(req, self._cached_prefix(req)[1], budget, out)
             if not admitted:
                 break
             budget -= out.scheduled[-1].num_new_tokens
@@ -173,8 +217,9 @@ class Scheduler:
     # ---- in-flight prefix sharing ----------------------------------------------------------
 
     def _inflight_blocks(self) -> set[BlockHash]:
-        """Hashes of prompt blocks that running requests are still to write."""
-        inflight: set[BlockHash] = set()
+        """Hashes of prompt blocks that running requests are still to write (or that are
+        being loaded from the tiered store)."""
+        inflight: set[BlockHash] = set(self.loader.loading_hashes()) if self.loader is not None else set()
         for req in self.running:
             self._add_inflight(req, inflight)
         return inflight
@@ -217,6 +262,20 @@ class Scheduler:
         self._run(req, n, out)
         return True
 
+    def _release_waiting_kv(self, keep: Request | None) -> bool:
+        """Free the blocks of the newest waiting request that holds KV it has not used yet
+        (``WAITING_WITH_KV``; not ``keep``), sending it back to a plain wait. Its full blocks
+        are registered, so they stay findable until evicted and it usually finds them again;
+        only a partial tail is recomputed. False when no such request is left."""
+        for req in reversed(self.waiting):
+            if req is not keep and req.status is RequestStatus.WAITING_WITH_KV:
+                self._free_blocks(req)
+                req.num_computed_tokens = 0
+                req.status = RequestStatus.WAITING
+                self.num_kv_releases += 1
+                return True
+        return False
+
     def _admit_with_kv(self, req: Request, budget: int, out: SchedulerOutput) -> bool:
         """Admit a request that arrived holding blocks with its first tokens' KV already in
         them (imported from a prefill worker): only its remaining tokens are computed."""
@@ -238,6 +297,19 @@ class Scheduler:
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_cached
             self.pool.count_lookup(req.num_tokens, num_cached)
+
+    def kv_arrived(self, req: Request, block_ids: list[int], num_cached_tokens: int) -> None:
+        """A prefix load for the waiting ``req`` ended: it holds ``block_ids`` (device hit plus
+        what loaded, all registered), so its first ``len(block_ids)`` blocks are computed and
+        count as cached. With no blocks (the load failed) it goes back to a plain wait."""
+        req.block_ids = list(block_ids)
+        req.num_computed_tokens = len(block_ids) * self.block_size
+        req.num_committed_blocks = len(block_ids)
+        if block_ids:
+            self._count_hit(req, num_cached_tokens)
+            req.status = RequestStatus.WAITING_WITH_KV
+        else:
+            req.status = RequestStatus.WAITING
 
     def add_with_kv(self, req: Request, block_ids: list[int], num_computed_tokens: int,
                     num_cached_tokens: int) -> None:
@@ -317,6 +389,7 @@ class Scheduler:
             ok = {
                 RequestStatus.WAITING: queue == "waiting" and not req.block_ids,
                 RequestStatus.WAITING_WITH_KV: queue == "waiting" and bool(req.block_ids),
+                RequestStatus.WAITING_FOR_KV: queue == "waiting" and bool(req.block_ids),
                 RequestStatus.RUNNING: queue == "running",
             }.get(req.status, False)
             if not ok:

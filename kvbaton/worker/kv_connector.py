@@ -137,7 +137,7 @@ class KVConnector:
             f"tcp://{host}:{self.config.kv_events_replay_port}",
             # A router that lost events asks for the whole cache: the engine thread sends it,
             # in order with the pool's other events.
-            on_resync=lambda: self.async_engine.post(lambda eng: eng.pool.publish_snapshot()),
+            on_resync=lambda: self.async_engine.post(lambda eng: eng.publish_snapshot()),
         )
         pool = self.engine.pool
         # The publisher's first batch is AllBlocksCleared: make it true, so an index that

@@ -98,6 +98,7 @@ def run_worker(
         server.run(sockets=[sock])
     finally:
         sock.close()
+        engine.close()  # the engine thread has stopped: finish the tiered store's copies
     return 0 if server.started and state.engine.error is None else 1
 
 

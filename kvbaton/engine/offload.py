@@ -1,0 +1,508 @@
+"""KVOffload: the engine's side of the tiered KV store (device -> host -> disk).
+
+The device :class:`~kvbaton.engine.block_pool.BlockPool` keeps working as it always has; this
+class follows it through its two hooks and moves blocks below it:
+
+- **Offload.** ``write-back`` (default): a block leaves the device only when the pool is
+  about to reuse it. To keep that off the step's critical path, after every step the next
+  blocks in eviction order are copied to the host tier ahead of need (readahead); a block the
+  pool evicts before its copy was made is copied there and then (``sync_stores`` counts it).
+  ``write-through``: every block is copied as soon as the step that wrote it ends. Blocks go
+  to the top tier (host, or the disk when there is no host tier); the disk tier then receives
+  every block the host tier stores (so a restart finds them), through the same IO thread.
+- **Load.** When the scheduler considers a waiting request, the blocks after its device hit
+  are looked up in the tiers (host first, then disk); the leading run found there is loaded
+  into newly allocated device blocks by the IO thread while the request waits
+  (``WAITING_FOR_KV``), then registered in the prefix cache (``kv_arrived``): the step loop
+  never waits on I/O. A load that fails or times out sends the request to compute its prompt;
+  a block that fails validation is dropped from its tier and never used.
+- **Ownership.** The blocks of a load belong to the request until it is aborted or the load
+  times out; then they belong to the load record until the IO thread has stopped writing
+  them, and only then go back to the pool. Device blocks an offload copy is reading are
+  ``busy``: the pool's eviction hook waits for that copy before their memory is reused.
+- **Reuse filter.** With ``min_hits`` > 1 a block is offloaded only once that many requests
+  have used it (vLLM's ``store_threshold``), so one-off prompts do not churn the tiers.
+- **Pins.** ``pin`` keeps a prefix in the tiers (copying it down from the device first) until
+  a deadline; ``unpin`` ends it early.
+- **Events.** Blocks that enter or leave a tier are announced with the tier's ``medium``
+  through the pool's event sink, in order with the pool's own events.
+
+Everything here runs on the engine thread, except the job functions, which run on the IO
+thread and only copy bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvbaton.engine.block_pool import Block, BlockPool
+from kvbaton.engine.config import OFFLOAD_MODES
+from kvbaton.engine.request import Request, RequestStatus
+from kvbaton.engine.scheduler import Scheduler
+from kvbaton.kv.events import BlockStored, KVEvent
+from kvbaton.kv.hashing import BlockHash
+from kvbaton.kv.store.base import BlockMeta, KVTier, LoadPlan, StorePlan, TierError
+from kvbaton.kv.store.host import HostTier
+from kvbaton.kv.store.io import Job, TierIO
+from kvbaton.kv.store.mover import BlockMover, kv_rows
+from kvbaton.kv.store.policies import ReuseFilter
+
+log = logging.getLogger(__name__)
+
+# Buckets of the load-latency histogram (seconds).
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_EXPIRE_EVERY_S = 1.0
+
+
+@dataclass
+class TierStats:
+    """Cumulative counters of one tier, as the worker's metrics report them."""
+
+    hit_tokens: int = 0
+    stores: int = 0
+    store_bytes: int = 0
+    loads: int = 0
+    load_bytes: int = 0
+    failed_loads: int = 0
+    failed_stores: int = 0
+    load_seconds: list[int] = field(default_factory=lambda: [0] * (len(LOAD_BUCKETS) + 1))
+    load_seconds_sum: float = 0.0
+
+    def observe_load(self, seconds: float) -> None:
+        i = next((k for k, b in enumerate(LOAD_BUCKETS) if seconds <= b), len(LOAD_BUCKETS))
+        self.load_seconds[i] += 1
+        self.load_seconds_sum += seconds
+
+
+@dataclass
+class _Load:
+    req: Request
+    blocks: list[int]  # device hit blocks, then the blocks being filled
+    num_hit: int
+    hashes: list[BlockHash]  # of blocks[num_hit:]
+    metas: list[BlockMeta]
+    parts: list[tuple[KVTier, LoadPlan, list[int]]]  # tier, plan, positions in the run
+    started: float
+    job: Job | None = None
+    abandoned: bool = False  # the request ended or gave up: free the blocks when the job ends
+
+
+@dataclass
+class _Store:
+    tier: KVTier
+    plan: StorePlan
+    device_blocks: list[int]  # device rows being read (busy until done); [] for host -> disk
+    source_hold: tuple[KVTier, LoadPlan] | None = None  # host entries a disk write reads
+
+
+class KVOffload:
+    """Moves blocks between one engine's device pool and its tiers (module docstring)."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        scheduler: Scheduler,
+        kv_cache: torch.Tensor,
+        tiers: Sequence[KVTier],
+        mode: str = "write-back",
+        min_hits: int = 1,
+        load_timeout_s: float = 30.0,
+        readahead_blocks: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        if not tiers:
+            raise ValueError("KVOffload needs at least one tier")
+        self.pool = pool
+        self.scheduler = scheduler
+        self.tiers = list(tiers)
+        self.mode = mode
+        self.load_timeout_s = load_timeout_s
+        self.readahead_blocks = readahead_blocks
+        self.clock = clock
+        self.rows = kv_rows(kv_cache)
+        self.block_bytes = int(self.rows.shape[1])
+        self.mover = BlockMover(self.rows)
+        self.io = TierIO()
+        self.filter = ReuseFilter(min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
+        self.stats = {t.name: TierStats() for t in self.tiers}
+        self.sync_stores = 0  # blocks copied at eviction time (readahead had not reached them)
+        self.eviction_waits = 0  # evictions that waited for an offload copy still running
+        self._loads: dict[str, _Load] = {}  # request id -> its load (also abandoned ones, by id)
+        self._abandoned: list[_Load] = []
+        self._loading: dict[BlockHash, int] = {}  # hashes being loaded -> number of loads
+        self._busy: dict[int, Job] = {}  # device block -> the offload copy reading it
+        self._pending: list[tuple[Block, BlockHash]] = []  # write-through: to store after this step
+        self._next_expire = 0.0
+        pool.on_evict = self._on_evict
+        pool.on_cached = self._on_cached
+        scheduler.loader = self
+        for t in self.tiers:  # a disk tier found blocks at startup: announce them
+            self._flush_events(t)
+
+    # ---- tiers -------------------------------------------------------------------------
+
+    @property
+    def top(self) -> KVTier:
+        """Where blocks leaving the device go first."""
+        return self.tiers[0]
+
+    def tier(self, name: str) -> KVTier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def _holder(self, h: BlockHash) -> KVTier | None:
+        return next((t for t in self.tiers if t.dir.is_ready(h)), None)
+
+    # ---- loads (the scheduler's PrefixLoader) -----------------------------------------
+
+    def begin_load(self, req: Request, hashes: list[BlockHash], hit: list[int]) -> bool:
+        """Start loading the blocks after ``req``'s device hit ``hit`` that the tiers hold;
+        False (nothing changed) when they hold none or the pool has no room now."""
+        self._count_reuse(req, hashes)
+        k = len(hit)
+        for t in self.tiers:
+            t.dir.touch(hashes[:k])  # a hot prefix kept on the device stays fresh below it
+        max_blocks = (req.num_tokens - 1) // self.pool.block_size
+        bs = self.pool.block_size
+        run: list[tuple[KVTier, BlockHash, BlockMeta]] = []
+        for i in range(k, max_blocks):
+            h = hashes[i]
+            if h in self._loading:
+                break  # another request is loading it: wait for that (in-flight sharing)
+            holder = self._holder(h)
+            if holder is None:
+                break
+            meta = holder.dir.meta_of(h)
+            # A hash names its tokens; checking them too means even a collision cannot
+            # serve the wrong KV (the device pool checks the same way).
+            if meta.token_ids != tuple(req.token_ids[i * bs : (i + 1) * bs]):
+                break
+            run.append((holder, h, meta))
+        if not run:
+            return False
+        blocks = self.pool.acquire(hit, len(run))
+        if blocks is None:
+            return False
+        load = _Load(req, blocks, k, [h for _, h, _ in run], [m for _, _, m in run], [], self.clock())
+        for t in self.tiers:
+            positions = [i for i, (rt, _, _) in enumerate(run) if rt is t]
+            if positions:
+                load.parts.append((t, t.dir.prepare_load([run[i][1] for i in positions]), positions))
+        for h in load.hashes:
+            self._loading[h] = self._loading.get(h, 0) + 1
+        req.block_ids = blocks
+        req.status = RequestStatus.WAITING_FOR_KV
+        self._loads[req.request_id] = load
+        load.job = self.io.submit("load", lambda: self._do_load(load), load, urgent=True)
+        return True
+
+    def _do_load(self, load: _Load) -> list[BlockHash]:
+        """IO thread: copy the run into its device blocks; the hashes that failed validation."""
+        bad: list[BlockHash] = []
+        for t, plan, positions in load.parts:
+            bad += self.mover.load(t, plan, [load.blocks[load.num_hit + p] for p in positions])
+        return bad
+
+    def abandon(self, req: Request) -> None:
+        """``req`` was aborted while its prefix loads: the load keeps its blocks until done."""
+        load = self._loads.pop(req.request_id, None)
+        if load is None:
+            return
+        load.abandoned = True
+        self._abandoned.append(load)
+
+    def loading_hashes(self) -> Set[BlockHash]:
+        return self._loading.keys()
+
+    def _finish_load(self, load: _Load, job: Job) -> None:
+        if self._loads.get(load.req.request_id) is load:
+            del self._loads[load.req.request_id]
+        for h in load.hashes:
+            n = self._loading.get(h, 0) - 1
+            if n > 0:
+                self._loading[h] = n
+            else:
+                self._loading.pop(h, None)
+        bad = set(job.result or ()) if job.error is None else set(load.hashes)
+        if job.error is not None:
+            log.warning("KV load for %s failed: %s", load.req.request_id, job.error)
+        elapsed = self.clock() - load.started
+        good_run = next((i for i, h in enumerate(load.hashes) if h in bad), len(load.hashes))
+        for t, plan, positions in load.parts:
+            part_bad = [h for h in plan.hashes if h in bad] if job.error is None else []
+            t.dir.complete_load(plan, ok=job.error is None and not load.abandoned, bad=part_bad)
+            st = self.stats[t.name]
+            used = sum(1 for p in positions if p < good_run)
+            if load.abandoned or job.error is not None or part_bad:
+                st.failed_loads += 1
+            if used and not load.abandoned:
+                st.loads += 1
+                st.load_bytes += used * self.block_bytes
+                st.hit_tokens += used * self.pool.block_size
+                st.observe_load(elapsed)
+            self._flush_events(t)
+        if load.abandoned:
+            self.pool.free(list(reversed(load.blocks)))
+            self._abandoned.remove(load)
+            return
+        req, bs = load.req, self.pool.block_size
+        keep = load.num_hit + good_run
+        for i in range(good_run):
+            b = load.num_hit + i
+            meta = load.metas[i]
+            self.pool.cache_block(load.blocks[b], load.hashes[i], meta.token_ids, meta.parent)
+        self.pool.free(list(reversed(load.blocks[keep:])))
+        if good_run < len(load.hashes):
+            req.skip_tiers = True  # compute the rest rather than retry a tier that failed
+        self.scheduler.kv_arrived(req, load.blocks[:keep], keep * bs)
+
+    def _check_timeouts(self) -> None:
+        now = self.clock()
+        for rid, load in list(self._loads.items()):
+            if now - load.started <= self.load_timeout_s:
+                continue
+            log.warning("KV load for %s did not finish in %.1fs: computing the prompt instead",
+                        rid, self.load_timeout_s)
+            del self._loads[rid]
+            load.abandoned = True
+            self._abandoned.append(load)
+            load.req.skip_tiers = True
+            self.scheduler.kv_arrived(load.req, [], 0)
+
+    # ---- stores ------------------------------------------------------------------------
+
+    def _count_reuse(self, req: Request, hashes: list[BlockHash]) -> None:
+        if not req.reuse_counted:  # once per request, however many steps it waits
+            req.reuse_counted = True
+            self.filter.record(hashes)
+
+    def _wanted(self, blk: Block) -> bool:
+        h = blk.block_hash
+        return (h is not None and self.top.enabled and h not in self.top.dir and self.filter.admits(h)
+                and blk.block_id not in self._busy)
+
+    def _on_cached(self, blk: Block) -> None:
+        if self.mode == "write-through" and blk.block_hash is not None and self._wanted(blk):
+            self._pending.append((blk, blk.block_hash))
+
+    def _on_evict(self, blocks: list[Block]) -> None:
+        """The pool is about to reuse ``blocks``: their KV must be safe below first."""
+        for blk in blocks:
+            job = self._busy.pop(blk.block_id, None)
+            if job is not None and not job.done:
+                # An offload copy is reading it: let that finish before the memory is reused
+                # (rare: readahead runs a step ahead). The job is reaped at the next step.
+                self.eviction_waits += 1
+                job.wait()
+        todo = [b for b in blocks if self._wanted(b)]
+        if not todo:
+            return
+        plan, blocks_kept = self._plan_store(self.top, todo)
+        if not plan.hashes:
+            return
+        self.sync_stores += len(plan.hashes)
+        try:
+            self.mover.store(self.top, plan, [b.block_id for b in blocks_kept])
+            ok = True
+        except TierError as e:
+            log.warning("offload to the %s tier failed: %s", self.top.name, e)
+            ok = False
+        self._stored(_Store(self.top, plan, []), ok)
+
+    def _plan_store(self, tier: KVTier, blocks: Sequence[Block]) -> tuple[StorePlan, list[Block]]:
+        metas = [BlockMeta(b.parent_hash, b.token_ids or ()) for b in blocks]
+        hashes: list[BlockHash] = [b.block_hash for b in blocks if b.block_hash is not None]
+        plan = tier.dir.prepare_store(hashes, metas)
+        by_hash = {b.block_hash: b for b in blocks}
+        self._evicted(tier, plan.evicted)
+        return plan, [by_hash[h] for h in plan.hashes]
+
+    def _submit_store(self, blocks: Sequence[Block]) -> None:
+        plan, kept = self._plan_store(self.top, blocks)
+        if not plan.hashes:
+            return
+        ids = [b.block_id for b in kept]
+        rec = _Store(self.top, plan, ids)
+        job = self.io.submit("store", lambda: self.mover.store(rec.tier, rec.plan, ids), rec)
+        for bid in ids:
+            self._busy[bid] = job
+
+    def _stored(self, rec: _Store, ok: bool) -> None:
+        """A store ended: entries become loadable (or are dropped); the disk follows the host."""
+        rec.tier.dir.complete_store(rec.plan, ok)
+        st = self.stats[rec.tier.name]
+        if ok:
+            st.stores += len(rec.plan.hashes)
+            st.store_bytes += len(rec.plan.hashes) * self.block_bytes
+        else:
+            st.failed_stores += 1
+        if rec.source_hold is not None:
+            src, hold = rec.source_hold
+            src.dir.complete_load(hold, ok=False)
+        self._flush_events(rec.tier)
+        if ok and rec.tier is self.top and len(self.tiers) > 1:
+            self._write_below(rec.tier, rec.plan.hashes)
+
+    def _write_below(self, src: KVTier, hashes: list[BlockHash]) -> None:
+        """Copy blocks the host tier just stored on to the disk tier (write-through)."""
+        dst = self.tiers[1]
+        if not dst.enabled:
+            return
+        todo = [h for h in hashes if h not in dst.dir and src.dir.is_ready(h)]
+        if not todo:
+            return
+        plan = dst.dir.prepare_store(todo, [src.dir.meta_of(h) for h in todo])
+        self._evicted(dst, plan.evicted)
+        if not plan.hashes:
+            return
+        if not isinstance(src, HostTier):  # only the host tier has rows to write from
+            dst.dir.complete_store(plan, ok=False)
+            return
+        hold = src.dir.prepare_load(plan.hashes)  # the host rows stay put while the disk reads
+        rec = _Store(dst, plan, [], (src, hold))
+        self.io.submit("store", lambda: dst.write(plan, src.rows, hold.slots), rec)
+
+    def _evicted(self, tier: KVTier, hashes: list[BlockHash]) -> None:
+        if hashes:
+            self.io.submit("delete", lambda: tier.removed(hashes), None)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def step_begin(self) -> None:
+        """Before scheduling: take finished jobs, end overdue loads, expire idle entries."""
+        self._reap()
+        if self._loads:
+            self._check_timeouts()
+        now = self.clock()
+        if now >= self._next_expire:
+            self._next_expire = now + _EXPIRE_EVERY_S
+            for t in self.tiers:
+                dropped = t.dir.expire()
+                self._evicted(t, dropped)
+                self._flush_events(t)
+
+    def step_end(self) -> None:
+        """After the step: submit this step's write-through stores, or the write-back readahead."""
+        if self.mode == "write-through":
+            pending, self._pending = self._pending, []
+            # Still the block that was cached (nothing allocates between a step's commits and
+            # here, but a reset could have cleared it).
+            todo = [b for b, h in pending if b.block_hash == h and self._wanted(b)]
+            if todo:
+                self._submit_store(todo)
+            return
+        if not self.top.enabled:
+            return
+        ahead = [self.pool.blocks[b] for b in self.pool.eviction_candidates(self.readahead_blocks)]
+        todo = [b for b in ahead if self._wanted(b)]
+        if todo:
+            self._submit_store(todo)
+
+    def _reap(self) -> None:
+        for job in self.io.completed():
+            tag = job.tag
+            if isinstance(tag, _Load):
+                self._finish_load(tag, job)
+            elif isinstance(tag, _Store):
+                for bid in tag.device_blocks:
+                    if self._busy.get(bid) is job:
+                        del self._busy[bid]
+                if job.error is not None:
+                    log.warning("offload to the %s tier failed: %s", tag.tier.name, job.error)
+                self._stored(tag, job.error is None)
+            elif job.error is not None:
+                log.warning("KV store %s job failed: %s", job.kind, job.error)
+
+    # ---- pins --------------------------------------------------------------------------
+
+    def pin(self, hashes: Sequence[BlockHash], token_ids: Sequence[int], ttl_s: float) -> int:
+        """Pin the leading blocks of ``hashes`` that are cached anywhere (copying device-only
+        ones into the top tier first) for ``ttl_s`` seconds; how many blocks are pinned."""
+        bs = self.pool.block_size
+        run: list[BlockHash] = []
+        to_copy: list[Block] = []
+        for i, h in enumerate(hashes):
+            if self._holder(h) is None:
+                bid = self.pool.lookup(h)
+                if bid is None or self.pool.blocks[bid].token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
+                    break
+                to_copy.append(self.pool.blocks[bid])
+            run.append(h)
+        if to_copy and self.top.enabled:
+            plan, kept = self._plan_store(self.top, to_copy)
+            if plan.hashes:
+                try:
+                    self.mover.store(self.top, plan, [b.block_id for b in kept])
+                    ok = True
+                except TierError as e:
+                    log.warning("copying a pinned prefix to the %s tier failed: %s", self.top.name, e)
+                    ok = False
+                self._stored(_Store(self.top, plan, []), ok)
+        until = self.clock() + ttl_s
+        return max(t.dir.pin(run, until) for t in self.tiers)
+
+    def unpin(self, hashes: Sequence[BlockHash]) -> int:
+        return max((t.dir.unpin(hashes) for t in self.tiers), default=0)
+
+    # ---- events, snapshots, accounting -------------------------------------------------
+
+    def _flush_events(self, tier: KVTier) -> None:
+        events = tier.dir.take_events()
+        sink = self.pool.event_sink
+        if sink is not None:
+            for ev in events:
+                sink(ev)
+
+    def snapshot_events(self) -> list[KVEvent]:
+        """BlockStored for every ready block of every tier (a resync after the pool's own)."""
+        out: list[KVEvent] = []
+        for t in self.tiers:
+            for h, meta in t.dir.ready_entries():
+                out.append(BlockStored([h], meta.parent, list(meta.token_ids), self.pool.block_size, medium=t.medium))
+        return out
+
+    def block_refs(self) -> dict[int, int]:
+        """Device blocks held by loads whose request ended (for integrity checks)."""
+        refs: dict[int, int] = {}
+        for load in self._abandoned:
+            for b in load.blocks:
+                refs[b] = refs.get(b, 0) + 1
+        return refs
+
+    def check(self) -> None:
+        """Assert every tier's directory invariants."""
+        for t in self.tiers:
+            t.dir.check()
+        live = {rid for rid, load in self._loads.items() if not load.abandoned}
+        assert live <= set(self.scheduler.requests), "a load outlived its request"
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """Per tier: capacity, use and the cumulative counters (the worker's metrics)."""
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.tiers:
+            st = self.stats[t.name]
+            d = t.dir
+            out[t.name] = {
+                "medium": t.medium, "enabled": t.enabled,
+                "blocks_used": len(d), "blocks_capacity": d.capacity,
+                "bytes_used": len(d) * self.block_bytes, "bytes_capacity": d.capacity * self.block_bytes,
+                "blocks_pinned": d.num_pinned, "hit_tokens": st.hit_tokens, "stores": st.stores,
+                "store_bytes": st.store_bytes, "loads": st.loads, "load_bytes": st.load_bytes,
+                "evictions": d.num_evicted, "expirations": d.num_expired, "dropped": d.num_dropped,
+                "failed_loads": st.failed_loads, "failed_stores": st.failed_stores,
+                "load_seconds_buckets": list(st.load_seconds), "load_seconds_sum": st.load_seconds_sum,
+            }
+        return out
+
+    def close(self) -> None:
+        """Finish queued copies (bounded) and release the tiers."""
+        self.io.close()
+        for t in self.tiers:
+            t.close()
