@@ -27,7 +27,14 @@ CHAIN_C = [H(i) for i in range(20, 26)]
 CHAINS = [CHAIN_A, CHAIN_B, CHAIN_C, CHAIN_A[::-1], CHAIN_A[1:]]
 UNIVERSE = sorted(set(CHAIN_A + CHAIN_B + CHAIN_C))
 WORKERS = ["w0", "w1", "w2"]
-MEDIUMS = ["device", "host"]
+MEDIUMS = ["device", "host", "DISK"]
+# Credits per medium for weighted_prefix; "DISK" is left out so the default weight applies.
+# Powers of two keep the float sums exact whatever order they are added in.
+WEIGHT_SETS = [
+    ({"device": 1.0, "host": 0.5}, 0.25),
+    ({"device": 0.5, "host": 1.0, "DISK": 0.125}, 1.0),
+    ({}, 1.0),  # every medium weighs 1: the fast path
+]
 
 
 class FakeClock:
@@ -88,6 +95,17 @@ class Model:
                     break
             if n:
                 out[w] = n
+        return out
+
+    def weighted_prefix(self, chain: list[bytes], now: float, preds: bool,
+                        weights: dict[str, float], default: float) -> dict[str, tuple[int, float]]:
+        out = {}
+        for w, n in self.longest_prefix(chain, now, preds).items():
+            total = 0.0
+            for h in chain[:n]:
+                mediums = self.blocks[w].get(h)
+                total += max(weights.get(m, default) for m in mediums) if mediums else 1.0
+            out[w] = (n, total)
         return out
 
 
@@ -194,6 +212,16 @@ class IndexMachine(RuleBasedStateMachine):
                     self.model.longest_prefix(chain, now, preds)
 
     @invariant()
+    def weighted_lookups_agree(self) -> None:
+        now = self.clock.now
+        for chain in CHAINS:
+            for weights, default in WEIGHT_SETS:
+                for preds in (True, False):
+                    got = self.index.weighted_prefix(chain, weights, default, include_predicted=preds)
+                    assert got == self.model.weighted_prefix(chain, now, preds, weights, default)
+                    assert {w: n for w, (n, _) in got.items()} == self.index.longest_prefix(chain, preds)
+
+    @invariant()
     def per_worker_state_agrees(self) -> None:
         assert sorted(self.index.workers()) == sorted(self.model.blocks)
         for w in WORKERS:
@@ -267,6 +295,51 @@ def test_remove_worker_frees_its_slot_for_reuse() -> None:
     assert idx.longest_prefix(CHAIN_A) == {"b": 2} and len(idx) == 2
     idx.apply("c", 0, [stored(CHAIN_A[0])])  # reuses a's bit: must not inherit its blocks
     assert idx.longest_prefix(CHAIN_A) == {"b": 2, "c": 1}
+
+
+def test_weighted_prefix_weighs_each_block_by_its_best_medium() -> None:
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    weights = {"GPU": 1.0, "CPU_TIER": 0.75, "DISK": 0.5}
+    idx.apply("a", 0, [stored(*CHAIN_A[:2], medium="GPU"), stored(*CHAIN_A[2:4], medium="DISK"),
+                       stored(CHAIN_A[3], medium="CPU_TIER")])  # block 3 on disk and host: host counts
+    idx.apply("b", 0, [stored(*CHAIN_A[:3], medium="DISK"), stored(CHAIN_A[3], medium="other")])
+    idx.apply("c", 0, [stored(*CHAIN_A[:3])])  # no medium -> DEFAULT_MEDIUM "device"
+    assert idx.weighted_prefix(CHAIN_A, weights) == {
+        "a": (4, 1.0 + 1.0 + 0.5 + 0.75),
+        "b": (4, 0.5 * 3 + 1.0),  # a medium not in weights: default_weight
+        "c": (3, 3.0),
+    }
+    assert idx.weighted_prefix(CHAIN_A, weights, default_weight=0.25)["b"] == (4, 0.5 * 3 + 0.25)
+    assert idx.weighted_prefix(CHAIN_A, {**weights, "device": 0.0})["c"] == (3, 0.0)
+    assert idx.weighted_prefix([], weights) == {} and idx.weighted_prefix(CHAIN_C, weights) == {}
+
+
+def test_weighted_prefix_sees_mediums_that_appear_after_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-weights table is cached: a medium first seen later must still get its weight,
+    with the precomputed table and with the per-mask one used when mediums are many."""
+    for limit in (10, 1):
+        monkeypatch.setattr(kv_index, "_TABLE_MAX_MEDIUMS", limit)
+        idx = KVIndex()
+        weights = {"GPU": 0.5, "DISK": 0.25}
+        idx.apply("a", 0, [stored(*CHAIN_A[:2], medium="GPU")])
+        assert idx.weighted_prefix(CHAIN_A, weights) == {"a": (2, 1.0)}
+        idx.apply("a", 1, [stored(*CHAIN_A[2:4], medium="DISK"), stored(CHAIN_A[1], medium="new")])
+        assert idx.weighted_prefix(CHAIN_A, weights) == {"a": (4, 0.5 + 1.0 + 0.25 + 0.25)}
+        assert idx.weighted_prefix(CHAIN_A, {"GPU": 1.0, "DISK": 1.0}) == {"a": (4, 4.0)}
+
+
+def test_weighted_prefix_counts_predicted_blocks_whole() -> None:
+    """The router just sent the prompt there: predicted blocks are computed on the device,
+    but a block already stored on disk stays a disk block (the prediction skips it)."""
+    clock = FakeClock()
+    idx = KVIndex(clock=clock)
+    idx.apply("a", 0, [stored(*CHAIN_A[:2], medium="DISK")])
+    idx.predict("a", CHAIN_A[:5], ttl_s=1.0)
+    assert idx.weighted_prefix(CHAIN_A, {"DISK": 0.5}) == {"a": (5, 0.5 * 2 + 3.0)}
+    assert idx.weighted_prefix(CHAIN_A, {"DISK": 0.5}, include_predicted=False) == {"a": (2, 1.0)}
+    clock.now += 1.0
+    assert idx.weighted_prefix(CHAIN_A, {"DISK": 0.5}) == {"a": (2, 1.0)}
 
 
 def test_not_an_event_is_rejected() -> None:
@@ -347,6 +420,7 @@ def _run_drop_with_concurrent_lookups() -> None:
     errors: list[BaseException] = []
     idx.apply("b", 0, [stored(*big[:128])])
     seen: set[tuple[tuple[str, int], ...]] = set()
+    seen_weighted: set[tuple[tuple[str, tuple[int, float]], ...]] = set()
     for round_ in range(3):
         idx.apply("a", 2 * round_, [AllBlocksCleared(), stored(*big)])
         done = threading.Event()
@@ -355,6 +429,7 @@ def _run_drop_with_concurrent_lookups() -> None:
             try:
                 while not done.is_set():
                     seen.add(tuple(sorted(idx.longest_prefix(big[:128]).items())))
+                    seen_weighted.add(tuple(sorted(idx.weighted_prefix(big[:128], {"device": 0.5}).items())))
                     idx.holders(big[0])
             except BaseException as e:  # surfaced below: a thread's failure is otherwise lost
                 errors.append(e)
@@ -372,4 +447,5 @@ def _run_drop_with_concurrent_lookups() -> None:
         assert idx.longest_prefix(big) == {"b": 128}
     assert errors == []
     assert seen <= {(("a", 128), ("b", 128)), (("b", 128),)}
+    assert seen_weighted <= {(("a", (128, 64.0)), ("b", (128, 64.0))), (("b", (128, 64.0)),)}
     assert len(idx) == 128 and idx.workers() == ["b"]

@@ -146,6 +146,8 @@ def test_feed_answers_overlap_from_the_index_and_predictions() -> None:
     assert feed.cached_tokens_each(r, [a, b]) == [0, 2 * BS]
     feed.routed(r, a)
     assert feed.cached_tokens_each(r, [a, b]) == [3 * BS, 2 * BS]
+    # Device blocks and predictions are credited whole (tiers: tests/test_router_tier_credit.py).
+    assert feed.credited_tokens_each(r, [a, b]) == [3.0 * BS, 2.0 * BS]
     assert feed.cached_tokens(RoutingRequest("x", (1,), (), None, None, 1), a) == 0
     feed.close()
 

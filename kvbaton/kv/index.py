@@ -2,6 +2,8 @@
 
 Fed by every worker's KV event stream (``apply``), it answers one question fast: for a
 request's hash chain, how many leading blocks does each worker hold (``longest_prefix``)?
+``weighted_prefix`` answers the same and also weighs each block of those runs by the medium
+it is held in (device, host tier, disk), for callers that credit slower mediums less.
 
 Layout, chosen for the lookup: each worker gets a slot (a bit), and ``_holders`` maps a block
 hash to the bitmask of workers holding it, so a lookup is one dict probe per block plus integer
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +66,21 @@ class WorkerIndexStats:
 
 
 _PURGE_CHUNK = 1024  # hashes scrubbed per lock hold (a few hundred µs)
+# Up to this many distinct mediums, weighted_prefix precomputes the weight of every medium mask
+# (2**n floats); beyond it (foreign engines naming many) weights are computed per mask on demand.
+_TABLE_MAX_MEDIUMS = 10
+
+
+class _LazyWeights(dict[int, float]):
+    """mask -> the largest weight among its medium bits, computed on first use."""
+
+    def __init__(self, by_bit: list[tuple[int, float]]) -> None:
+        super().__init__({0: 1.0})
+        self._by_bit = by_bit
+
+    def __missing__(self, mask: int) -> float:
+        w = self[mask] = max(w for bit, w in self._by_bit if mask & bit)
+        return w
 
 
 class _Worker:
@@ -99,6 +117,7 @@ class KVIndex:
         self._pred_expiry: list[tuple[float, int, WorkerId, tuple[BlockHash, ...]]] = []
         self._tiebreak = itertools.count()
         self._mediums: dict[str, int] = {}
+        self._weight_tables: dict[tuple[tuple[tuple[str, float], ...], int], Callable[[int], float] | None] = {}
 
     # ---- feeding ---------------------------------------------------------------------------
 
@@ -191,28 +210,42 @@ class KVIndex:
         ``hashes`` it holds (counting stops at its first missing block). Workers with no
         match are absent. Predicted entries count unless ``include_predicted`` is False."""
         with self._lock:
-            if not hashes:
+            return self._longest_prefix(hashes, include_predicted)
+
+    def weighted_prefix(
+        self,
+        hashes: Sequence[BlockHash],
+        weights: Mapping[str, float],
+        default_weight: float = 1.0,
+        include_predicted: bool = True,
+    ) -> dict[WorkerId, tuple[int, float]]:
+        """``longest_prefix`` with each block of a worker's run weighed by where it is held:
+        worker -> (run length in blocks, sum over the run of each block's weight).
+
+        A block's weight is the largest ``weights[medium]`` among the mediums the worker holds
+        it in (a medium not in ``weights``: ``default_weight``; events without a medium are
+        ``DEFAULT_MEDIUM``). A predicted-only block weighs 1.0: the router just sent the
+        prompt there, so the worker computes it on the device (a block already stored keeps
+        its medium's weight after a prediction, which skips it: the worker must still load
+        it until its events say otherwise). The run lengths are exactly
+        ``longest_prefix``'s, from the same locked view, so the two never disagree.
+        """
+        with self._lock:
+            runs = self._longest_prefix(hashes, include_predicted)
+            if not runs:
                 return {}
-            holders = self._holders.get
-            preds = self._pred_holders
-            if preds:
-                self._expire(self._clock())
-            use_pred = include_predicted and bool(preds)
-            pred = preds.get
-            out: dict[WorkerId, int] = {}
-            alive = (holders(hashes[0], 0) | (pred(hashes[0], 0) if use_pred else 0)) & self._live
-            i = 1
-            n = len(hashes)
-            while alive and i < n:
-                h = hashes[i]
-                mask = holders(h, 0) | (pred(h, 0) if use_pred else 0)
-                gone = alive & ~mask
-                if gone:
-                    self._emit(gone, i, out)
-                    alive &= mask
-                i += 1
-            if alive:
-                self._emit(alive, n, out)
+            table = self._weight_table(weights, default_weight)
+            if table is None:
+                # Every medium (and a prediction) weighs 1: the sum is the run length, so the
+                # runs need no second walk. The common case for a device-only cluster.
+                return {wid: (n, float(n)) for wid, n in runs.items()}
+            out: dict[WorkerId, tuple[int, float]] = {}
+            for wid, n in runs.items():
+                # mask -> weight for each block of the run, looped in C (map/sum): this walk is
+                # the lookup's extra cost over longest_prefix. A block in the run but not stored
+                # is a prediction: mask 0, which the table weighs 1.
+                masks = map(self._workers[wid].blocks.get, hashes[:n], itertools.repeat(0, n))
+                out[wid] = (n, math.fsum(map(table, masks)))
             return out
 
     def holders(self, block_hash: BlockHash) -> set[tuple[WorkerId, str]]:
@@ -263,6 +296,53 @@ class KVIndex:
             return len(self._holders)
 
     # ---- internals (lock held) -------------------------------------------------------------
+
+    def _weight_table(self, weights: Mapping[str, float], default: float) -> Callable[[int], float] | None:
+        """medium mask -> weight (mask 0, no medium: a prediction, 1.0), or None when every
+        medium known weighs 1. Cached per (weights of the known mediums, their count): mediums
+        only ever get new bits, so the count says which masks exist, and a caller passes the
+        same few weight maps on every request, so a table is built once, not per lookup."""
+        key = (tuple(sorted((name, weights.get(name, default)) for name in self._mediums)), len(self._mediums))
+        if key in self._weight_tables:
+            return self._weight_tables[key]
+        by_bit = [(bit, weights.get(name, default)) for name, bit in self._mediums.items()]
+        table: Callable[[int], float] | None
+        if all(w == 1.0 for _, w in by_bit):
+            table = None
+        elif len(by_bit) <= _TABLE_MAX_MEDIUMS:
+            masks = range(1, 1 << len(by_bit))
+            table = ([1.0] + [max(w for bit, w in by_bit if mask & bit) for mask in masks]).__getitem__
+        else:
+            table = _LazyWeights(by_bit).__getitem__
+        if len(self._weight_tables) >= 16:  # a caller passing ever-new maps: stay bounded
+            self._weight_tables.clear()
+        self._weight_tables[key] = table
+        return table
+
+    def _longest_prefix(self, hashes: Sequence[BlockHash], include_predicted: bool) -> dict[WorkerId, int]:
+        if not hashes:
+            return {}
+        holders = self._holders.get
+        preds = self._pred_holders
+        if preds:
+            self._expire(self._clock())
+        use_pred = include_predicted and bool(preds)
+        pred = preds.get
+        out: dict[WorkerId, int] = {}
+        alive = (holders(hashes[0], 0) | (pred(hashes[0], 0) if use_pred else 0)) & self._live
+        i = 1
+        n = len(hashes)
+        while alive and i < n:
+            h = hashes[i]
+            mask = holders(h, 0) | (pred(h, 0) if use_pred else 0)
+            gone = alive & ~mask
+            if gone:
+                self._emit(gone, i, out)
+                alive &= mask
+            i += 1
+        if alive:
+            self._emit(alive, n, out)
+        return out
 
     def _emit(self, mask: int, count: int, out: dict[WorkerId, int]) -> None:
         owner = self._slot_owner

@@ -47,7 +47,8 @@ class RouterState:
         self.metrics = RouterMetrics(self.pool)
         self.kv_feed: KVIndexFeed | None = None
         if overlap is None and config.kv_events:
-            self.kv_feed = KVIndexFeed(self.metrics, config.kv_prediction_ttl_s)
+            self.kv_feed = KVIndexFeed(self.metrics, config.kv_prediction_ttl_s,
+                                       medium_credit=config.medium_credit)
             self.metrics.index = self.kv_feed.index
             self.pool.on_discovered.append(self.kv_feed.worker_discovered)
             overlap = self.kv_feed

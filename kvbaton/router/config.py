@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -26,6 +28,22 @@ DEFAULT_DISAGG_MIN_TOKENS = 32
 DEFAULT_POLICY = "least_load"
 ROLES = ("prefill", "decode", "both")
 
+# kv_aware's cache credit per KV medium (the ``medium`` of a worker's BlockStored events): what
+# a cached block held there is worth, as a fraction of the same block on the device. Derived as
+# credit = max(0, 1 - t_load_per_block / t_prefill_per_block) (docs/router.md, "Tiered KV"):
+# on this project's CPU machine both tiers come out at ~0.99 (SmolLM2 prefill ~50 ms per block
+# vs a sub-ms load), so these are the GPU numbers (an 8B model at ~10k prefill tokens/s,
+# ~1.6 ms per block; a 2 MiB block over PCIe ~0.08 ms -> 0.95, from NVMe ~0.7 ms -> ~0.56),
+# the case where the tier matters. Re-derive them for other hardware.
+DEFAULT_KV_MEDIUM_CREDIT: Mapping[str, float] = MappingProxyType({
+    "GPU": 1.0, "CPU": 1.0, "device": 1.0,  # our device pool on CUDA / on CPU; events without a medium
+    "CPU_TIER": 0.95,  # our host tier
+    "DISK": 0.6,  # our disk tier
+})
+# A medium the map does not name (a foreign engine's) counts as held: an unknown tier is more
+# likely a fast one than worth penalising every block of.
+UNKNOWN_KV_MEDIUM_CREDIT = 1.0
+
 
 def normalize_worker_url(url: str, flag: str = "--worker") -> str:
     """``http://host:port`` (trailing ``/`` and ``/v1`` dropped); ValueError naming ``flag``."""
@@ -39,6 +57,34 @@ def normalize_worker_url(url: str, flag: str = "--worker") -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"{flag}: expected http://HOST:PORT, got {url!r}")
     return text
+
+
+def parse_medium_credit(values: Iterable[str], flag: str = "--kv-medium-credit") -> dict[str, float]:
+    """``MEDIUM=W`` items, each value one item or a comma list of them, into {medium: W};
+    a medium given again takes its last value. ValueError naming ``flag`` on a malformed item
+    (the range of W is checked by :func:`check_medium_credit`)."""
+    out: dict[str, float] = {}
+    for value in values:
+        for item in value.split(","):
+            name, eq, weight = item.strip().partition("=")
+            name = name.strip()
+            if not eq or not name:
+                raise ValueError(f"{flag}: expected MEDIUM=W[,MEDIUM=W...], got {item.strip()!r}")
+            try:
+                out[name] = float(weight)
+            except ValueError:
+                raise ValueError(f"{flag}: {name}: W must be a number in [0, 1], got {weight.strip()!r}") from None
+    return out
+
+
+def check_medium_credit(credit: Mapping[str, float], flag: str = "--kv-medium-credit") -> None:
+    """ValueError naming ``flag`` unless every medium is a non-empty name and every credit
+    is in [0, 1] (above 1 would make a slow tier beat the device; NaN never compares)."""
+    for name, w in credit.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{flag}: medium names must be non-empty strings, got {name!r}")
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"{flag}: {name}: W must be in [0, 1], got {w}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +121,11 @@ class RouterConfig(FrontDoorConfig):
     # and kv_aware use it); how long a placement counts as cached there before its events.
     kv_events: bool = True
     kv_prediction_ttl_s: float = 2.0
+    # kv_aware's cache credit per KV medium, (medium, credit) pairs: those given replace
+    # DEFAULT_KV_MEDIUM_CREDIT's for their medium, the others keep the default; stored merged
+    # and sorted (a tuple keeps the config hashable; a mapping is accepted too). See
+    # ``medium_credit`` and docs/router.md.
+    kv_medium_credit: tuple[tuple[str, float], ...] = tuple(sorted(DEFAULT_KV_MEDIUM_CREDIT.items()))
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
     connect_timeout_s: float = 2.0
@@ -115,6 +166,15 @@ class RouterConfig(FrontDoorConfig):
             raise ValueError(f"--routing-temperature: must be a finite number >= 0, got {self.routing_temperature}")
         if not self.kv_prediction_ttl_s > 0:
             raise ValueError(f"--kv-prediction-ttl: must be > 0, got {self.kv_prediction_ttl_s}")
+        given = self.kv_medium_credit
+        pairs = given.items() if isinstance(given, Mapping) else given
+        credit = dict(DEFAULT_KV_MEDIUM_CREDIT)
+        try:
+            credit.update((str(name), float(w)) for name, w in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(f"--kv-medium-credit: expected (medium, credit) pairs, got {given!r}") from None
+        check_medium_credit(credit)
+        object.__setattr__(self, "kv_medium_credit", tuple(sorted(credit.items())))
         if self.max_retries < 0:
             raise ValueError(f"--max-retries: must be >= 0, got {self.max_retries}")
         positive = (
@@ -135,6 +195,12 @@ class RouterConfig(FrontDoorConfig):
 
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(self.prefill_load_scale, self.routing_temperature, self.routing_seed)
+
+    @property
+    def medium_credit(self) -> dict[str, float]:
+        """kv_aware's cache credit per KV medium (defaults merged with ``--kv-medium-credit``);
+        mediums not in it get ``UNKNOWN_KV_MEDIUM_CREDIT``."""
+        return dict(self.kv_medium_credit)
 
     @property
     def model_names(self) -> list[str]:
@@ -187,6 +253,12 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
     parser.add_argument("--kv-prediction-ttl", type=float, default=2.0,
                         help="seconds a placement counts as cached on its worker before the "
                              "worker's KV events confirm it (sibling requests follow it)")
+    defaults = ",".join(f"{k}={v:g}" for k, v in DEFAULT_KV_MEDIUM_CREDIT.items())
+    parser.add_argument("--kv-medium-credit", action="append", default=[], metavar="MEDIUM=W[,MEDIUM=W...]",
+                        help="kv_aware: what a cached block in KV medium MEDIUM is worth, W in [0, 1] "
+                             f"(1 = as good as on the device); repeatable. Defaults {defaults}, other "
+                             f"mediums {UNKNOWN_KV_MEDIUM_CREDIT:g}. vLLM workers' CPU medium is their "
+                             "offload tier: give CPU=0.95")
     parser.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS,
                         help="prefill remotely only when at least this many prompt tokens are uncached "
                              "on the chosen decode worker")
@@ -215,6 +287,7 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         routing_temperature=args.routing_temperature,
         routing_seed=args.routing_seed,
         kv_prediction_ttl_s=args.kv_prediction_ttl,
+        kv_medium_credit=tuple(parse_medium_credit(args.kv_medium_credit).items()),
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,
         connect_timeout_s=args.connect_timeout,

@@ -15,17 +15,24 @@ to the index under the worker's URL. Outcomes:
 
 ``routed`` records each placement as a short-lived prediction (``predict``), so sibling
 requests that arrive before the worker's events follow the first one.
+
+``cached_tokens`` counts every held block whole; ``credited_tokens_each`` (what ``kv_aware``
+scores with) weighs each block by the credit of the fastest medium holding it
+(``medium_credit``, docs/router.md "Tiered KV"), since a block on the host tier or disk must
+be loaded before it saves anything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from kvbaton.kv.event_stream import KVEventBatch
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.index import KVIndex
+from kvbaton.router.config import DEFAULT_KV_MEDIUM_CREDIT, UNKNOWN_KV_MEDIUM_CREDIT, check_medium_credit
 from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.policies import PrefixOverlap, RoutingRequest, WorkerView
 from kvbaton.router.pool import Worker
@@ -38,11 +45,20 @@ class KVIndexFeed(PrefixOverlap):
 
     ``start()`` starts the subscriber thread (callbacks run there; the index is
     thread-safe); ``close()`` stops it within its timeout. ``worker_discovered`` is the
-    pool's discovery hook.
+    pool's discovery hook. ``medium_credit``: the credit of a cached block per KV medium, in
+    [0, 1] (None: ``DEFAULT_KV_MEDIUM_CREDIT``; taken as the whole map, mediums it does not
+    name get ``unknown_medium_credit``).
     """
 
     def __init__(self, metrics: RouterMetrics | None = None, prediction_ttl_s: float = 2.0,
-                 replay_timeout_s: float = 1.0) -> None:
+                 replay_timeout_s: float = 1.0, medium_credit: Mapping[str, float] | None = None,
+                 unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT) -> None:
+        credit = dict(DEFAULT_KV_MEDIUM_CREDIT if medium_credit is None else medium_credit)
+        check_medium_credit(credit)
+        if not 0.0 <= unknown_medium_credit <= 1.0:
+            raise ValueError(f"unknown_medium_credit must be in [0, 1], got {unknown_medium_credit}")
+        self.medium_credit: Mapping[str, float] = MappingProxyType(credit)
+        self.unknown_medium_credit = unknown_medium_credit
         self.index = KVIndex()
         self.metrics = metrics
         self.prediction_ttl_s = prediction_ttl_s
@@ -127,6 +143,13 @@ class KVIndexFeed(PrefixOverlap):
         held = self.index.longest_prefix(request.block_hashes)
         bs = request.block_size
         return [held.get(w.url, 0) * bs for w in workers]
+
+    def credited_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[float]:
+        if not request.block_hashes or not request.block_size:
+            return [0.0] * len(workers)
+        held = self.index.weighted_prefix(request.block_hashes, self.medium_credit, self.unknown_medium_credit)
+        bs = request.block_size
+        return [held[w.url][1] * bs if w.url in held else 0.0 for w in workers]
 
     def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
         if request.block_hashes and self.following(worker.url):

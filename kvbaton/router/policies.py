@@ -8,8 +8,9 @@ Two pluggable parts, both picked by name from the router's config:
   registered by name (``@register_policy``).
 - :class:`PrefixOverlap` predicts how many prompt tokens a worker has cached. The router uses
   it to decide whether a request is worth a remote prefill (conditional disaggregation), and
-  ``kv_aware`` uses it to score candidates. The default, :class:`NoPrefixOverlap`, says
-  nothing is cached; the router's KV index (``kvbaton.router.kv_feed``) gives the real answer.
+  ``kv_aware`` uses its tier-discounted form (``credited_tokens_each``) to score candidates.
+  The default, :class:`NoPrefixOverlap`, says nothing is cached; the router's KV index
+  (``kvbaton.router.kv_feed``) gives the real answer.
 
 Policies see workers only through :class:`WorkerView`, so the simulator can drive the same
 policies with simulated workers.
@@ -104,6 +105,17 @@ class PrefixOverlap(ABC):
     def cached_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[int]:
         """``cached_tokens`` for each of ``workers``; override when one lookup answers all."""
         return [self.cached_tokens(request, w) for w in workers]
+
+    def credited_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[float]:
+        """Prompt tokens each of ``workers`` holds, discounted by how slow their medium is to
+        load: a cached token held in a medium of credit ``c`` (1 = as good as the device, 0 =
+        no better than computing it) counts ``c`` tokens. At most ``cached_tokens_each``.
+
+        ``kv_aware`` scores candidates with this; whole-token decisions (conditional
+        disaggregation, the predicted-vs-actual metrics) keep ``cached_tokens``, because a
+        block on a slow tier is still reused, not recomputed. The default credits every
+        cached token fully (a provider that knows no mediums)."""
+        return [float(c) for c in self.cached_tokens_each(request, workers)]
 
     def routed(self, request: RoutingRequest, worker: WorkerView) -> None:  # noqa: B027 - optional hook
         """The router just sent ``request``'s prompt to ``worker`` (it will compute or fetch
@@ -224,12 +236,14 @@ class KVAwarePolicy(PlacementPolicy):
                + (KV blocks active on it that the request would not share)
 
     Prompt blocks are ``ceil(prompt / block_size)``; the cache credit is
-    ``overlap.cached_tokens / block_size`` (the KV index's longest cached prefix there, own
-    recent placements included). Active blocks are :attr:`WorkerView.active_blocks` minus
+    ``overlap.credited_tokens_each / block_size`` (the KV index's longest cached prefix there,
+    own recent placements included, each block discounted by how slow its medium is to load:
+    a prefix on disk is worth less than the same prefix on the device). Active blocks are
+    :attr:`WorkerView.active_blocks` minus
     :meth:`WorkerView.shared_active_blocks` of the prompt (a running sibling's prefix is not
     extra load for this request). So a worker holding ``k`` more leading blocks of the prompt
-    than another wins unless its (unshared) active blocks exceed the other's by at least
-    ``prefill_load_scale * k``: that is the load margin a cache hit is worth. Ties go to fewer
+    (on the device) than another wins unless its (unshared) active blocks exceed the other's by
+    at least ``prefill_load_scale * k``: that is the load margin a cache hit is worth. Ties go to fewer
     active requests, then at random; with ``temperature`` > 0 the choice is sampled from
     ``softmax(-cost / temperature)``.
     """
@@ -244,14 +258,25 @@ class KVAwarePolicy(PlacementPolicy):
         """Each candidate's cost (see the class docstring), in blocks."""
         bs = request.block_size or 16
         prompt = request.num_prompt_tokens
-        cached = self.overlap.cached_tokens_each(request, candidates)
+        blocks = -(-prompt // bs)
+        credited = self.overlap.credited_tokens_each(request, candidates)
         scale = self.options.prefill_load_scale
         hashes = request.block_hashes
         return [
-            scale * -(-(prompt - min(max(c, 0), prompt)) // bs)
+            scale * self._blocks_to_prefill(blocks, prompt, c, bs)
             + w.active_blocks - w.shared_active_blocks(hashes)
-            for w, c in zip(candidates, cached)
+            for w, c in zip(candidates, credited)
         ]
+
+    @staticmethod
+    def _blocks_to_prefill(blocks: int, prompt: int, credited: float, bs: int) -> float:
+        """Prompt blocks still to compute after ``credited`` tokens of cache credit. The credit
+        is fractional (tier discounts), so it is subtracted in blocks rather than rounding the
+        uncached tokens up to blocks, which would erase a discount smaller than one block;
+        for whole cached blocks both give ``ceil((prompt - cached) / bs)``."""
+        if credited >= prompt:
+            return 0.0  # the whole prompt is held (also a provider rounding past the last block)
+        return blocks - max(credited, 0.0) / bs
 
     def choose(self, request: RoutingRequest, candidates: Sequence[WorkerView], leg: Leg) -> WorkerView:
         costs = self.costs(request, candidates)
