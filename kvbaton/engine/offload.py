@@ -91,6 +91,8 @@ class _Load:
     started: float
     job: Job | None = None
     abandoned: bool = False  # the request ended or gave up: free the blocks when the job ends
+    timed_out: bool = False
+    marked: bool = True  # its hashes count in KVOffload._loading
 
 
 @dataclass
@@ -115,6 +117,7 @@ class KVOffload:
         load_timeout_s: float = 30.0,
         readahead_blocks: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        io: TierIO | None = None,
     ) -> None:
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"offload mode must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
@@ -130,7 +133,7 @@ class KVOffload:
         self.rows = kv_rows(kv_cache)
         self.block_bytes = int(self.rows.shape[1])
         self.mover = BlockMover(self.rows)
-        self.io = TierIO()
+        self.io = io or TierIO()  # tests pass one they step by hand
         self.filter = ReuseFilter(min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
         self.stats = {t.name: TierStats() for t in self.tiers}
         self.sync_stores = 0  # blocks copied at eviction time (readahead had not reached them)
@@ -166,6 +169,8 @@ class KVOffload:
         """Start loading the blocks after ``req``'s device hit ``hit`` that the tiers hold;
         False (nothing changed) when they hold none or the pool has no room now."""
         self._count_reuse(req, hashes)
+        if self._stalled():
+            return False
         k = len(hit)
         for t in self.tiers:
             t.dir.touch(hashes[:k])  # a hot prefix kept on the device stays fresh below it
@@ -203,6 +208,11 @@ class KVOffload:
         load.job = self.io.submit("load", lambda: self._do_load(load), load, urgent=True)
         return True
 
+    def _stalled(self) -> bool:
+        """A load ran past its timeout and its copy has still not returned: the medium hangs.
+        Start no load (each would hold blocks behind it) until it does."""
+        return any(load.timed_out and load.job is not None and not load.job.done for load in self._abandoned)
+
     def _do_load(self, load: _Load) -> list[BlockHash]:
         """IO thread: copy the run into its device blocks; the hashes that failed validation."""
         bad: list[BlockHash] = []
@@ -224,16 +234,14 @@ class KVOffload:
     def _finish_load(self, load: _Load, job: Job) -> None:
         if self._loads.get(load.req.request_id) is load:
             del self._loads[load.req.request_id]
-        for h in load.hashes:
-            n = self._loading.get(h, 0) - 1
-            if n > 0:
-                self._loading[h] = n
-            else:
-                self._loading.pop(h, None)
+        self._unmark_loading(load)
         bad = set(job.result or ()) if job.error is None else set(load.hashes)
         if job.error is not None:
             log.warning("KV load for %s failed: %s", load.req.request_id, job.error)
         elapsed = self.clock() - load.started
+        # Hits count once per request, as the pool's do (a request that gave its loaded
+        # blocks back to the queue's head and loads them again is not a second hit).
+        first = load.req.num_cached_tokens < 0
         good_run = next((i for i, h in enumerate(load.hashes) if h in bad), len(load.hashes))
         for t, plan, positions in load.parts:
             part_bad = [h for h in plan.hashes if h in bad] if job.error is None else []
@@ -245,7 +253,8 @@ class KVOffload:
             if used and not load.abandoned:
                 st.loads += 1
                 st.load_bytes += used * self.block_bytes
-                st.hit_tokens += used * self.pool.block_size
+                if first:
+                    st.hit_tokens += used * self.pool.block_size
                 st.observe_load(elapsed)
             self._flush_events(t)
         if load.abandoned:
@@ -263,6 +272,18 @@ class KVOffload:
             req.skip_tiers = True  # compute the rest rather than retry a tier that failed
         self.scheduler.kv_arrived(req, load.blocks[:keep], keep * bs)
 
+    def _unmark_loading(self, load: _Load) -> None:
+        """Nobody should wait for ``load``'s blocks any more (it ended, or timed out)."""
+        if not load.marked:
+            return
+        load.marked = False
+        for h in load.hashes:
+            n = self._loading.get(h, 0) - 1
+            if n > 0:
+                self._loading[h] = n
+            else:
+                self._loading.pop(h, None)
+
     def _check_timeouts(self) -> None:
         now = self.clock()
         for rid, load in list(self._loads.items()):
@@ -272,9 +293,13 @@ class KVOffload:
                         rid, self.load_timeout_s)
             del self._loads[rid]
             load.abandoned = True
+            load.timed_out = True
+            self._unmark_loading(load)  # siblings waiting for these blocks compute them too
             self._abandoned.append(load)
             load.req.skip_tiers = True
             self.scheduler.kv_arrived(load.req, [], 0)
+            if load.job is not None:
+                self.io.cancel(load.job)  # still queued: its blocks come back at the next reap
 
     # ---- stores ------------------------------------------------------------------------
 
@@ -296,9 +321,11 @@ class KVOffload:
         """The pool is about to reuse ``blocks``: their KV must be safe below first."""
         for blk in blocks:
             job = self._busy.pop(blk.block_id, None)
-            if job is not None and not job.done:
-                # An offload copy is reading it: let that finish before the memory is reused
-                # (rare: readahead runs a step ahead). The job is reaped at the next step.
+            if job is not None and not job.done and not self.io.cancel(job):
+                # An offload copy is reading it right now: let that one memcpy or file write
+                # finish before the memory is reused (rare: readahead runs a step ahead). A
+                # copy still queued is cancelled instead (its store fails: nothing waits on a
+                # queue that a slow load may be holding up). Either way it is reaped next step.
                 self.eviction_waits += 1
                 job.wait()
         todo = [b for b in blocks if self._wanted(b)]
@@ -425,6 +452,9 @@ class KVOffload:
     def pin(self, hashes: Sequence[BlockHash], token_ids: Sequence[int], ttl_s: float) -> int:
         """Pin the leading blocks of ``hashes`` that are cached anywhere (copying device-only
         ones into the top tier first) for ``ttl_s`` seconds; how many blocks are pinned."""
+        # Copies already under way land first, so blocks on their way down count as there.
+        self.io.drain(self.load_timeout_s)
+        self._reap()
         bs = self.pool.block_size
         run: list[BlockHash] = []
         to_copy: list[Block] = []

@@ -21,6 +21,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class JobCancelled(Exception):
+    """The job was taken off the queue before it ran (``TierIO.cancel``)."""
+
+
 class Job:
     """One unit of IO work; ``kind`` labels it (``load``, ``store``, ``delete``), ``tag`` is
     the submitter's (the engine keeps its own record there)."""
@@ -66,6 +70,23 @@ class TierIO:
             (self._urgent if urgent else self._normal).append(job)
             self._cond.notify()
         return job
+
+    def cancel(self, job: Job) -> bool:
+        """Take a job that has not started off its queue; it completes at once with
+        ``JobCancelled`` (so its owner's bookkeeping runs as for a failure). False if it
+        already started or finished."""
+        with self._cond:
+            for q in (self._urgent, self._normal):
+                try:
+                    q.remove(job)
+                except ValueError:
+                    continue
+                job.error = JobCancelled(f"{job.kind} job cancelled before it ran")
+                self._completed.append(job)
+                job._done.set()
+                self._cond.notify_all()
+                return True
+        return False
 
     def completed(self) -> list[Job]:
         """Jobs that finished since the last call (engine thread)."""
