@@ -356,14 +356,15 @@ class BlockDirectory:
         if victim is None:
             return None
         slot = self._entries[victim].slot
-        self._discard(victim, announce=True, keep_slot=True)
+        self._discard(victim, announce=True, keep_slot=True, evicted=True)
         self.num_evicted += 1
         evicted.append(victim)
         return slot
 
-    def _discard(self, h: BlockHash, announce: bool, keep_slot: bool = False) -> None:
+    def _discard(self, h: BlockHash, announce: bool, keep_slot: bool = False, evicted: bool = False) -> None:
         e = self._entries.pop(h)
-        self.policy.forget(h)
+        if not (evicted and self.policy.remembers_evicted):  # a ghost entry may bring it back to main
+            self.policy.forget(h)
         if not keep_slot:
             self._free_slots.append(e.slot)
         if announce:

@@ -45,6 +45,11 @@ class EvictionPolicy(ABC, Generic[K]):
     """Chooses eviction victims among candidate keys (see the module docstring)."""
 
     name: ClassVar[str]
+    # True when the policy itself bounds what it remembers of evicted keys (S3-FIFO's ghost
+    # queue), so an owner whose keys name content (a tier's block hashes) skips ``forget``
+    # after ``evict`` and the policy can recognise a key that comes back. Owners whose keys
+    # are reused for other content (the device pool's block ids) always forget.
+    remembers_evicted: ClassVar[bool] = False
 
     @abstractmethod
     def insert(self, key: K) -> None:
@@ -342,6 +347,7 @@ class S3FIFOPolicy(EvictionPolicy[K]):
     """
 
     name = "s3fifo"
+    remembers_evicted = True
     small_percent: ClassVar[int] = 10  # S's share of the candidates before evict takes from S
     max_freq: ClassVar[int] = 3
 
