@@ -4,15 +4,55 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from kvbaton.errors import ConfigError, InvalidRequestError
 
+if TYPE_CHECKING:
+    from kvbaton.router.local_cluster import WorkerSpec
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+
+# Host tier of `kvbaton worker` and `kvbaton serve` by default: min(AUTO_HOST_CACHE_MAX,
+# AUTO_HOST_CACHE_FRACTION of the memory available now) per machine (serve splits it).
+AUTO_HOST_CACHE_MAX = 2 << 30
+AUTO_HOST_CACHE_FRACTION = 0.10
+# Commands whose "auto" host tier is 0: a one-shot run ends before anything could be reused.
+_NO_AUTO_TIERS = frozenset({"generate"})
+
+
+def _gib_or_auto(text: str) -> float | str:
+    """``--kv-host-cache-gib``: "auto" or a finite number of GiB (a negative one is left to
+    EngineConfig, whose error names the flag like any other)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _gib(text)
+
+
+def _gib(text: str) -> float:
+    return _finite(text, "GiB")
+
+
+def _seconds(text: str) -> float:
+    # EngineConfig's range checks let NaN through (every comparison with it is false).
+    return _finite(text, "seconds")
+
+
+def _finite(text: str, unit: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of {unit}, got {text!r}")
+    return value
+
+
+def _add_engine_args(p: argparse.ArgumentParser, command: str = "worker") -> None:
+    """The engine's flags (``command``: whose parser it is; only the help text depends on it)."""
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m, tiny-random), .gguf file or HF directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -31,9 +71,97 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "prefix (both compute it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    _add_kv_store_args(p, command)
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
+def _add_kv_store_args(p: argparse.ArgumentParser, command: str) -> None:
+    """The tiered KV store's flags (EngineConfig's ``kv_*`` fields; ``--kv-host-cache-gib``'s
+    "auto" is resolved by ``_host_cache_bytes``)."""
+    from kvbaton.engine.config import OFFLOAD_MODES, EngineConfig
+    from kvbaton.kv.store.policies import POLICIES
+
+    d = EngineConfig  # the flags' defaults are the engine's (a frozen dataclass: class attributes)
+    if command in _NO_AUTO_TIERS:
+        auto = ("auto (default) is 0 here: a one-shot run ends before anything it caches could "
+                "be reused; give a size to try the tier")
+    elif command == "serve":
+        auto = (f"auto (default): min({AUTO_HOST_CACHE_MAX >> 30} GiB, "
+                f"{AUTO_HOST_CACHE_FRACTION * 100:.0f}%% of available memory) split evenly over the "
+                "workers; a number is per worker")
+    else:
+        auto = (f"auto (default): min({AUTO_HOST_CACHE_MAX >> 30} GiB, "
+                f"{AUTO_HOST_CACHE_FRACTION * 100:.0f}%% of available memory)")
+    t = p.add_argument_group("tiered KV store (device -> host -> disk; docs/kv-store.md)")
+    t.add_argument("--kv-host-cache-gib", type=_gib_or_auto, default="auto", metavar="GIB",
+                   help=f"host-memory tier under the device KV cache, in GiB (0: none); {auto}")
+    where = {"serve": "; each worker gets DIR/<role>-<n>", "worker": "; one worker per directory"}
+    t.add_argument("--kv-disk-cache-dir", default=None, metavar="DIR",
+                   help=f"directory of a disk tier that survives restarts (default: none{where.get(command, '')})")
+    t.add_argument("--kv-disk-cache-gib", type=_gib, default=None, metavar="GIB",
+                   help="size of the disk tier in GiB (default "
+                        f"{_default_disk_gib():g}; needs --kv-disk-cache-dir)")
+    t.add_argument("--kv-eviction-policy", default=d.kv_eviction_policy, choices=sorted(POLICIES),
+                   help="what the device cache and every tier evict first")
+    t.add_argument("--kv-offload-mode", default=d.kv_offload_mode, choices=list(OFFLOAD_MODES),
+                   help="write-back: blocks leave the device when evicted (copied ahead of "
+                        "need); write-through: as soon as they are computed")
+    t.add_argument("--kv-offload-min-hits", type=int, default=d.kv_offload_min_hits, metavar="N",
+                   help="offload a block only once this many requests used it (1: every block)")
+    t.add_argument("--kv-host-ttl", type=_seconds, default=d.kv_host_ttl_s, metavar="S",
+                   help="seconds a host-tier block may stay unused before it is dropped (0: no TTL)")
+    t.add_argument("--kv-disk-ttl", type=_seconds, default=d.kv_disk_ttl_s, metavar="S",
+                   help="the same for the disk tier (0: no TTL)")
+    t.add_argument("--kv-pin-max-ttl", type=_seconds, default=d.kv_pin_max_ttl_s, metavar="S",
+                   help="longest ttl_s a POST /kv/pin may ask for")
+    t.add_argument("--kv-load-timeout", type=_seconds, default=d.kv_load_timeout_s, metavar="S",
+                   help="seconds a prefix load from a tier may take before the request "
+                        "computes its prompt instead")
+
+
+def _default_disk_gib() -> float:
+    from kvbaton.engine.config import DEFAULT_DISK_CACHE_BYTES
+
+    return DEFAULT_DISK_CACHE_BYTES / 2**30
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can give now: MemAvailable from /proc/meminfo, else its total
+    (0 when neither is known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from kvbaton.engine.config import machine_memory_bytes
+
+    return machine_memory_bytes()
+
+
+def auto_host_cache_bytes(workers: int = 1) -> int:
+    """The "auto" host tier of one of ``workers`` workers on this machine: min(2 GiB, 10% of
+    available memory), split evenly, rounded down to a MiB (0 when memory is unknown)."""
+    total = min(AUTO_HOST_CACHE_MAX, int(available_memory_bytes() * AUTO_HOST_CACHE_FRACTION))
+    return (total // max(1, workers)) >> 20 << 20
+
+
+def _host_cache_bytes(args: argparse.Namespace, workers: int = 1) -> int:
+    """``--kv-host-cache-gib`` in bytes for one of ``workers`` workers ("auto" resolved)."""
+    value = args.kv_host_cache_gib
+    if value == "auto":
+        # Tiers hold prefix-cache blocks: without prefix caching the engine builds none, so
+        # "auto" claims no memory for them either.
+        if getattr(args, "command", None) in _NO_AUTO_TIERS or args.no_prefix_caching:
+            return 0
+        return auto_host_cache_bytes(workers)
+    return int(value * 2**30)
+
+
+def _engine_kwargs(args: argparse.Namespace, workers: int = 1) -> dict:
+    """EngineConfig fields from the engine flags; ``workers``: how many engines share this
+    machine's "auto" host tier (serve)."""
+    disk_gib = args.kv_disk_cache_gib
     return dict(
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -41,11 +169,33 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
         share_inflight_prefill=not args.no_inflight_prefix_sharing,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
+        kv_host_cache_bytes=_host_cache_bytes(args, workers), kv_disk_cache_dir=args.kv_disk_cache_dir,
+        kv_disk_cache_bytes=0 if disk_gib is None else int(disk_gib * 2**30),
+        kv_eviction_policy=args.kv_eviction_policy, kv_offload_mode=args.kv_offload_mode,
+        kv_offload_min_hits=args.kv_offload_min_hits, kv_host_ttl_s=args.kv_host_ttl,
+        kv_disk_ttl_s=args.kv_disk_ttl, kv_pin_max_ttl_s=args.kv_pin_max_ttl,
+        kv_load_timeout_s=args.kv_load_timeout,
     )
 
 
+def _check_kv_store_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What EngineConfig cannot tell: its disk size 0 means "the default", so a flag asking
+    for 0 GiB, or a size with no directory, is a mistake of the command line."""
+    gib = args.kv_disk_cache_gib
+    if gib is None:
+        return
+    if args.kv_disk_cache_dir is None:
+        parser.error("--kv-disk-cache-gib: needs --kv-disk-cache-dir (there is no disk tier without one)")
+    if gib <= 0:
+        parser.error(f"--kv-disk-cache-gib: must be > 0, got {gib:g} (leave --kv-disk-cache-dir "
+                     "out for no disk tier)")
+
+
 # Config fields whose flag is not the field's name (with a trailing ``_s`` dropped).
-_FIELD_FLAGS = {"lease_ttl_s": "--kv-lease-ttl", "num_threads": "--threads"}
+_FIELD_FLAGS = {
+    "lease_ttl_s": "--kv-lease-ttl", "num_threads": "--threads",
+    "kv_host_cache_bytes": "--kv-host-cache-gib", "kv_disk_cache_bytes": "--kv-disk-cache-gib",
+}
 
 
 def _flag_of(parser: argparse.ArgumentParser, name: str | None) -> str | None:
@@ -71,6 +221,7 @@ def _config_error(parser: argparse.ArgumentParser, e: ValueError) -> NoReturn:
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from kvbaton import LLM, SamplingParams
 
+    _check_kv_store_args(parser, args)
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -148,6 +299,7 @@ def _check_announce_fd(parser: argparse.ArgumentParser, fd: int | None) -> None:
 
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
     _check_announce_fd(parser, getattr(args, "announce_fd", None))
+    _check_kv_store_args(parser, args)
     from kvbaton.engine.config import EngineConfig
     from kvbaton.worker.config import WorkerConfig
     from kvbaton.worker.server import run_worker
@@ -200,8 +352,41 @@ _WORKER_PASSTHROUGH = (
     "model", "dtype", "device", "load_format", "block_size", "num_kv_blocks", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "served_model_name", "log_level",
     "kv_transfer_timeout", "kv_transfer_failure", "kv_lease_ttl", "max_request_bytes",
-    "drain_timeout", "long_prefill_token_threshold",
+    "drain_timeout", "long_prefill_token_threshold", "kv_disk_cache_gib", "kv_eviction_policy",
+    "kv_offload_mode", "kv_offload_min_hits", "kv_host_ttl", "kv_disk_ttl", "kv_pin_max_ttl",
+    "kv_load_timeout",
 )
+# Not passed through as given: --kv-host-cache-gib (serve resolves "auto" to each worker's
+# share and passes that number) and --kv-disk-cache-dir (each worker gets a subdirectory: a
+# disk tier's directory belongs to one process).
+
+
+def _check_serve_host_memory(parser: argparse.ArgumentParser, per_worker: int, workers: int) -> None:
+    """Each worker's EngineConfig checks its own host tier; serve checks what they add up to."""
+    from kvbaton.engine.config import machine_memory_bytes
+
+    memory = machine_memory_bytes()
+    if memory and workers > 1 and per_worker * workers > memory:
+        parser.error(f"--kv-host-cache-gib: {workers} workers x {per_worker / 2**30:.1f} GiB is more "
+                     f"than this machine's {memory / 2**30:.1f} GiB of memory (the size is per worker)")
+
+
+def _with_kv_store_args(specs: Sequence[WorkerSpec], host_bytes: int, disk_dir: str | None) -> list[WorkerSpec]:
+    """Each worker's tier flags: its host tier as a number (repr of bytes / 2**30 is exact, so
+    the worker gets exactly ``host_bytes``), and its own disk directory, named by role and
+    index so a restarted serve finds every worker's blocks again."""
+    from kvbaton.router.local_cluster import WorkerSpec
+
+    out: list[WorkerSpec] = []
+    seen: dict[str, int] = {}
+    for spec in specs:
+        extra = ["--kv-host-cache-gib", repr(host_bytes / 2**30)]
+        if disk_dir is not None:
+            n = seen.get(spec.role, 0)
+            seen[spec.role] = n + 1
+            extra += ["--kv-disk-cache-dir", os.path.join(disk_dir, f"{spec.role}-{n}")]
+        out.append(WorkerSpec(spec.role, (*spec.args, *extra)))
+    return out
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -232,8 +417,12 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                  "ports (they advertise them in /kv/info); set it per `kvbaton worker`")
         specs = worker_specs(prefill, decode, colocated, passthrough,
                              args.threads_per_worker or args.threads)
+        _check_kv_store_args(parser, args)
+        host_bytes = _host_cache_bytes(args, len(specs))
+        _check_serve_host_memory(parser, host_bytes, len(specs))
+        specs = _with_kv_store_args(specs, host_bytes, args.kv_disk_cache_dir)
         # Validate the engine's and the router's flags before starting anything.
-        EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args))
+        EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args, len(specs)))
         router_config_from_args(args, workers=("http://127.0.0.1:1",), prefill_workers=(), decode_workers=())
     except ValueError as e:
         _config_error(parser, e)
@@ -248,8 +437,10 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return run_router(cfg, announce=lambda line: print(line, flush=True))
 
     cluster = LocalCluster(specs, kv_secret=args.kv_secret)
+    threads = specs[0].args[specs[0].args.index("--threads") + 1]
+    tier = f" and a {host_bytes / 2**30:.2f} GiB host KV tier" if host_bytes else ""
     print(f"kvbaton serve: starting {prefill} prefill, {decode} decode and {colocated} colocated "
-          f"worker(s) with {specs[0].args[-1]} thread(s) each", flush=True)
+          f"worker(s) with {threads} thread(s){tier} each", flush=True)
     try:
         return cluster.run(serve)
     except KeyboardInterrupt:
@@ -274,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    _add_engine_args(g)
+    _add_engine_args(g, "generate")
     g.set_defaults(func=_cmd_generate, parser=g)
     w = sub.add_parser("worker", help="run one engine behind an OpenAI-compatible HTTP API")
     w.add_argument("--role", default="both", choices=["prefill", "decode", "both"],
@@ -294,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve", help="a router plus prefill and decode worker processes on this machine "
                       "(default: 1 prefill + 1 decode, the bundled model)")
-    _add_engine_args(s)
+    _add_engine_args(s, "serve")
     _add_worker_args(s, default_port=8000)
     t = s.add_argument_group("topology")
     t.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1; 0 with --colocated)")

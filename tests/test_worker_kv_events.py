@@ -60,7 +60,7 @@ def test_events_rebuild_the_pool_prefix_cache(small_worker: WorkerThread) -> Non
         def same() -> bool:
             stats = index.stats().get("w")
             return stats is not None and not stats.approximate and index.block_count("w") == len(truth) \
-                and all(("w", "device") in index.holders(h) for h in truth)
+                and all(("w", "CPU") in index.holders(h) for h in truth)
 
         wait_until(same, timeout_s=10, what="the index to match the pool")
         assert {"AllBlocksCleared", "BlockStored", "BlockRemoved"} <= kinds

@@ -218,6 +218,18 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content or ""}
 
 
+def check_messages(messages: list[ChatMessage]) -> None:
+    """:func:`check_text` over every string of a chat that reaches the template."""
+    for i, m in enumerate(messages):
+        check_text(m.role, f"messages[{i}].role")
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                check_text(part.type, f"messages[{i}].content[{j}].type")
+                check_text(part.text, f"messages[{i}].content[{j}].text")
+        else:
+            check_text(m.content, f"messages[{i}].content")
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -231,14 +243,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("messages", mode="after")
     @classmethod
     def _encodable_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        for i, m in enumerate(value):
-            check_text(m.role, f"messages[{i}].role")
-            if isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    check_text(part.type, f"messages[{i}].content[{j}].type")
-                    check_text(part.text, f"messages[{i}].content[{j}].text")
-            else:
-                check_text(m.content, f"messages[{i}].content")
+        check_messages(value)
         return value
 
     def check_supported(self) -> None:
@@ -268,6 +273,78 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_input(self) -> list[dict[str, str]]:
         return [m.as_template_input(i) for i, m in enumerate(self.messages)]
+
+
+class KVPinRequest(BaseModel):
+    """``POST /kv/pin`` and ``POST /kv/unpin``: a prefix of this worker's KV tiers.
+
+    Exactly one of ``prompt`` (a string or token ids, tokenized as completions do) and
+    ``messages`` (a chat, templated as chat completions do) names the prefix; ``cache_salt``
+    the tenant, as in the generation routes. ``ttl_s`` (pin only) is how long the pin lasts;
+    its upper bound is the worker's setting, so the route checks it (:meth:`pin_ttl`).
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    prompt: Any = None
+    messages: list[ChatMessage] | None = None
+    cache_salt: str | None = None
+    # Strict: a JSON number (an integer too), never a bool or a numeric string.
+    ttl_s: float | None = Field(default=None, strict=True)
+
+    @field_validator("model", "cache_salt", mode="after")
+    @classmethod
+    def _encodable(cls, value: Any, info: ValidationInfo) -> Any:
+        check_text(value, str(info.field_name))
+        return value
+
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _encodable_prompt(cls, value: Any) -> Any:
+        if isinstance(value, str):  # token ids are not walked (see CompletionRequest)
+            check_text(value, "prompt")
+        return value
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _encodable_messages(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if value is not None:
+            check_messages(value)
+        return value
+
+    @property
+    def prompt_param(self) -> str:
+        """The field that holds the prefix (errors about it name this one)."""
+        return "messages" if self.messages is not None else "prompt"
+
+    def prefix(self) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:
+        """``(prompt, None)`` with text or token ids, or ``(None, messages)`` with the chat's
+        template input; a 400 unless exactly one of them is set and well formed."""
+        if (self.prompt is None) == (self.messages is None):
+            both = self.prompt is not None
+            raise ApiError(400, "prompt: send exactly one of prompt and messages"
+                           + (", not both" if both else ""), "prompt",
+                           "invalid_value" if both else "missing_required_parameter")
+        if self.messages is not None:
+            if not self.messages:
+                raise ApiError(400, "messages: must be a non-empty list", "messages", "invalid_value")
+            return None, [m.as_template_input(i) for i, m in enumerate(self.messages)]
+        p = self.prompt
+        if isinstance(p, str):
+            return p, None
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return list(p), None
+        raise ApiError(400, "prompt: must be a string or a list of token ids", "prompt", "invalid_type")
+
+    def pin_ttl(self, max_ttl_s: float) -> float:
+        """``ttl_s`` of a pin: required, in (0, ``max_ttl_s``]."""
+        if self.ttl_s is None:
+            raise ApiError(400, "ttl_s: required (seconds the pin lasts)", "ttl_s", "missing_required_parameter")
+        if not 0 < self.ttl_s <= max_ttl_s:
+            raise ApiError(400, f"ttl_s: must be > 0 and <= {max_ttl_s:g} (this worker's --kv-pin-max-ttl), "
+                           f"got {self.ttl_s:g}", "ttl_s", "invalid_value")
+        return self.ttl_s
 
 
 # ---- streaming text -------------------------------------------------------------------------

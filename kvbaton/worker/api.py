@@ -1,4 +1,5 @@
-"""The worker's FastAPI app: OpenAI-compatible completions and chat, health, metrics, debug.
+"""The worker's FastAPI app: OpenAI-compatible completions and chat, KV routes (info, lease
+release, pins in the tiered KV store), health, metrics, debug.
 
 Routes run on the event loop and never touch the engine directly: requests go through
 :class:`AsyncEngine`. Token strings for logprobs are decoded here (read-only tokenizer use);
@@ -17,15 +18,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
+from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble, invalid_request, resolve_model
 from kvbaton.api.guard import RequestGuard, install_error_handlers
 from kvbaton.api.metrics import CONTENT_TYPE
-from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError, ChatCompletionRequest, CompletionRequest
+from kvbaton.api.protocol import (
+    KV_TRANSFER_FAILED,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    KVPinRequest,
+)
 from kvbaton.api.sse import EventStreamResponse, until_disconnect
 from kvbaton.engine.engine import LLMEngine
+from kvbaton.engine.offload import KVOffload
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.handle import KVHandle
+from kvbaton.kv.hashing import BlockHash, hash_block_chain
 from kvbaton.worker.async_engine import AsyncEngine
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.kv_connector import KVConnector
@@ -46,6 +55,14 @@ class WorkerState:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.root_model = engine.config.model
+        # Fixed at construction (the engine builds its tiers once), so routes may read them
+        # off the engine thread.
+        self.kv_store = engine.offload is not None
+        self.block_size = engine.config.block_size
+        self.kv_pin_max_ttl_s = engine.config.kv_pin_max_ttl_s
+        # A pin first waits (on the engine thread, at most the load timeout) for copies under
+        # way; the route waits that long and a little more before it answers 503.
+        self.kv_pin_call_timeout_s = max(10.0, engine.config.kv_load_timeout_s + 5.0)
         self.created = int(time.time())
         self.draining = False
         self.worker_id = f"{config.role}-{uuid.uuid4().hex[:12]}"
@@ -173,6 +190,56 @@ async def _with_handle(state: WorkerState, body: CompletionRequest, pre: Preambl
     return gen, {"kv_transfer_params": res.report()}
 
 
+# Error codes of the pin routes: a worker without tiers (param null: no field of the request
+# is wrong), and a prefix of which not one block is cached here.
+KV_STORE_DISABLED = "kv_store_disabled"
+UNKNOWN_PREFIX = "unknown_prefix"
+
+
+def _require_kv_store(state: WorkerState) -> None:
+    """The pin routes' first check: a worker without tiers has nothing to pin in."""
+    if not state.kv_store:
+        raise ApiError(400, "this worker has no tiered KV store to pin in: start it with "
+                       "--kv-host-cache-gib N or --kv-disk-cache-dir DIR (and prefix caching on)",
+                       None, KV_STORE_DISABLED)
+
+
+async def _on_prefix(state: WorkerState, body: KVPinRequest,
+                     op: Callable[[KVOffload, list[BlockHash], list[int]], int]) -> tuple[int, int]:
+    """Run ``op(offload, hashes, token_ids)`` on the engine thread over the full-block hashes
+    of ``body``'s prefix (tokenized or templated there, like a generation request, and
+    chained from the engine's root for its ``cache_salt``): ``(op's result, the prefix's full
+    blocks)``. 400s name the field that holds the prefix."""
+    resolve_model(body.model, state.model_names, "worker")
+    prompt, messages = body.prefix()
+    param, salt, bs = body.prompt_param, body.cache_salt, state.block_size
+
+    def run(eng: LLMEngine) -> tuple[int, int]:
+        if messages is not None:
+            ids = eng.apply_chat_template(messages)
+        elif isinstance(prompt, str):
+            ids = eng.tokenize(prompt)
+        else:
+            assert prompt is not None
+            ids = prompt
+            vocab = eng.model_config.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(ids) < bs:
+            raise InvalidRequestError("prompt", f"has {len(ids)} tokens, shorter than one KV block "
+                                      f"({bs} tokens): only full blocks are cached")
+        hashes = hash_block_chain(eng.root_hash(salt), ids, bs)
+        assert eng.offload is not None  # state.kv_store said so
+        return op(eng.offload, hashes, ids), len(hashes)
+
+    try:
+        return await state.engine.call(run, timeout_s=state.kv_pin_call_timeout_s)
+    except InvalidRequestError as e:
+        raise invalid_request(e, {}, param) from None
+    except TimeoutError:
+        raise ApiError(503, "the engine did not answer in time", None, "service_unavailable") from None
+
+
 def _load(stats: dict[str, Any]) -> dict[str, int]:
     """The engine's load as /health reports it (from the engine thread's last snapshot)."""
     keys = (("num_requests_running", "num_running"), ("num_requests_waiting", "num_waiting"),
@@ -256,6 +323,29 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         if not isinstance(lease_id, str):
             raise ApiError(400, "lease_id: required string", "lease_id", "invalid_value")
         return {"released": state.engine.engine.release_lease(lease_id)}
+
+    @app.post("/kv/pin")
+    async def kv_pin(body: KVPinRequest) -> dict[str, Any]:
+        """Keep a cached prefix in the KV tiers (copied down from the device if need be) for
+        ``ttl_s`` seconds: eviction and TTL expiry pass over it until then."""
+        _require_kv_store(state)
+        ttl = body.pin_ttl(state.kv_pin_max_ttl_s)
+        # (KVOffload.pin first lets copies already under way land: the blocks of a request
+        # that just ended are usually still on their way down.)
+        n, blocks = await _on_prefix(state, body, lambda off, hashes, ids: off.pin(hashes, ids, ttl))
+        if n == 0:
+            param = body.prompt_param
+            raise ApiError(400, f"{param}: none of this prefix's {blocks} KV block(s) is cached on this "
+                           "worker (run it once, then pin it)", param, UNKNOWN_PREFIX)
+        return {"pinned_blocks": n, "pinned_tokens": n * state.block_size, "ttl_s": ttl,
+                "prefix_blocks": blocks}
+
+    @app.post("/kv/unpin")
+    async def kv_unpin(body: KVPinRequest) -> dict[str, Any]:
+        """End the pins on a prefix now (its blocks become evictable again); idempotent."""
+        _require_kv_store(state)
+        n, _ = await _on_prefix(state, body, lambda off, hashes, ids: off.unpin(hashes))
+        return {"unpinned_blocks": n}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

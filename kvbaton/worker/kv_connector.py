@@ -185,7 +185,16 @@ class KVConnector:
                 "pub": self.events.endpoint, "replay": self.events.replay_endpoint,
                 "topic": "kv-events",
             },
+            "kv_tiers": self.tiers_info(),
         }
+
+    def tiers_info(self) -> dict[str, dict[str, Any]]:
+        """The tiered KV store as routers see it: tier name -> {medium (what its KV events
+        say), blocks_capacity, enabled}; {} without tiers. Read from the engine thread's last
+        stats snapshot: a disk tier can disable itself at any time, on the engine's threads."""
+        tiers = self.async_engine.stats_snapshot.get("kv_tiers") or {}
+        return {name: {"medium": t["medium"], "blocks_capacity": t["blocks_capacity"], "enabled": t["enabled"]}
+                for name, t in tiers.items()}
 
     # ---- prefill side ----------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Each :class:`WorkerMetrics` owns its own ``CollectorRegistry`` (never the global one), so a
 process can host several workers, as the tests do. Request-level histograms and counters are
 fed on the event loop by :class:`AsyncEngine`'s observer hook; engine-level gauges and the
-prefix-cache counters are read at scrape time from the snapshot the engine thread publishes.
+prefix-cache counters are read at scrape time from the snapshot the engine thread publishes,
+and so are the tiered KV store's series (``kv_tier_*``, labelled by ``tier``; present only
+when the engine has tiers), from the snapshot's ``kv_tiers``.
 """
 
 from __future__ import annotations
@@ -12,15 +14,76 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from kvbaton.api.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from kvbaton.engine.offload import LOAD_BUCKETS
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.worker.stream import RequestStream
 
 PREFIX = "kvbaton:"
 FINISH_REASONS = ("stop", "length", "abort")
+
+# Per-tier series: (name, help, key in KVOffload.tier_stats()).
+TIER_GAUGES = (
+    ("kv_tier_blocks_used", "KV blocks held by the tier.", "blocks_used"),
+    ("kv_tier_blocks_capacity", "KV blocks the tier can hold (0 once a disk tier disabled itself).",
+     "blocks_capacity"),
+    ("kv_tier_bytes_used", "Bytes of KV held by the tier.", "bytes_used"),
+    ("kv_tier_bytes_capacity", "Bytes of KV the tier can hold.", "bytes_capacity"),
+    ("kv_tier_blocks_pinned", "KV blocks of the tier pinned (POST /kv/pin).", "blocks_pinned"),
+    ("kv_tier_enabled", "1 while the tier takes new blocks; 0 once it disabled itself (a full or "
+     "unwritable disk: the worker serves on without it).", "enabled"),
+)
+TIER_COUNTERS = (
+    ("kv_tier_hit_tokens", "Prompt tokens loaded from the tier instead of computed.", "hit_tokens"),
+    ("kv_tier_stores", "KV blocks stored in the tier.", "stores"),
+    ("kv_tier_store_bytes", "Bytes of KV stored in the tier.", "store_bytes"),
+    ("kv_tier_loads", "Prefix loads from the tier that brought back at least one block.", "loads"),
+    ("kv_tier_load_bytes", "Bytes of KV loaded from the tier.", "load_bytes"),
+    ("kv_tier_evictions", "KV blocks the tier evicted to make room.", "evictions"),
+    ("kv_tier_expirations", "KV blocks the tier dropped after its idle TTL.", "expirations"),
+    ("kv_tier_failed_loads", "Prefix loads from the tier that failed, timed out or were abandoned.",
+     "failed_loads"),
+    ("kv_tier_failed_stores", "Stores into the tier that failed.", "failed_stores"),
+)
+
+
+def _tier_metrics(model: str, tiers: dict[str, dict[str, Any]], sync_stores: float) -> Iterable[Metric]:
+    """The tiered KV store's series from a stats snapshot's ``kv_tiers`` (none without tiers)."""
+    if not tiers:
+        return
+    labels = ["model_name", "tier"]
+    for name, doc, key in TIER_GAUGES:
+        g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+        for tier, st in tiers.items():
+            g.add_metric([model, tier], float(st.get(key, 0)))
+        yield g
+    for name, doc, key in TIER_COUNTERS:
+        c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+        for tier, st in tiers.items():
+            c.add_metric([model, tier], float(st.get(key, 0)))
+        yield c
+    h = HistogramMetricFamily(PREFIX + "kv_tier_load_seconds", "Time from a prefix load's start to "
+                              "its blocks arriving on the device.", labels=labels)
+    bounds = [floatToGoString(b) for b in LOAD_BUCKETS] + ["+Inf"]
+    for tier, st in tiers.items():
+        # The engine counts loads per bucket; Prometheus buckets are cumulative ("<= le").
+        counts = list(st.get("load_seconds_buckets") or [0] * len(bounds))
+        running, buckets = 0.0, []
+        for le, n in zip(bounds, counts):
+            running += n
+            buckets.append((le, running))
+        h.add_metric([model, tier], buckets, float(st.get("load_seconds_sum", 0.0)))
+    yield h
+    c = CounterMetricFamily(PREFIX + "kv_offload_sync_stores", "KV blocks copied down at eviction "
+                            "time because write-back readahead had not reached them (on the step's "
+                            "critical path).", labels=["model_name"])
+    c.add_metric([model], sync_stores)
+    yield c
+
 
 class _EngineCollector(Collector):
     """Gauges and cumulative counters read from the engine thread's stats snapshot."""
@@ -52,6 +115,7 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             c.add_metric([self._model], float(s.get(key, 0)))
             yield c
+        yield from _tier_metrics(self._model, s.get("kv_tiers") or {}, float(s.get("kv_offload_sync_stores", 0)))
 
 
 class WorkerMetrics:
