@@ -292,7 +292,11 @@ class LLMEngine:
         return self.leases.release(lease_id)
 
     def collect_leases(self) -> int:
-        """Free blocks of leases released or past their deadline; engine thread only."""
+        """Free blocks of leases released or past their deadline, and let the tiered store
+        collect finished copies and expire idle entries and pins; engine thread only (the
+        worker calls it while idle)."""
+        if self.offload is not None:
+            self.offload.step_begin()
         return self.handoff.collect_leases()
 
     def abort_request(self, request_id: str) -> bool:

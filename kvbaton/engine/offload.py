@@ -144,6 +144,7 @@ class KVOffload:
         self._busy: dict[int, Job] = {}  # device block -> the offload copy reading it
         self._pending: list[tuple[Block, BlockHash]] = []  # write-through: to store after this step
         self._next_expire = 0.0
+        self._closed = False
         pool.on_evict = self._on_evict
         pool.on_cached = self._on_cached
         scheduler.loader = self
@@ -192,14 +193,19 @@ class KVOffload:
             run.append((holder, h, meta))
         if not run:
             return False
-        blocks = self.pool.acquire(hit, len(run))
-        if blocks is None:
-            return False
-        load = _Load(req, blocks, k, [h for _, h, _ in run], [m for _, _, m in run], [], self.clock())
+        # Hold the tier entries first: allocating device blocks can evict device blocks into
+        # the host tier, which could otherwise evict the very entries about to be loaded.
+        parts: list[tuple[KVTier, LoadPlan, list[int]]] = []
         for t in self.tiers:
             positions = [i for i, (rt, _, _) in enumerate(run) if rt is t]
             if positions:
-                load.parts.append((t, t.dir.prepare_load([run[i][1] for i in positions]), positions))
+                parts.append((t, t.dir.prepare_load([run[i][1] for i in positions]), positions))
+        blocks = self.pool.acquire(hit, len(run))
+        if blocks is None:
+            for t, plan, _ in parts:
+                t.dir.complete_load(plan, ok=False)
+            return False
+        load = _Load(req, blocks, k, [h for _, h, _ in run], [m for _, _, m in run], parts, self.clock())
         for h in load.hashes:
             self._loading[h] = self._loading.get(h, 0) + 1
         req.block_ids = blocks
@@ -531,8 +537,16 @@ class KVOffload:
             }
         return out
 
-    def close(self) -> None:
-        """Finish queued copies (bounded) and release the tiers."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish queued copies (bounded), including the disk copies of what the host tier
+        stored last (they are queued only once that store is collected), then release the
+        tiers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in range(3):  # device -> host, host -> disk, and the deletions they cause
+            self.io.drain(timeout_s)
+            self._reap()
         self.io.close()
         for t in self.tiers:
             t.close()
