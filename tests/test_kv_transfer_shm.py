@@ -79,7 +79,9 @@ def serving_shared(
 
 
 @contextmanager
-def raw_peer(server: TransferServer, secret: bytes | None = None) -> Iterator[tuple[socket.socket, wire.ShmOffer | None]]:
+def raw_peer(
+    server: TransferServer, secret: bytes | None = None
+) -> Iterator[tuple[socket.socket, wire.ShmOffer | None]]:
     """A hand-driven client connection that asked for shared memory."""
     deadline = sockio.Deadline(5, "test")
     sock = sockio.connect(*server.address, deadline, None)
@@ -132,7 +134,8 @@ def test_source_rewritten_after_checksums_were_cached_raises_checksum_error():
         good = kv.tensor[5].clone()
         kv.tensor[5].view(-1)[7] += 1  # corrupt the shared bytes behind the server's back
         dst_ids = list(range(5, 16)) + list(range(5))
-        with pytest.raises(ChecksumError, match=r"block 5 of the fetch .*lease index 5.*destination block 10.*xxh3_64") as ei:
+        expected = r"block 5 of the fetch .*lease index 5.*destination block 10.*xxh3_64"
+        with pytest.raises(ChecksumError, match=expected) as ei:
             c.fetch(*server.address, lease, list(range(16)), dst, dst_ids)
         assert (ei.value.position, ei.value.block_index, ei.value.dst_block_id) == (5, 5, 10)
         wait_until(lambda: leases.pins == 0)  # the client said done despite the failure
@@ -407,5 +410,6 @@ def test_injected_faults_apply_to_shm_fetches():
 
 def test_shm_messages_are_plain_msgpack():
     offer = wire.ShmOffer("boot/host", "/dev/shm/kvbaton-kv-1-ab", 4096, 1, 2, 0, 4, 1024)
-    for m in (wire.Ready(offer), wire.FetchRequest("L", [0], shm=True), wire.ShmBlocks([3], [2**64 - 1]), wire.ShmDone()):
+    msgs = (wire.Ready(offer), wire.FetchRequest("L", [0], shm=True), wire.ShmBlocks([3], [2**64 - 1]), wire.ShmDone())
+    for m in msgs:
         assert wire.decode(wire.encode_frame(m)[wire.FRAME_PREFIX.size :]) == m

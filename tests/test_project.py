@@ -34,3 +34,10 @@ def test_the_linters_ci_runs_are_pinned() -> None:
     extras = _pyproject()["project"]["optional-dependencies"]["test"]
     pins = {re.split(r"[=<>!~]", e)[0]: e for e in extras}
     assert re.fullmatch(r"ruff==[\d.]+", pins["ruff"]) and re.fullmatch(r"mypy==[\d.]+", pins["mypy"])
+
+
+def test_ci_runs_exactly_the_readmes_test_command_and_it_lints() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"\n{ci}\n" in readme
+    assert ".venv/bin/ruff check" in ci and ".venv/bin/mypy" in ci and "pytest" in ci
