@@ -28,7 +28,7 @@ from kvbaton.kv.store.policies import (
 UNIVERSE = list(range(8))
 KEYS = st.sampled_from(UNIVERSE)
 COUNTS = st.integers(-1, len(UNIVERSE) + 2)
-MACHINE_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None)
+MACHINE_SETTINGS = settings(max_examples=50, stateful_step_count=50, deadline=None)
 
 
 def run_machine(machine: type[RuleBasedStateMachine], **attrs: object) -> None:

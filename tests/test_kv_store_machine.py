@@ -255,7 +255,7 @@ class StoreMachine(RuleBasedStateMachine):
                 assert torch.equal(self.kv[req.block_ids[b]], pattern(hashes[b])), f"{req.request_id} block {b}"
 
 
-SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
+SETTINGS = settings(max_examples=15, stateful_step_count=30, deadline=None)
 
 
 class LRUWriteBack(StoreMachine):
