@@ -116,6 +116,9 @@ def _add_kv_store_args(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--kv-load-timeout", type=_seconds, default=d.kv_load_timeout_s, metavar="S",
                    help="seconds a prefix load from a tier may take before the request "
                         "computes its prompt instead")
+    t.add_argument("--kv-load-grace", type=_seconds, default=d.kv_load_grace_s, metavar="S",
+                   help="seconds a step waits for the prefix loads it just started, so they "
+                        "join that step instead of the next (0: never wait)")
 
 
 def _default_disk_gib() -> float:
@@ -175,6 +178,7 @@ def _engine_kwargs(args: argparse.Namespace, workers: int = 1) -> dict:
         kv_offload_min_hits=args.kv_offload_min_hits, kv_host_ttl_s=args.kv_host_ttl,
         kv_disk_ttl_s=args.kv_disk_ttl, kv_pin_max_ttl_s=args.kv_pin_max_ttl,
         kv_load_timeout_s=args.kv_load_timeout,
+        kv_load_grace_s=args.kv_load_grace,
     )
 
 
@@ -233,12 +237,13 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         llm = LLM(args.model, **_engine_kwargs(args))
     except ValueError as e:
         _config_error(parser, e)
-    for prompt in args.prompt:
-        if args.chat:
-            out = llm.chat([{"role": "user", "content": prompt}], params)[0]
-        else:
-            out = llm.generate(prompt, params)[0]
-        print(out.text, flush=True)
+    with llm:
+        for prompt in args.prompt:
+            if args.chat:
+                out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+            else:
+                out = llm.generate(prompt, params)[0]
+            print(out.text, flush=True)
     return 0
 
 
@@ -354,7 +359,7 @@ _WORKER_PASSTHROUGH = (
     "kv_transfer_timeout", "kv_transfer_failure", "kv_lease_ttl", "max_request_bytes",
     "drain_timeout", "long_prefill_token_threshold", "kv_disk_cache_gib", "kv_eviction_policy",
     "kv_offload_mode", "kv_offload_min_hits", "kv_host_ttl", "kv_disk_ttl", "kv_pin_max_ttl",
-    "kv_load_timeout",
+    "kv_load_timeout", "kv_load_grace",
 )
 # Not passed through as given: --kv-host-cache-gib (serve resolves "auto" to each worker's
 # share and passes that number) and --kv-disk-cache-dir (each worker gets a subdirectory: a

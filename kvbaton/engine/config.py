@@ -63,6 +63,10 @@ class EngineConfig:
     kv_disk_ttl_s: float = 0.0
     kv_pin_max_ttl_s: float = 3600.0
     kv_load_timeout_s: float = 30.0
+    # How long a step may wait for the prefix loads its own scheduling started before it
+    # runs without them (they then join the next step): a host-tier load takes milliseconds,
+    # a CPU step up to seconds, so a short grace saves a loaded request a whole step.
+    kv_load_grace_s: float = 0.02
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -99,6 +103,8 @@ class EngineConfig:
         for name in ("kv_host_ttl_s", "kv_disk_ttl_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must be >= 0 (0: no TTL)")
+        if self.kv_load_grace_s < 0:
+            raise ConfigError("kv_load_grace_s", "must be >= 0 (0: never wait)")
         for name in ("kv_pin_max_ttl_s", "kv_load_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")

@@ -315,6 +315,8 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.step_begin()
         out = self.scheduler.schedule()
+        if self.offload is not None and self.offload.wait_new_loads(self.config.kv_load_grace_s):
+            self.scheduler.admit_more(out)  # loads that landed within the grace join this step
         if not out.scheduled:
             if self.offload is not None and self.scheduler.waiting:
                 # Only prefixes loading (or nothing fits yet): wait for the IO thread a little

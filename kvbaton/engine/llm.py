@@ -30,6 +30,17 @@ class LLM:
             raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
+    def close(self) -> None:
+        """Finish the tiered KV store's queued copies and release it (a disk tier keeps what
+        it has for the next start). Idempotent; the ``with`` statement calls it."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -19,7 +19,8 @@ class follows it through its two hooks and moves blocks below it:
 - **Ownership.** The blocks of a load belong to the request until it is aborted or the load
   times out; then they belong to the load record until the IO thread has stopped writing
   them, and only then go back to the pool. Device blocks an offload copy is reading are
-  ``busy``: the pool's eviction hook waits for that copy before their memory is reused.
+  ``busy``: before their memory is reused, the pool's eviction hook cancels that copy if it
+  is still queued (and copies the block there and then) or waits for it if it is running.
 - **Reuse filter.** With ``min_hits`` > 1 a block is offloaded only once that many requests
   have used it (vLLM's ``store_threshold``), so one-off prompts do not churn the tiers.
 - **Pins.** ``pin`` keeps a prefix in the tiers (copying it down from the device first) until
@@ -49,7 +50,7 @@ from kvbaton.kv.events import BlockStored, KVEvent
 from kvbaton.kv.hashing import BlockHash
 from kvbaton.kv.store.base import BlockMeta, KVTier, LoadPlan, StorePlan, TierError
 from kvbaton.kv.store.host import HostTier
-from kvbaton.kv.store.io import Job, TierIO
+from kvbaton.kv.store.io import Job, JobCancelled, TierIO
 from kvbaton.kv.store.mover import BlockMover, kv_rows
 from kvbaton.kv.store.policies import ReuseFilter
 
@@ -93,6 +94,7 @@ class _Load:
     abandoned: bool = False  # the request ended or gave up: free the blocks when the job ends
     timed_out: bool = False
     marked: bool = True  # its hashes count in KVOffload._loading
+    fresh: bool = True  # started in the scheduling of the current step
 
 
 @dataclass
@@ -101,6 +103,7 @@ class _Store:
     plan: StorePlan
     device_blocks: list[int]  # device rows being read (busy until done); [] for host -> disk
     source_hold: tuple[KVTier, LoadPlan] | None = None  # host entries a disk write reads
+    settled: bool = False  # its outcome was applied (cancelled ones are settled at once)
 
 
 class KVOffload:
@@ -138,6 +141,7 @@ class KVOffload:
         self.stats = {t.name: TierStats() for t in self.tiers}
         self.sync_stores = 0  # blocks copied at eviction time (readahead had not reached them)
         self.eviction_waits = 0  # evictions that waited for an offload copy still running
+        self.cancelled_stores = 0  # queued copies dropped because their block was evicted first
         self._loads: dict[str, _Load] = {}  # request id -> its load (also abandoned ones, by id)
         self._abandoned: list[_Load] = []
         self._loading: dict[BlockHash, int] = {}  # hashes being loaded -> number of loads
@@ -225,6 +229,25 @@ class KVOffload:
         for t, plan, positions in load.parts:
             bad += self.mover.load(t, plan, [load.blocks[load.num_hit + p] for p in positions])
         return bad
+
+    def wait_new_loads(self, grace_s: float) -> int:
+        """Give loads started in this step's scheduling up to ``grace_s`` (together) to land,
+        then collect whatever finished; how many loads landed. A host-tier load is a memcpy of
+        a few MB, far shorter than a step: without this the request would wait out the whole
+        step it was passed over in. The wait is bounded, so a slow medium costs at most
+        ``grace_s`` per step."""
+        fresh = [load.job for load in self._loads.values() if load.job is not None and load.fresh]
+        for load in self._loads.values():
+            load.fresh = False
+        if not fresh or grace_s <= 0:
+            return 0
+        deadline = time.monotonic() + grace_s
+        for job in fresh:
+            if not job.wait(max(0.0, deadline - time.monotonic())):
+                break
+        before = len(self._loads)
+        self._reap()
+        return before - len(self._loads)
 
     def abandon(self, req: Request) -> None:
         """``req`` was aborted while its prefix loads: the load keeps its blocks until done."""
@@ -327,11 +350,15 @@ class KVOffload:
         """The pool is about to reuse ``blocks``: their KV must be safe below first."""
         for blk in blocks:
             job = self._busy.pop(blk.block_id, None)
-            if job is not None and not job.done and not self.io.cancel(job):
+            if job is None or job.done:
+                continue
+            if self.io.cancel(job):
+                # Still queued: drop it now (its entries go), so the copy made below at
+                # eviction time takes its place; nothing waits on a queue a slow load may hold.
+                self._settle_store(job)
+            else:
                 # An offload copy is reading it right now: let that one memcpy or file write
-                # finish before the memory is reused (rare: readahead runs a step ahead). A
-                # copy still queued is cancelled instead (its store fails: nothing waits on a
-                # queue that a slow load may be holding up). Either way it is reaped next step.
+                # finish before the memory is reused (rare: readahead runs a step ahead).
                 self.eviction_waits += 1
                 job.wait()
         todo = [b for b in blocks if self._wanted(b)]
@@ -438,18 +465,29 @@ class KVOffload:
         if todo:
             self._submit_store(todo)
 
+    def _settle_store(self, job: Job) -> None:
+        """A store job ended (or was cancelled): release its device rows, settle its entries."""
+        rec = job.tag
+        assert isinstance(rec, _Store)
+        if rec.settled:
+            return
+        rec.settled = True
+        for bid in rec.device_blocks:
+            if self._busy.get(bid) is job:
+                del self._busy[bid]
+        if isinstance(job.error, JobCancelled):
+            self.cancelled_stores += 1  # its block was evicted before the copy ran
+        elif job.error is not None:
+            log.warning("offload to the %s tier failed: %s", rec.tier.name, job.error)
+        self._stored(rec, job.error is None)
+
     def _reap(self) -> None:
         for job in self.io.completed():
             tag = job.tag
             if isinstance(tag, _Load):
                 self._finish_load(tag, job)
             elif isinstance(tag, _Store):
-                for bid in tag.device_blocks:
-                    if self._busy.get(bid) is job:
-                        del self._busy[bid]
-                if job.error is not None:
-                    log.warning("offload to the %s tier failed: %s", tag.tier.name, job.error)
-                self._stored(tag, job.error is None)
+                self._settle_store(job)
             elif job.error is not None:
                 log.warning("KV store %s job failed: %s", job.kind, job.error)
 

@@ -179,6 +179,16 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # memory is short: admit nothing new this step
+        self._admit_waiting(out, budget)
+        return out
+
+    def admit_more(self, out: SchedulerOutput) -> None:
+        """Admit waiting requests into ``out`` with the budget it leaves (after prefix loads
+        that landed since ``schedule`` returned: the engine's load grace)."""
+        if not out.preempted:
+            self._admit_waiting(out, self.max_num_batched_tokens - out.num_tokens)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         share = self.share_inflight_prefill and self.waiting and budget > 0
         inflight = self._inflight_blocks() if share else None
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order
@@ -212,7 +222,6 @@ class Scheduler:
             if inflight is not None:
                 self._add_inflight(req, inflight)
         self.waiting.extendleft(reversed(passed))
-        return out
 
     # ---- in-flight prefix sharing ----------------------------------------------------------
 

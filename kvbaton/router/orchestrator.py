@@ -1,4 +1,4 @@
-"""The disaggregated flow (DESIGN.md §4) and its failure outcomes.
+"""The disaggregated flow (docs/architecture.md, "A request's path") and its failure outcomes.
 
 For each request: choose a decode worker; if the prompt part it does not hold is at least
 ``disagg_min_tokens`` and a prefill worker is available, run the prefill leg there and send

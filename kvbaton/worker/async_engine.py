@@ -1,4 +1,5 @@
-"""AsyncEngine: an :class:`LLMEngine` on its own thread, served to asyncio (DESIGN.md §5).
+"""AsyncEngine: an :class:`LLMEngine` on its own thread, served to asyncio
+(docs/architecture.md, "Processes and threads").
 
 The engine is not thread-safe, so exactly one thread (the engine loop) ever touches it. The
 asyncio side sends commands (add, abort, call) through a thread-safe queue; the engine loop

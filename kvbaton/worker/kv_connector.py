@@ -154,6 +154,12 @@ class KVConnector:
                 previous(event)
                 publish(event)
             pool.event_sink = both
+        offload = self.engine.offload
+        if offload is not None:
+            # The tiers' blocks (a restarted disk tier's above all) were announced before any
+            # sink existed: say them again, after the AllBlocksCleared the stream starts with.
+            for event in offload.snapshot_events():
+                publish(event)
 
     def stop(self) -> None:
         if self.server is not None:
