@@ -98,6 +98,14 @@ def mean(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def qa_workload(a: argparse.Namespace) -> list[str]:
+    """`kvbaton bench run` flags of the multi-round QA sessions (without a seed)."""
+    return ["--workload", "multi-turn", "--num-prompts", str(a.sessions), "--turns", str(a.turns),
+            "--context-len", str(a.context_len), "--user-len", str(a.user_len), "--output-len", str(a.output_len),
+            "--think-time", str(a.think_time), "--max-concurrency", str(a.concurrency),
+            "--request-rate", str(a.request_rate)]
+
+
 def multi_round_qa(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     base = ["--num-kv-blocks", str(a.num_kv_blocks)]
     host = ["--kv-host-cache-gib", str(a.host_gib), "--kv-offload-mode", a.mode]
@@ -107,9 +115,7 @@ def multi_round_qa(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "host+disk": [*base, *host, "--kv-disk-cache-gib", str(a.disk_gib)],  # + a fresh dir per round
         "infinite": ["--num-kv-blocks", str(a.infinite_blocks), "--kv-host-cache-gib", "0"],
     }
-    workload = ["--workload", "multi-turn", "--num-prompts", str(a.sessions), "--turns", str(a.turns),
-                "--context-len", str(a.context_len), "--user-len", str(a.user_len), "--output-len",
-                str(a.output_len), "--think-time", str(a.think_time), "--max-concurrency", str(a.concurrency)]
+    workload = qa_workload(a)
     configs = {k: v for k, v in configs.items() if k in a.configs.split(",")}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     names = list(configs)
@@ -160,10 +166,7 @@ def restart(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     d = tmp / "restart-disk"
     args = ["--num-kv-blocks", str(a.num_kv_blocks), "--kv-host-cache-gib", str(a.host_gib),
             "--kv-disk-cache-dir", str(d), "--kv-disk-cache-gib", str(a.disk_gib)]
-    workload = ["--workload", "multi-turn", "--num-prompts", str(a.sessions), "--turns", str(a.turns),
-                "--context-len", str(a.context_len), "--user-len", str(a.user_len), "--output-len",
-                str(a.output_len), "--think-time", str(a.think_time), "--max-concurrency", str(a.concurrency),
-                "--seed", str(a.seed + 99)]
+    workload = [*qa_workload(a), "--seed", str(a.seed + 99)]
     out: dict[str, Any] = {"args": args, "workload": workload}
     with worker("before", args, a.threads) as w:
         out["before"] = bench(w.url or "", workload, tmp / "restart-before.json")
@@ -215,14 +218,18 @@ def load_bandwidth(blocks: int, block_bytes: int, repeats: int) -> dict[str, Any
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    # Defaults: sessions arrive a few seconds apart and think long enough that others are
+    # served between their turns (their contexts leave a device pool that holds ~3 of them),
+    # while the server stays below saturation, so TTFT measures prefill work, not queueing.
     ap.add_argument("--sessions", type=int, default=12)
+    ap.add_argument("--request-rate", type=float, default=0.3, help="sessions starting per second")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--context-len", type=int, default=512)
     ap.add_argument("--user-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=24)
-    ap.add_argument("--think-time", type=float, default=1.0)
-    ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--num-kv-blocks", type=int, default=128, help="device pool of the tiered configs")
+    ap.add_argument("--think-time", type=float, default=40.0)
+    ap.add_argument("--concurrency", type=int, default=12)
+    ap.add_argument("--num-kv-blocks", type=int, default=160, help="device pool of the tiered configs")
     ap.add_argument("--infinite-blocks", type=int, default=4096)
     ap.add_argument("--host-gib", type=float, default=1.0)
     ap.add_argument("--disk-gib", type=float, default=2.0)

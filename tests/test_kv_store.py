@@ -254,7 +254,7 @@ def test_smollm2_offload_evict_reload_equals_plain_run() -> None:
                for i in range(3)]
     plain = LLM("smollm2-135m", enable_prefix_caching=False, max_num_batched_tokens=2048)
     want = [o.token_ids for o in plain.generate(prompts, params)]
-    for mode in ("write-back",):  # write-through is covered on the tiny model above
+    for mode in ("write-back", "write-through"):
         # 12 device blocks hold one prompt (~8 blocks) at a time: every later round reloads.
         llm = LLM("smollm2-135m", num_kv_blocks=12, max_num_seqs=1, kv_host_cache_bytes=256 << 20,
                   kv_offload_mode=mode)
