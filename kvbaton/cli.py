@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+from kvbaton import __version__
+from kvbaton.cli_args import HelpFormatter, add_log_level_arg
 from kvbaton.errors import ConfigError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -70,7 +72,7 @@ def _add_engine_args(p: argparse.ArgumentParser, command: str = "worker") -> Non
                    help="admit a request at once even when another request is prefilling its "
                         "prefix (both compute it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_level_arg(p)
     _add_kv_store_args(p, command)
 
 
@@ -323,6 +325,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
                             **_engine_kwargs(args))
     except ValueError as e:
         _config_error(parser, e)
+    # Loading a model takes up to a minute on a small machine: say so instead of sitting silent.
+    print(f"kvbaton worker ({role}): loading model {args.model} ...", file=sys.stderr, flush=True)
     try:
         return run_worker(ecfg, wcfg, announce=lambda line: print(line, flush=True),
                           announce_fd=getattr(args, "announce_fd", None))
@@ -458,9 +462,11 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def build_parser() -> argparse.ArgumentParser:
     from kvbaton.router.config import add_router_args
 
-    parser = argparse.ArgumentParser(prog="kvbaton", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kvbaton", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvbaton {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text for one or more prompts (offline)")
+    g = sub.add_parser("generate", help="generate text for one or more prompts (offline)",
+                       formatter_class=HelpFormatter)
     g.add_argument("prompt", nargs="+")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -472,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     _add_engine_args(g, "generate")
     g.set_defaults(func=_cmd_generate, parser=g)
-    w = sub.add_parser("worker", help="run one engine behind an OpenAI-compatible HTTP API")
+    w = sub.add_parser("worker", help="run one engine behind an OpenAI-compatible HTTP API",
+                       formatter_class=HelpFormatter)
     w.add_argument("--role", default="both", choices=["prefill", "decode", "both"],
                    help="prefill: answers prefill-only requests with a KV handle; decode: "
                         "imports KV by handle; both: either (every role serves whole requests)")
@@ -484,12 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "N (>= 3) and close it: what programs (kvbaton serve) read instead of "
                         "the stdout line")
     w.set_defaults(func=_cmd_worker, parser=w)
-    r = sub.add_parser("router", help="the OpenAI front door for prefill/decode/colocated workers")
+    r = sub.add_parser("router", help="the OpenAI front door for prefill/decode/colocated workers",
+                       formatter_class=HelpFormatter)
     add_router_args(r)
     r.set_defaults(func=_cmd_router, parser=r)
     s = sub.add_parser(
         "serve", help="a router plus prefill and decode worker processes on this machine "
-                      "(default: 1 prefill + 1 decode, the bundled model)")
+                      "(default: 1 prefill + 1 decode, the bundled model)", formatter_class=HelpFormatter)
     _add_engine_args(s, "serve")
     _add_worker_args(s, default_port=8000)
     t = s.add_argument_group("topology")
@@ -509,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args, args.parser) or 0)
 
 

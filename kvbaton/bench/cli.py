@@ -14,6 +14,7 @@ from kvbaton.bench.client import ENDPOINT_TYPES, BenchError
 from kvbaton.bench.load import LoadConfig
 from kvbaton.bench.metrics import parse_slo
 from kvbaton.bench.workloads import OPTIONS, WORKLOAD_NAMES
+from kvbaton.cli_args import HelpFormatter, add_log_level_arg
 
 # Flags whose name is not simply the option's with dashes (``--kind`` or ``--block-size`` alone
 # would not say what they are about).
@@ -130,23 +131,26 @@ def _add_common(p: argparse.ArgumentParser, with_base_url: bool = True) -> None:
                      help="SLOs for goodput")
     out.add_argument("--result-file", default=None, help="write the JSON result here")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    out.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_level_arg(out)
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bench run|sweep|compare` on the top-level CLI's subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible server")
+    bench = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible server",
+                                  formatter_class=HelpFormatter)
     sub = bench.add_subparsers(dest="bench_command", required=True)
-    run = sub.add_parser("run", help="one run of a workload")
+    run = sub.add_parser("run", help="one run of a workload", formatter_class=HelpFormatter)
     _add_common(run)
     run.set_defaults(func=run_bench_command, bench_func=_cmd_run, parser=run)
-    sw = sub.add_parser("sweep", help="run at several concurrency levels and find the throughput knee")
+    sw = sub.add_parser("sweep", help="run at several concurrency levels and find the throughput knee",
+                        formatter_class=HelpFormatter)
     _add_common(sw)
     sw.add_argument("--concurrency", type=_concurrency_list, required=True, metavar="1,2,4,...")
     sw.add_argument("--plot-file", default=None, help="PNG plot (default: the result file with .png)")
     sw.set_defaults(func=run_bench_command, bench_func=_cmd_sweep, parser=sw,
                     result_default="bench-sweep.json")
-    cmp = sub.add_parser("compare", help="the same workload against several endpoints, interleaved")
+    cmp = sub.add_parser("compare", help="the same workload against several endpoints, interleaved",
+                         formatter_class=HelpFormatter)
     _add_common(cmp, with_base_url=False)
     cmp.add_argument("--target", type=_key_value, action="append", required=True, metavar="NAME=URL",
                      help="an endpoint to compare (repeat; the first is the baseline of the ratios)")

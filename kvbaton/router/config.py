@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from kvbaton.api.frontdoor import FrontDoorConfig
+from kvbaton.cli_args import add_log_level_arg
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
@@ -234,7 +235,7 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
         parser.add_argument("--max-request-bytes", type=int, default=8 << 20)
         parser.add_argument("--drain-timeout", type=float, default=5.0,
                             help="seconds in-flight requests may finish after SIGTERM")
-        parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+        add_log_level_arg(parser)
         parser.add_argument("--no-kv-events", action="store_true",
                             help="do not follow the workers' KV events (no prefix index: kv_aware "
                                  "and conditional disaggregation see no cache)")
