@@ -8,6 +8,8 @@ field. Torch-free.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvbaton.errors import ContextLengthError, InvalidRequestError
 
 
@@ -50,3 +52,37 @@ def default_max_tokens(
     if not bounds:
         return max(1, default)
     return max(1, min(default, min(bounds) - num_prompt_tokens))
+
+
+# Slack on the character bound below: a normalizer that drops characters (none of the
+# byte-level BPE tokenizers served here has one) could make a text shorter than it looks.
+_CHAR_BOUND_SLACK = 2
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` covers: its longest vocabulary
+    entry (a byte-level BPE entry has one character per byte, at least the characters it decodes
+    to; added special tokens are in the vocabulary too). At least 1."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return 64  # a tokenizer without a vocabulary to read: a generous constant
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+def check_prompt_chars(num_chars: int, max_model_len: int | None, token_chars: int) -> None:
+    """Refuse a text prompt that cannot fit in the context before it is tokenized.
+
+    A text of ``num_chars`` characters has at least ``num_chars / token_chars`` tokens, so one
+    longer than ``max_model_len * token_chars`` (times a slack of 2) fills the context whatever
+    it says: :class:`ContextLengthError` naming ``prompt``, without spending the tokenizer's
+    time on it (megabytes of text take seconds to tokenize and used to stall the engine).
+    """
+    if max_model_len is None:
+        return
+    limit = max_model_len * token_chars * _CHAR_BOUND_SLACK
+    if num_chars > limit:
+        raise ContextLengthError(
+            "prompt", f"has {num_chars} characters, more than {max_model_len} tokens of this model "
+            f"can hold (at most {token_chars} characters per token): the context is {max_model_len} tokens"
+        )

@@ -3,6 +3,7 @@ the worker and router APIs, and the simulator; it imports nothing heavy)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
+        # Finite and in range: NaN passes a plain `< 0` test and would reach the sampler as NaN
+        # probabilities (JSON bodies may carry NaN and Infinity).
+        if (not _is_number(self.temperature) or not math.isfinite(self.temperature)
+                or self.temperature < 0):
+            raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k):

@@ -36,6 +36,10 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs", "invalid_value"),
     ("/v1/completions", {"prompt": ""}, "prompt", "invalid_value"),
     ("/v1/completions", {"prompt": "a" * 64}, "prompt", "context_length_exceeded"),
+    # Too long to tokenize at all (64 tokens of at most 12 characters, twice over).
+    ("/v1/completions", {"prompt": "a" * (64 * 12 * 2 + 1)}, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * (64 * 12 * 2 + 1)}]}, "messages",
+     "context_length_exceeded"),
     ("/v1/completions", {"prompt": "a" * 10, "max_tokens": 60}, "max_tokens", "context_length_exceeded"),
     ("/v1/completions", {"prompt": "a", "model": "nope"}, "model", "model_not_found"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options",

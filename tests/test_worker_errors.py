@@ -50,6 +50,9 @@ def _assert_serving(http: httpx.Client) -> None:
 
 
 LONG_TEXT = "x" * (CONTEXT + 10)  # the byte tokenizer: one token per byte
+# Longer than any text of CONTEXT tokens can be (its longest token has 12 characters, and the
+# bound allows twice that): refused before the tokenizer sees it.
+HUGE_TEXT = "x" * (CONTEXT * 12 * 2 + 1)
 
 COMPLETION_CASES = [
     # (id, body (dict or raw str), status, param, message fragment)
@@ -65,6 +68,7 @@ COMPLETION_CASES = [
     ("empty-prompt", {"prompt": ""}, 400, "prompt", "empty"),
     ("empty-token-list", {"prompt": []}, 400, "prompt", "empty"),
     ("prompt-too-long", {"prompt": LONG_TEXT}, 400, "prompt", "context"),
+    ("prompt-too-long-to-tokenize", {"prompt": HUGE_TEXT}, 400, "prompt", "characters"),
     ("prompt-ids-too-long", {"prompt": [5] * (CONTEXT + 1)}, 400, "prompt", "context"),
     ("max-tokens-zero", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ("max-tokens-negative", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
@@ -108,6 +112,8 @@ CHAT_CASES = [
     ("image-part", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "messages", "unsupported"),
     ("chat-too-long", {"messages": [{"role": "user", "content": LONG_TEXT}]}, 400, "messages", "context"),
+    ("chat-too-long-to-tokenize", {"messages": [{"role": "user", "content": HUGE_TEXT}]}, 400, "messages",
+     "characters"),
     ("max-completion-tokens-zero", {"messages": MSG, "max_completion_tokens": 0},
      400, "max_completion_tokens", ">= 1"),
     ("max-tokens-past-context", {"messages": MSG, "max_tokens": CONTEXT}, 400, "max_tokens", "context"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvbaton.errors import ConfigError, InvalidRequestError
+from kvbaton.limits import check_prompt_chars
 from kvbaton.sampling_params import SamplingParams
 
 
@@ -114,6 +115,21 @@ class Preamble:
     def error(self, e: InvalidRequestError) -> ApiError:
         """The 400 for an error the engine raised about this request."""
         return invalid_request(e, self.aliases, self.prompt_param)
+
+    def check_length_before_tokenizing(self, max_model_len: int | None, token_chars: int) -> None:
+        """The 400 for text too long for the context whatever it says (:func:`~kvbaton.limits.
+        check_prompt_chars`), before a tokenizer spends seconds on megabytes of it; worker and
+        router both call it first."""
+        if isinstance(self.prompt, str):
+            chars = len(self.prompt)
+        elif self.messages is not None:
+            chars = sum(len(m.get("content") or "") for m in self.messages)
+        else:
+            return  # token ids: counted exactly, later
+        try:
+            check_prompt_chars(chars, max_model_len, token_chars)
+        except InvalidRequestError as e:
+            raise self.error(e) from None
 
 
 def completion_preamble(cfg: FrontDoorConfig, served: list[str], server: str,

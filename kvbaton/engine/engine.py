@@ -23,7 +23,7 @@ from kvbaton.engine.offload import KVOffload
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import Sampler
-from kvbaton.engine.scheduler import Scheduler
+from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
 from kvbaton.engine.stop import check_stop
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.kv.events import KVEventSink
@@ -93,6 +93,7 @@ class LLMEngine:
         self.leases = LeaseTable(config.lease_ttl_s)
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
         self.sampler = Sampler()
+        self.num_failed_steps = 0  # steps whose forward pass or sampling raised (_fail_step)
         self.runner = ModelRunner(
             self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend,
             shared_kv=config.shared_kv,
@@ -323,11 +324,14 @@ class LLMEngine:
                 # instead of spinning on an empty schedule.
                 self.offload.io.wait_completed(0.05)
             return []
-        logits = self.runner.execute(out)
         sampling = [s for s in out.scheduled if s.samples]
-        result = self.sampler.sample(
-            logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
-        )
+        try:
+            logits = self.runner.execute(out)
+            result = self.sampler.sample(
+                logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
+            )
+        except Exception as e:  # noqa: BLE001 - contained: see _fail_step
+            return self._fail_step(out, e)
         for s in out.scheduled:
             self.scheduler.commit_computed(s)
         outputs: list[RequestOutput] = []
@@ -342,6 +346,30 @@ class LLMEngine:
             outputs.append(self._check_stop_and_output(req))
         if self.offload is not None:
             self.offload.step_end()
+        return outputs
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """The forward pass or sampling of a step raised: fail the requests it ran, free their
+        blocks, and leave the engine serving the rest.
+
+        Nothing of the step was committed (no token appended, no block registered in the
+        prefix cache), so the requests' blocks are freed whole and the state is what it was
+        before the step, less those requests. The integrity check proves that before the
+        engine goes on; if it fails, the error propagates and the caller's loop ends (a
+        worker then exits instead of serving from a state it cannot trust).
+        """
+        log.exception("engine step failed; failing its %d requests", len(out.scheduled))
+        message = f"the engine step running this request failed: {type(exc).__name__}: {exc}"
+        outputs = []
+        for s in out.scheduled:
+            req = s.request
+            self.scheduler.finish(req, "error")
+            self.sampler.forget(req.request_id)
+            failed = self._make_output(req)
+            failed.error = message
+            outputs.append(failed)
+        self.num_failed_steps += 1
+        self.check_integrity()
         return outputs
 
     def _check_stop_and_output(self, req: Request) -> RequestOutput:
@@ -429,6 +457,7 @@ class LLMEngine:
             "kv_blocks_imported": self.handoff.num_imported_blocks,
             "kv_tiers": self.offload.tier_stats() if self.offload is not None else {},
             "kv_offload_sync_stores": self.offload.sync_stores if self.offload is not None else 0,
+            "num_failed_steps": self.num_failed_steps,
         }
 
     def publish_snapshot(self) -> int:

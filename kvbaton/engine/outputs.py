@@ -24,10 +24,11 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     new_token_ids: list[int] = field(default_factory=list)
     kv_lease: LeaseInfo | None = None  # prefill-only requests: the lease on the prompt's KV
+    error: str | None = None  # finish_reason "error": what failed (the step running it raised)

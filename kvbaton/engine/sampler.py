@@ -30,8 +30,11 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p (keeps at least one).
+        # Drop a token when the mass before it already reaches top_p. The most likely token is
+        # always kept: a top_p below float32's smallest value rounds to 0, and `0 >= 0` would
+        # otherwise drop every token (all -inf: NaN probabilities).
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

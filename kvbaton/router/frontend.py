@@ -18,7 +18,7 @@ import anyio
 from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvbaton.errors import InvalidRequestError
-from kvbaton.limits import check_request_fits, default_max_tokens
+from kvbaton.limits import check_request_fits, default_max_tokens, max_token_chars
 from kvbaton.models.sources import tokenizer_for_model
 from kvbaton.models.tokenizer import chat_prompt_ids
 from kvbaton.router.config import RouterConfig
@@ -50,6 +50,7 @@ class Frontend:
         # Tokenization runs on worker threads; HF fast tokenizers can raise "Already borrowed"
         # when one object is used from two threads at once.
         self._lock = threading.Lock()
+        self.token_chars = max_token_chars(self.tokenizer)
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
@@ -66,6 +67,7 @@ class Frontend:
 
     async def completion(self, body: CompletionRequest, max_model_len: int | None) -> Prepared:
         pre = completion_preamble(self.config, self.config.model_names, "router", body)
+        pre.check_length_before_tokenizing(max_model_len, self.token_chars)
         if isinstance(pre.prompt, str):
             ids = await anyio.to_thread.run_sync(self._encode, pre.prompt)
         else:
@@ -80,6 +82,7 @@ class Frontend:
     async def chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> Prepared:
         pre = chat_preamble(self.config, self.config.model_names, "router", body)
         assert pre.messages is not None
+        pre.check_length_before_tokenizing(max_model_len, self.token_chars)
         try:
             ids = await anyio.to_thread.run_sync(self._chat_ids, pre.messages)
         except InvalidRequestError as e:

@@ -35,12 +35,25 @@ from kvbaton.engine.outputs import RequestOutput
 from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
+from kvbaton.limits import max_token_chars
 from kvbaton.worker.async_engine import AsyncEngine
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.kv_connector import KVConnector
 from kvbaton.worker.metrics import WorkerMetrics
-from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, GenerationRequest, RequestStream
-from kvbaton.worker.streaming import chat_events, chat_response, completion_events, completion_response
+from kvbaton.worker.stream import (
+    EngineDeadError,
+    EngineStoppedError,
+    GenerationRequest,
+    RequestFailedError,
+    RequestStream,
+)
+from kvbaton.worker.streaming import (
+    chat_events,
+    chat_response,
+    completion_events,
+    completion_response,
+    request_failed_error,
+)
 
 
 class WorkerState:
@@ -54,6 +67,7 @@ class WorkerState:
         self.engine = AsyncEngine(engine, observer=self.metrics, idle_poll_s=config.idle_poll_s)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.token_chars = max_token_chars(engine.tokenizer)
         self.root_model = engine.config.model
         # Fixed at construction (the engine builds its tiers once), so routes may read them
         # off the engine thread.
@@ -274,9 +288,14 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         err = ApiError(503, str(exc), None, "service_unavailable")
         return JSONResponse(err.body(), status_code=503)
 
+    @app.exception_handler(RequestFailedError)
+    async def _request_failed(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(request_failed_error(exc).body(), status_code=500)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         pre = completion_preamble(config, state.model_names, "worker", body)
+        pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         rid = f"cmpl-{uuid.uuid4().hex}"
         ktp = body.kv_transfer_params
         if ktp is not None and ktp.get("do_remote_decode"):
@@ -296,6 +315,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         pre = chat_preamble(config, state.model_names, "worker", body)
+        pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         gen = GenerationRequest(
             pre.params, messages=pre.messages, cache_salt=body.cache_salt,
             default_max_tokens=config.default_chat_max_tokens if pre.max_tokens is None else None,

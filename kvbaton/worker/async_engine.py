@@ -30,13 +30,14 @@ from kvbaton.worker.stream import (
     EngineDeadError,
     EngineStoppedError,
     GenerationRequest,
+    RequestFailedError,
     RequestStream,
     StreamObserver,
 )
 
 __all__ = [
-    "AsyncEngine", "EngineDeadError", "EngineStoppedError", "GenerationRequest", "RequestStream",
-    "StreamObserver",
+    "AsyncEngine", "EngineDeadError", "EngineStoppedError", "GenerationRequest", "RequestFailedError",
+    "RequestStream", "StreamObserver",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class AsyncEngine:
         self.stats_snapshot: dict[str, Any] = engine.stats()
         self.last_heartbeat = time.monotonic()
         self.error: BaseException | None = None
+        # Called on the event loop once the engine loop has died (run_worker stops the server,
+        # so the process exits non-zero instead of answering 503 for ever).
+        self.on_death: Callable[[BaseException], None] | None = None
         self._cmds: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._live: set[str] = set()  # engine-thread view: requests added and not finished
@@ -236,7 +240,10 @@ class AsyncEngine:
                 stream.finished = True
                 stream.finish_reason = out.finish_reason
                 del self._streams[out.request_id]
-            stream._push(out)
+            if out.finish_reason == "error":
+                stream._push(RequestFailedError(out.error or "the engine step running this request failed"))
+            else:
+                stream._push(out)
 
     def _dispatch_aborted(self, request_ids: list[str], now: float) -> None:
         """The engine thread aborted these (shutdown): end their streams with 'abort'."""
@@ -310,6 +317,8 @@ class AsyncEngine:
             log.exception("engine loop crashed")
             self.error = e
             self._post(self._fail_all, EngineDeadError(f"engine loop died: {e!r}"))
+            if self.on_death is not None:
+                self._post(self.on_death, e)
         finally:
             self._shutdown_engine_thread()
 

@@ -24,7 +24,7 @@ from kvbaton.engine.outputs import RequestOutput
 from kvbaton.worker.stream import RequestStream
 
 PREFIX = "kvbaton:"
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # Per-tier series: (name, help, key in KVOffload.tier_stats()).
 TIER_GAUGES = (
@@ -110,6 +110,8 @@ class _EngineCollector(Collector):
             ("num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
             ("inflight_prefix_waits", "Steps a waiting request was passed over to reuse a prefix "
              "another request is prefilling.", "num_inflight_prefix_waits"),
+            ("engine_failed_steps", "Engine steps whose forward pass or sampling raised: their "
+             "requests failed (HTTP 500), the engine went on.", "num_failed_steps"),
         )
         for name, doc, key in counters:
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])

@@ -87,6 +87,12 @@ def run_worker(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop)
     state: WorkerState = app.state.worker
+
+    def _engine_died(exc: BaseException) -> None:
+        log.error("the engine loop died (%r): shutting the worker down", exc)
+        server.should_exit = True
+
+    state.engine.on_death = _engine_died
     url = endpoint(config.host, port)
     announce(f"kvbaton worker ({config.role}) serving {', '.join(state.model_names)} at {url}/v1")
     if announce_fd is not None:

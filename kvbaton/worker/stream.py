@@ -22,6 +22,11 @@ class EngineStoppedError(RuntimeError):
     """The engine is stopping or stopped and accepts no new work."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine step running this request raised: the request failed (HTTP 500), its blocks
+    are freed, and the engine serves the others (``LLMEngine._fail_step``)."""
+
+
 @dataclass
 class GenerationRequest:
     """One request as the API hands it to the engine thread.

@@ -24,7 +24,7 @@ from kvbaton.api.protocol import (
 from kvbaton.api.sse import DONE_EVENT, sse
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.sampling_params import SamplingParams
-from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestStream
+from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestFailedError, RequestStream
 
 if TYPE_CHECKING:
     from kvbaton.worker.api import WorkerState
@@ -67,7 +67,18 @@ def _choice_extras(out: RequestOutput, return_token_ids: bool, start: int = 0) -
     return extras
 
 
+# The error code of a request whose engine step raised (HTTP 500; the worker goes on serving).
+ENGINE_STEP_FAILED = "engine_step_failed"
+
+
+def request_failed_error(e: Exception) -> ApiError:
+    """What a client gets for a request that failed inside the engine (RequestFailedError)."""
+    return ApiError(500, str(e), None, ENGINE_STEP_FAILED)
+
+
 def _error_event(e: Exception) -> str:
+    if isinstance(e, RequestFailedError):
+        return sse(request_failed_error(e).body())
     return sse(ApiError(503, str(e), None, "service_unavailable").body())
 
 
@@ -107,7 +118,7 @@ async def _stream_events(
             choice = make_choice(out, text, sent_tokens, offset)
             sent_tokens = len(out.token_ids)
             yield chunk([choice])
-    except (EngineDeadError, EngineStoppedError) as e:
+    except (EngineDeadError, EngineStoppedError, RequestFailedError) as e:
         yield _error_event(e)
     else:
         if include_usage and last is not None:
