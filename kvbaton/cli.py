@@ -6,12 +6,13 @@ import argparse
 import logging
 import math
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from kvbaton import __version__
-from kvbaton.cli_args import HelpFormatter, add_log_level_arg
+from kvbaton.cli_args import KV_SECRET_ENV, PARENT_PID_ENV, WORKER_API_KEY_ENV, HelpFormatter, add_log_level_arg
 from kvbaton.errors import ConfigError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -255,7 +256,9 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length to serve (default: the model's)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (/health and /metrics stay open)")
+                   help="require 'Authorization: Bearer KEY' (/health and /metrics stay open); worker: "
+                        f"default ${WORKER_API_KEY_ENV}; serve: the router's key (its workers always "
+                        "get one of their own, --worker-api-key or a random one)")
     p.add_argument("--served-model-name", default=None,
                    help="another name the API accepts in the 'model' field")
     p.add_argument("--max-request-bytes", type=int, default=8 << 20)
@@ -264,7 +267,7 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
     k = p.add_argument_group("KV transfer (disaggregated prefill/decode)")
     k.add_argument("--kv-port", type=int, default=0,
                    help="port of this worker's KV transfer server (prefill roles; 0 = any free)")
-    k.add_argument("--kv-secret", default=os.environ.get("KVBATON_KV_SECRET"),
+    k.add_argument("--kv-secret", default=os.environ.get(KV_SECRET_ENV),
                    help="shared secret that authenticates transfer peers (HMAC); default "
                         "$KVBATON_KV_SECRET; use it whenever workers span hosts")
     k.add_argument("--kv-transfer-timeout", type=float, default=10.0,
@@ -304,7 +307,26 @@ def _check_announce_fd(parser: argparse.ArgumentParser, fd: int | None) -> None:
     os.set_inheritable(fd, False)
 
 
+def _die_with_parent() -> None:
+    """A worker that ``kvbaton serve`` started (PARENT_PID_ENV set) gets SIGTERM from the
+    kernel when serve dies, even by ``kill -9``, so it never outlives it (Linux prctl; a no-op
+    elsewhere). If serve is already gone, stop now."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # it died before the signal was armed
+        raise SystemExit(1)
+
+
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
+    _die_with_parent()
     _check_announce_fd(parser, getattr(args, "announce_fd", None))
     _check_kv_store_args(parser, args)
     from kvbaton.engine.config import EngineConfig
@@ -313,7 +335,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
 
     try:
         wcfg = WorkerConfig(
-            host=args.host, port=args.port, role=role, api_key=args.api_key,
+            host=args.host, port=args.port, role=role,
+            api_key=args.api_key or os.environ.get(WORKER_API_KEY_ENV) or None,
             served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
             kv_secret=args.kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
@@ -438,14 +461,17 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     def serve(urls: list[tuple[str, str]]) -> int:
         cfg = router_config_from_args(
-            args,
+            args, worker_api_key=worker_key,
             prefill_workers=tuple(u for r, u in urls if r == "prefill"),
             decode_workers=tuple(u for r, u in urls if r == "decode"),
             workers=tuple(u for r, u in urls if r == "both"),
         )
-        return run_router(cfg, announce=lambda line: print(line, flush=True))
+        return run_router(cfg, announce=lambda line: print(line, flush=True), collectors=[cluster])
 
-    cluster = LocalCluster(specs, kv_secret=args.kv_secret)
+    # Workers always need a key under serve (the router holds it), so nothing but the router can
+    # reach their generation, lease and debug routes: the user's --worker-api-key, else a random one.
+    worker_key = args.worker_api_key or secrets.token_hex(16)
+    cluster = LocalCluster(specs, kv_secret=args.kv_secret, worker_api_key=worker_key)
     threads = specs[0].args[specs[0].args.index("--threads") + 1]
     tier = f" and a {host_bytes / 2**30:.2f} GiB host KV tier" if host_bytes else ""
     print(f"kvbaton serve: starting {prefill} prefill, {decode} decode and {colocated} colocated "

@@ -10,6 +10,12 @@ import argparse
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# Environment variables `kvbaton worker` reads, and `kvbaton serve` (LocalCluster) sets for the
+# workers it starts, so secrets never show on a command line:
+KV_SECRET_ENV = "KVBATON_KV_SECRET"  # the KV transfer plane's shared secret (--kv-secret)
+WORKER_API_KEY_ENV = "KVBATON_API_KEY"  # the worker's --api-key
+PARENT_PID_ENV = "KVBATON_PARENT_PID"  # die with this parent (a parent-death signal)
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps descriptions as written and appends each option's default to its help, unless the

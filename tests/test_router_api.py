@@ -144,7 +144,12 @@ def test_api_key_guards_generation_but_not_health() -> None:
         assert post(r.url, {"prompt": "a"}).status_code == 401
         ok = post(r.url, {"prompt": "a", "max_tokens": 1}, headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200
-        assert httpx.get(f"{r.url}/health").status_code == 200
+        health = httpx.get(f"{r.url}/health")
+        assert health.status_code == 200
+        # Open to probes, but the workers' URLs and errors are only for callers with the key.
+        assert health.json()["workers"] == [{"role": "both", "healthy": True}]
+        full = httpx.get(f"{r.url}/health", headers={"Authorization": "Bearer sekret"}).json()
+        assert [w["url"] for w in full["workers"]] == [w.url]
         assert httpx.get(f"{r.url}/metrics").status_code == 200
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import httpx
 import pytest
 
 from conftest import wait_until
-from router_fakes import FakeWorker, cluster, dead_url, expected_text
+from kvbaton.router.config import RouterConfig
+from kvbaton.router.server import RouterThread
+from router_fakes import ROUTER_DEFAULTS, FakeWorker, cluster, dead_url, expected_text, tokenizer
 from worker_support import metric, parse_metrics
 
 LONG = "x" * 40
@@ -249,3 +252,34 @@ def test_client_disconnect_before_decode_releases_the_lease() -> None:
         assert sorted(p.releases) == sorted(p.leases)
         wait_until(lambda: metric(metrics(r.url), "kvbaton:router_worker_in_flight_requests") == 0,
                    what="in-flight accounting to drop to zero")
+
+
+# ---- shutdown -----------------------------------------------------------------------------
+
+
+def test_sigterm_ends_open_streams_with_an_error_event_and_done() -> None:
+    d = FakeWorker("both", "d")
+    d.chunk_delay_s = 0.2  # 200 tokens: far longer than the drain timeout (1 s)
+    events: list[str] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{r.url}/v1/completions", timeout=30,
+                          json={"prompt": SHORT, "max_tokens": 200, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    with d.thread:
+        r = RouterThread(RouterConfig(**{**ROUTER_DEFAULTS, "workers": (d.url,)}), tokenizer=tokenizer()).start()
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            assert first.wait(30)
+            assert r.stop()  # as SIGTERM: drain, then end what is still open
+        finally:
+            reader.join(30)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "service_unavailable"
+    wait_until(lambda: d.counts()["aborted"] == 1, what="the worker stream to be closed")

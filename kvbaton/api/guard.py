@@ -43,6 +43,19 @@ async def send_error(send: Send, err: ApiError, headers: Iterable[tuple[bytes, b
     await send({"type": "http.response.body", "body": data})
 
 
+def bearer_matches(headers: Iterable[tuple[bytes, bytes]], api_key: str | None) -> bool:
+    """Whether raw ASGI ``headers`` carry ``Authorization: Bearer <api_key>`` (True when no key
+    is set: there is nothing to match). The one check of the key, for the guard and for open
+    routes that show more to callers who have it."""
+    if api_key is None:
+        return True
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+    return False
+
+
 class RequestGuard:
     """ASGI middleware: bearer-token check (when ``api_key`` is set) and body-size limit."""
 
@@ -54,13 +67,7 @@ class RequestGuard:
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
             return True
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(
-                    token.strip().encode(), self.api_key.encode()
-                )
-        return False
+        return bearer_matches(scope.get("headers", ()), self.api_key)
 
     def _too_large(self) -> ApiError:
         return ApiError(

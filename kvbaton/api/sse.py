@@ -74,3 +74,31 @@ async def until_disconnect(
             await asyncio.gather(task, return_exceptions=True)
             if orphan is not None and not task.cancelled() and task.exception() is None:
                 await orphan(task.result())
+
+
+async def until_stopped(events: AsyncIterator[str], stop: asyncio.Event, final: str) -> AsyncIterator[str]:
+    """Relay ``events`` until they end or ``stop`` is set; then send ``final`` (an error event)
+    and ``[DONE]`` and close ``events``, so a stream cut short by a shutdown still ends the way
+    clients expect instead of as a dropped connection."""
+    it = events.__aiter__()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+                yield final
+                yield DONE_EVENT
+                return
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        stopped.cancel()
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvbaton.api.guard import RequestGuard, install_error_handlers
+from kvbaton.api.guard import RequestGuard, bearer_matches, install_error_handlers
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from kvbaton.api.sse import EventStreamResponse, until_disconnect
+from kvbaton.api.sse import EventStreamResponse, sse, until_disconnect, until_stopped
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
 from kvbaton.router.kv_feed import KVIndexFeed
@@ -56,10 +56,25 @@ class RouterState:
         self.orchestrator = Orchestrator(config, self.pool, self.metrics, overlap)
         self.created = int(time.time())
         self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the lifespan
+        # Set drain_timeout_s after SIGTERM: streams still open then end with an error event and
+        # [DONE] (uvicorn's own cut, a little later, would only drop their connections).
+        self.drain_deadline = asyncio.Event()
 
     def begin_drain(self) -> None:
-        """Called on SIGTERM: refuse new requests and report 'draining' on /health."""
+        """Called on SIGTERM (from the signal handler): refuse new requests, report 'draining'
+        on /health, and end streams still open after ``drain_timeout_s``."""
+        if self.draining:
+            return
         self.draining = True
+        loop = self.loop
+        if loop is None:
+            return
+        timeout = self.config.drain_timeout_s
+        try:
+            loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.drain_deadline.set))
+        except RuntimeError:  # the loop already closed: nothing is in flight
+            pass
 
     def mid_stream_failure(self, stream: RelayStream, e: MidStreamError) -> None:
         self.metrics.worker_errors.labels(stream.worker.url, e.kind).inc()
@@ -99,6 +114,7 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         if state.kv_feed is not None:
             state.kv_feed.start()  # before the pool's first discovery, which follows streams
         try:
@@ -130,7 +146,8 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
                 await stream.aclose()
                 state.orchestrator.finished(job)
 
-            return EventStreamResponse(events, close)
+            shutdown = sse(ApiError(503, "the router is shutting down", None, "service_unavailable").body())
+            return EventStreamResponse(until_stopped(events, state.drain_deadline, shutdown), close)
         try:
             body = await until_disconnect(request, _collect(state, view, job, stream))
         finally:
@@ -162,10 +179,16 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
         }
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         ok = bool(state.pool.decode_candidates())
         status = "draining" if state.draining else ("ok" if ok else "unhealthy")
-        body = {"status": status, "workers": [w.describe() for w in state.pool.workers]}
+        if bearer_matches(request.scope.get("headers", ()), config.api_key):
+            workers = [w.describe() for w in state.pool.workers]
+        else:
+            # /health is open (probes carry no key), but where the workers are and what went
+            # wrong with them is for callers with the key.
+            workers = [{"role": w.role, "healthy": w.healthy} for w in state.pool.workers]
+        body = {"status": status, "workers": workers}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")

@@ -5,7 +5,15 @@ announces its URL as one JSON line on a pipe (``--announce-fd``), and the router
 process in front of them. The workers' stdout and stderr are this process's, so their logs show
 where ``kvbaton serve`` runs. The workers share a random KV-transfer secret, so even on one
 host only they can fetch each other's blocks. Whatever ends the router (Ctrl-C, SIGTERM, an
-error), every worker is stopped: SIGTERM first (they drain), then SIGKILL after a bound.
+error), every worker is stopped: SIGTERM first (they drain), then SIGKILL after a bound; and
+if this process itself is killed (``kill -9``), each worker gets SIGTERM from the kernel (a
+parent-death signal), so none outlives it.
+
+Supervision: a worker that exits while the cluster serves is restarted on the same port (so
+the router's URL for it stays valid; it sees a new ``worker_id`` and an empty cache), after a
+backoff that doubles from 1 s to 30 s while it keeps dying and resets once it has stayed up a
+minute. Restarts are printed and counted (``LocalCluster.restarts``; ``kvbaton serve``
+exports them as ``kvbaton:router_worker_restarts_total``).
 """
 
 from __future__ import annotations
@@ -17,10 +25,16 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn
+from urllib.parse import urlsplit
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from kvbaton.cli_args import KV_SECRET_ENV, PARENT_PID_ENV, WORKER_API_KEY_ENV
 
 # The longest announce line accepted; a real one is a few hundred bytes.
 _MAX_ANNOUNCE_BYTES = 64 << 10
@@ -51,13 +65,14 @@ class WorkerProcess:
 
     def __init__(
         self, spec: WorkerSpec, env: dict[str, str], stdout: int | IO[Any] | None = None,
+        port: int = 0,
     ) -> None:
         self.spec = spec
         self.url: str | None = None
         self.announcement: dict[str, Any] | None = None  # the whole JSON object, once read
         read_fd, write_fd = os.pipe()  # both non-inheritable; pass_fds hands the child one
         cmd = [sys.executable, "-m", "kvbaton.cli", "worker", "--role", spec.role,
-               "--host", "127.0.0.1", "--port", "0", "--announce-fd", str(write_fd), *spec.args]
+               "--host", "127.0.0.1", "--port", str(port), "--announce-fd", str(write_fd), *spec.args]
         try:
             self.proc = subprocess.Popen(cmd, stdout=stdout, env=env, pass_fds=(write_fd,))
         except BaseException:
@@ -145,36 +160,102 @@ class WorkerProcess:
 
 
 class LocalCluster:
-    """Start worker processes, hand their URLs to ``run``, and always stop them after."""
+    """Start worker processes, hand their URLs to ``run``, restart any that dies meanwhile,
+    and always stop them after."""
 
     def __init__(
         self, specs: Sequence[WorkerSpec], kv_secret: str | None = None,
         start_timeout_s: float = 600.0, stop_timeout_s: float = 15.0,
+        restart_backoff_s: tuple[float, float] = (1.0, 30.0), healthy_after_s: float = 60.0,
+        announce: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+        worker_api_key: str | None = None,
     ) -> None:
         if not specs:
             raise ValueError("a local cluster needs at least one worker")
         self.specs = list(specs)
         self.kv_secret = kv_secret or secrets.token_hex(16)
+        self.worker_api_key = worker_api_key  # the workers' --api-key, passed in their environment
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.restart_backoff_s = restart_backoff_s
+        self.healthy_after_s = healthy_after_s
+        self.announce = announce
         self.workers: list[WorkerProcess] = []
+        self.restarts: dict[str, int] = {role: 0 for role in ("prefill", "decode", "both")}
+        self._env: dict[str, str] = {}
+        self._ports: list[int] = []  # each worker's port, kept across restarts
+        self._lock = threading.Lock()  # self.workers, against stop() from another thread
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def run(self, serve: Callable[[list[tuple[str, str]]], int]) -> int:
-        """Start every worker, call ``serve([(role, url), ...])`` (blocking), stop workers."""
-        env = {**os.environ, "KVBATON_KV_SECRET": self.kv_secret}
+        """Start every worker, call ``serve([(role, url), ...])`` (blocking) while a thread
+        restarts workers that die, then stop them all."""
+        self._env = {**os.environ, KV_SECRET_ENV: self.kv_secret, PARENT_PID_ENV: str(os.getpid())}
+        if self.worker_api_key:
+            self._env[WORKER_API_KEY_ENV] = self.worker_api_key
         try:
-            self.workers = [WorkerProcess(s, env) for s in self.specs]
+            self.workers = [WorkerProcess(s, self._env) for s in self.specs]
             deadline = time.monotonic() + self.start_timeout_s
             urls = [(w.spec.role, w.wait_ready(deadline)) for w in self.workers]
+            self._ports = [urlsplit(u).port or 0 for _, u in urls]
+            self._supervisor = threading.Thread(target=self._supervise, name="kvbaton-supervisor", daemon=True)
+            self._supervisor.start()
             return serve(urls)
         finally:
             self.stop()
 
     def stop(self) -> None:
-        for w in self.workers:
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            # It may be starting a replacement: let it finish (bounded), so none is left behind.
+            self._supervisor.join(self.stop_timeout_s + 5)
+        with self._lock:
+            workers = list(self.workers)
+        for w in workers:
             w.terminate()
-        for w in self.workers:
+        for w in workers:
             w.wait_or_kill(self.stop_timeout_s)
+
+    def collect(self) -> list[Metric]:
+        """A Prometheus collector of the restarts (``kvbaton serve`` registers it with the
+        router's metrics): ``kvbaton:router_worker_restarts_total{role}``."""
+        c = CounterMetricFamily("kvbaton:router_worker_restarts",
+                                "Worker processes kvbaton serve restarted after they exited.", labels=["role"])
+        for role, n in self.restarts.items():
+            c.add_metric([role], float(n))
+        return [c]
+
+    # ---- supervision ---------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        started = {i: time.monotonic() for i in range(len(self.workers))}
+        backoff = {i: self.restart_backoff_s[0] for i in range(len(self.workers))}
+        while not self._stopping.wait(0.2):
+            for i, w in enumerate(list(self.workers)):
+                code = w.proc.poll()
+                if code is None:
+                    continue
+                if time.monotonic() - started[i] >= self.healthy_after_s:
+                    backoff[i] = self.restart_backoff_s[0]  # it had been fine: a fresh failure
+                delay = backoff[i]
+                self.announce(f"kvbaton serve: {w.spec.role} worker on port {self._ports[i]} exited with code {code}; "
+                              f"restarting it in {delay:g} s")
+                if self._stopping.wait(delay):
+                    return
+                w.wait_or_kill(0)
+                replacement = WorkerProcess(w.spec, self._env, port=self._ports[i])
+                with self._lock:
+                    self.workers[i] = replacement
+                started[i] = time.monotonic()
+                backoff[i] = min(delay * 2, self.restart_backoff_s[1])
+                self.restarts[w.spec.role] += 1
+                try:
+                    url = replacement.wait_ready(time.monotonic() + self.start_timeout_s)
+                except RuntimeError as e:
+                    self.announce(f"kvbaton serve: restarting the {w.spec.role} worker failed: {e}")
+                    continue  # the next pass sees it dead and tries again, later
+                self.announce(f"kvbaton serve: {w.spec.role} worker restarted at {url}")
 
 
 def worker_specs(

@@ -1,18 +1,20 @@
 """Uvicorn wiring: run the router in the foreground (CLI) or on a background thread (tests).
 
-Shutdown on SIGTERM / Ctrl-C: uvicorn stops accepting connections, ``/health`` turns 503
-``draining`` and new requests get 503, in-flight responses get ``drain_timeout_s`` to finish
-(uvicorn's graceful-shutdown timeout); what is still running then is cancelled, which closes
-its worker streams (the workers abort those requests) and releases unconsumed leases.
+Shutdown on SIGTERM / Ctrl-C: uvicorn stops accepting connections (new ones are refused; a
+request on a connection already open gets 503 and ``/health`` reports ``draining``),
+in-flight responses get ``drain_timeout_s`` to finish; then streams still open end with an
+error event and ``[DONE]``, and what is still running a little later is cancelled, which
+closes its worker streams (the workers abort those requests) and releases unconsumed leases.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client.registry import Collector
 
 from kvbaton.api.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 from kvbaton.router.app import RouterState, create_app
@@ -23,7 +25,9 @@ from kvbaton.router.policies import PrefixOverlap
 def make_router_server(app: FastAPI, log_level: str = "WARNING",
                        drain_timeout_s: float = 5.0) -> DrainingServer:
     state: RouterState | None = getattr(app.state, "router", None)
-    return make_server(app, log_level, max(1, int(round(drain_timeout_s))),
+    # A backstop: the app ends its open streams itself after drain_timeout_s (error event and
+    # [DONE]); uvicorn cancels whatever still hangs on a little after that.
+    return make_server(app, log_level, int(drain_timeout_s) + 2,
                        state.begin_drain if state is not None else None)
 
 
@@ -32,9 +36,13 @@ def run_router(
     announce: Callable[[str], None] = print,
     tokenizer: Any | None = None,
     overlap: PrefixOverlap | None = None,
+    collectors: Sequence[Collector] = (),
 ) -> int:
-    """Serve the router until SIGTERM/SIGINT, shut down gracefully; the exit code."""
+    """Serve the router until SIGTERM/SIGINT, shut down gracefully; the exit code.
+    ``collectors`` join the router's ``/metrics`` (``kvbaton serve``'s worker restarts)."""
     app = create_app(config, tokenizer, overlap)
+    for c in collectors:
+        app.state.router.metrics.registry.register(c)
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     server = make_router_server(app, config.log_level, config.drain_timeout_s)
