@@ -278,3 +278,26 @@ def test_models_health_and_metrics(worker, client):
         assert f"kvbaton:{gauge}" in {k.partition("{")[0] for k in after}
     assert metric(after, "kvbaton:kv_blocks_total") == 256
     assert "kvbaton:prefix_cache_hits_total" in {k.partition("{")[0] for k in after}
+
+
+def test_prompts_are_tokenized_off_the_engine_thread() -> None:
+    # The engine thread's tokenizer must never encode a prompt (a long one would stall every
+    # running stream); the worker's tokenizer thread encodes with its own copy, to the same ids.
+    with running_worker() as w:
+        eng = w.state.engine.engine
+        want = eng.tokenize("hello there, tokenizer")
+
+        def refuse(*_a, **_k):
+            raise AssertionError("a prompt was encoded by the engine's tokenizer")
+
+        eng.tokenizer.encode = refuse
+        by_text = httpx.post(f"{w.url}/v1/completions", timeout=30,
+                             json={"prompt": "hello there, tokenizer", "max_tokens": 3, "temperature": 0})
+        by_ids = httpx.post(f"{w.url}/v1/completions", timeout=30,
+                            json={"prompt": want, "max_tokens": 3, "temperature": 0})
+        assert by_text.status_code == 200 and by_ids.status_code == 200, by_text.text
+        assert by_text.json()["choices"][0]["text"] == by_ids.json()["choices"][0]["text"]
+        assert by_text.json()["usage"]["prompt_tokens"] == len(want)
+        chat = httpx.post(f"{w.url}/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200, chat.text

@@ -98,7 +98,7 @@ class _FakeCluster:
 
     specs: list[WorkerSpec] = []
 
-    def __init__(self, specs: list[WorkerSpec], kv_secret: str | None = None) -> None:
+    def __init__(self, specs: list[WorkerSpec], kv_secret: str | None = None, **_: Any) -> None:
         _FakeCluster.specs = list(specs)
 
     def run(self, serve: Any) -> int:

@@ -35,7 +35,7 @@ from kvbaton.kv.store.host import HostTier
 from kvbaton.kv.store.policies import make_policy
 from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
-from kvbaton.models.tokenizer import chat_prompt_ids
+from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
 from kvbaton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -173,14 +173,9 @@ class LLMEngine:
             raise InvalidRequestError("cache_salt", "must be valid Unicode") from None
 
     def tokenize(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt``; InvalidRequestError for text no tokenizer can take (an
-        unpaired surrogate: the HTTP API refuses those itself, this covers direct callers)."""
-        try:
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        except (TypeError, UnicodeError) as e:
-            raise InvalidRequestError(
-                "prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode"
-            ) from None
+        """Token ids of ``prompt``; InvalidRequestError for text no tokenizer can take
+        (:func:`~kvbaton.models.tokenizer.encode_text`)."""
+        return encode_text(self.tokenizer, prompt)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt;

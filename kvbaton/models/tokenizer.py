@@ -74,6 +74,17 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text prompt (no special tokens added); InvalidRequestError for text no
+    tokenizer can take (an unpaired surrogate: the HTTP API refuses those itself, this covers
+    direct callers). The one encoder of prompts, for the engine and the worker's tokenizer
+    thread alike."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except (TypeError, UnicodeError) as e:
+        raise InvalidRequestError("prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode") from None
+
+
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) -> list[int]:
     """Token ids of a conversation followed by the assistant's generation prompt.
 

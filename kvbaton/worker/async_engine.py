@@ -13,6 +13,7 @@ Every loop iteration stamps a heartbeat and publishes a stats snapshot, which ``
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import queue
@@ -20,12 +21,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.limits import default_max_tokens
+from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
 from kvbaton.worker.stream import (
     EngineDeadError,
     EngineStoppedError,
@@ -70,6 +73,15 @@ class _Stop:
 _Command = _Add | _Abort | _Call | _Stop
 
 
+def _private_copy(tokenizer: Any) -> Any | None:
+    """A copy of ``tokenizer`` for another thread, or None if it cannot be copied."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - then the engine thread tokenizes, as before
+        log.warning("the tokenizer cannot be copied: prompts are tokenized on the engine thread")
+        return None
+
+
 class AsyncEngine:
     """Runs ``engine`` on a dedicated thread; every public method is called from asyncio."""
 
@@ -95,6 +107,12 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._accepting = False
+        # Text prompts and chats are tokenized on a thread of their own, with a copy of the
+        # tokenizer (never shared with the engine thread, which decodes with its own), so a
+        # long prompt costs its tokenization time there and never stalls the steps of the
+        # requests already running. The encoders release the GIL.
+        self._tokenizer = _private_copy(engine.tokenizer)
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbaton-tokenize")
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
 
@@ -115,6 +133,7 @@ class AsyncEngine:
         self._cmds.put(_Stop())
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._thread.join, timeout_s)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         # Outputs the thread posted just before it ended (final aborts) run before this line.
         await asyncio.sleep(0)
         return not self._thread.is_alive()
@@ -168,6 +187,11 @@ class AsyncEngine:
             raise ValueError(f"duplicate request id {rid!r}")
         stream = RequestStream(rid, time.monotonic())
         self._streams[rid] = stream
+        try:
+            request = await self._tokenized(request)
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
         fut: asyncio.Future[None] = self._loop.create_future()
         self._cmds.put(_Add(rid, request, fut))
         try:
@@ -179,6 +203,25 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             raise
         return stream
+
+    async def _tokenized(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its text prompt or chat turned into token ids on the tokenizer
+        thread (InvalidRequestError as the engine would raise it); unchanged when it already
+        carries ids, or when there is no private tokenizer (then the engine tokenizes)."""
+        if self._tokenizer is None or (request.messages is None and not isinstance(request.prompt, str)):
+            return request
+        tok, model = self._tokenizer, self.engine.config.model
+        messages, text = request.messages, request.prompt
+
+        def encode() -> list[int]:
+            if messages is not None:
+                return chat_prompt_ids(tok, messages, model)
+            assert isinstance(text, str)
+            return encode_text(tok, text)
+
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize_pool, encode)
+        return dataclasses.replace(request, prompt=ids, messages=None)
 
     def abort(self, request_id: str) -> bool:
         """Abort a request the client gave up on; idempotent. Its blocks are freed."""

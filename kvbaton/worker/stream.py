@@ -31,8 +31,9 @@ class RequestFailedError(RuntimeError):
 class GenerationRequest:
     """One request as the API hands it to the engine thread.
 
-    Exactly one of ``prompt`` (text or token ids) and ``messages`` (a chat, templated on the
-    engine thread, which owns the tokenizer's encoder) is set. When ``default_max_tokens`` is
+    Exactly one of ``prompt`` (text or token ids) and ``messages`` (a chat) is set; the
+    AsyncEngine turns text and chats into token ids on its tokenizer thread before the engine
+    thread sees them. When ``default_max_tokens`` is
     set, ``params.max_tokens`` is replaced by it, capped by the room left in the context and in
     the whole KV cache after the prompt.
     """
