@@ -284,6 +284,9 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
     e.add_argument("--no-kv-events", action="store_true",
                    help="publish no KV events (routers then cannot see this worker's cache); "
                         "with serve, the router also indexes nothing")
+    e.add_argument("--kv-events-token-ids", action="store_true",
+                   help="include each block's token ids in BlockStored events, as vLLM does (off: "
+                        "the event port is unauthenticated and the tokens are the prompts)")
 
 
 def _check_announce_fd(parser: argparse.ArgumentParser, fd: int | None) -> None:
@@ -341,6 +344,7 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
             kv_secret=args.kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
             kv_transfer_failure=args.kv_transfer_failure, kv_events=not args.no_kv_events,
+            kv_events_token_ids=args.kv_events_token_ids,
             kv_events_port=args.kv_events_port, kv_events_replay_port=args.kv_events_replay_port,
         )
         ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len,
@@ -442,6 +446,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             passthrough.append(f"--{flag.replace('_', '-')}")
     if args.no_kv_events:
         passthrough.append("--no-kv-events")
+    if args.kv_events_token_ids:
+        passthrough.append("--kv-events-token-ids")
     try:
         for flag in ("kv_events_port", "kv_events_replay_port"):
             if getattr(args, flag):

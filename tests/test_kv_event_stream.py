@@ -67,6 +67,7 @@ def closers() -> Iterator[list[Any]]:
 
 def make_pub(closers: list[Any], **kw: Any) -> KVEventPublisher:
     kw.setdefault("heartbeat_s", None)
+    kw.setdefault("token_ids", True)  # these tests compare whole events (the default strips tokens)
     pub = KVEventPublisher(**kw)
     closers.append(pub)
     return pub
@@ -113,6 +114,17 @@ def publish_batches(pub: KVEventPublisher, ids: range) -> None:
     for i in ids:
         pub.publish(stored(i))
         assert pub.flush(2.0)
+
+
+def test_block_token_ids_are_stripped_unless_asked(closers: list[Any]) -> None:
+    pub = make_pub(closers, token_ids=False)
+    col = Collector()
+    make_sub(closers, {"w": pub}, col)
+    pub.publish(stored(1))
+    assert pub.flush(2.0)
+    wait_until(lambda: len(col.events()) == 2)
+    got = col.events()[1]
+    assert isinstance(got, BlockStored) and got.token_ids == [] and got.block_hashes == stored(1).block_hashes
 
 
 def test_batches_arrive_in_order_with_increasing_seq(closers: list[Any]) -> None:

@@ -103,3 +103,25 @@ def test_worker_cli_names_the_bad_event_flag(argv, flag, capsys) -> None:
         main(["worker", "--model", "tiny-random", *argv])
     assert exited.value.code == 2
     assert f"error: {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_block_events_carry_token_ids_only_when_asked(with_tokens: bool) -> None:
+    # The event port is unauthenticated: by default it must not hand out the prompts' tokens.
+    with running_worker({"kv_events_token_ids": with_tokens}) as w:
+        eps = httpx.get(f"{w.url}/kv/info", timeout=10).json()["kv_events"]
+        stored: list[Any] = []
+
+        def on_batch(worker: Any, seq: int, batch: KVEventBatch) -> None:
+            stored.extend(e for e in batch.events if type(e).__name__ == "BlockStored")
+
+        sub = KVEventSubscriber({"w": WorkerEndpoints(eps["pub"], eps["replay"])}, on_batch)
+        try:
+            prompt = list(range(1, 40))  # two full blocks
+            r = httpx.post(f"{w.url}/v1/completions", json={"prompt": prompt, **BODY}, timeout=60)
+            assert r.status_code == 200, r.text
+            wait_until(lambda: len(stored) >= 2, timeout_s=10, what="the BlockStored events")
+        finally:
+            sub.close()
+        tokens = [list(e.token_ids) for e in stored[:2]]
+        assert tokens == ([prompt[:16], prompt[16:32]] if with_tokens else [[], []])

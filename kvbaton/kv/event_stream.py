@@ -128,6 +128,7 @@ class KVEventPublisher:
         max_queue_events: int = 1_000_000,
         hwm: int = 100_000,
         on_resync: Callable[[], None] | None = None,
+        token_ids: bool = False,
     ) -> None:
         for name, value in (("buffer_steps", buffer_steps), ("max_batch_events", max_batch_events),
                             ("max_queue_events", max_queue_events), ("hwm", hwm)):
@@ -146,6 +147,10 @@ class KVEventPublisher:
         # on the engine thread), not do it itself, so the snapshot stays ordered with the
         # owner's other events.
         self.on_resync = on_resync
+        # BlockStored carries its block's token ids only when asked (vLLM always sends them):
+        # the stream is unauthenticated, and the tokens are the tenants' prompts. Indexes
+        # need only the hashes.
+        self.token_ids = token_ids
         self.resyncs = 0  # resync requests accepted
         self._max_batch = max_batch_events
         self._interval = batch_interval_s
@@ -199,6 +204,8 @@ class KVEventPublisher:
         if self._overflowed:
             self._overflowed = False
             self._queue.put(_GAP)
+        if not self.token_ids and isinstance(event, BlockStored) and event.token_ids:
+            event = msgspec.structs.replace(event, token_ids=[])
         self._enqueued += 1
         self._queue.put(event)
 

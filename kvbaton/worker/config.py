@@ -44,6 +44,9 @@ class WorkerConfig(FrontDoorConfig):
     kv_events: bool = True
     kv_events_port: int = 0
     kv_events_replay_port: int = 0
+    # Include each block's token ids in BlockStored events (vLLM's format always has them). Off
+    # by default: the event stream is unauthenticated and the tokens are the tenants' prompts.
+    kv_events_token_ids: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -138,6 +138,7 @@ class KVConnector:
             # A router that lost events asks for the whole cache: the engine thread sends it,
             # in order with the pool's other events.
             on_resync=lambda: self.async_engine.post(lambda eng: eng.publish_snapshot()),
+            token_ids=self.config.kv_events_token_ids,
         )
         pool = self.engine.pool
         # The publisher's first batch is AllBlocksCleared: make it true, so an index that
