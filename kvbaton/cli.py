@@ -269,7 +269,12 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="port of this worker's KV transfer server (prefill roles; 0 = any free)")
     k.add_argument("--kv-secret", default=os.environ.get(KV_SECRET_ENV),
                    help="shared secret that authenticates transfer peers (HMAC); default "
-                        "$KVBATON_KV_SECRET; use it whenever workers span hosts")
+                        "$KVBATON_KV_SECRET. A prefill or decode worker needs one (serve gives "
+                        "its workers a random one); a 'both' worker without one makes up its own, "
+                        "so it transfers KV with no other worker")
+    k.add_argument("--insecure-transfer", action="store_true",
+                   help="run a prefill or decode worker's KV transfer plane without a secret: any "
+                        "process that reaches it can fetch this worker's KV or feed it blocks")
     k.add_argument("--kv-transfer-timeout", type=float, default=10.0,
                    help="seconds one KV fetch may take before it counts as failed")
     k.add_argument("--kv-transfer-failure", default="recompute", choices=["recompute", "fail"],
@@ -328,6 +333,26 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
+def _transfer_secret(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> str | None:
+    """The KV transfer secret a worker runs with. Without one, a decode worker would store
+    blocks from any server a KV handle names, and a prefill worker would hand its KV to anyone:
+    a prefill or decode worker refuses to start (a usage error naming --kv-secret) unless
+    --insecure-transfer says so, loudly; a 'both' worker makes up a random one, so it serves
+    alone (transfers with other workers fail and are recomputed)."""
+    if args.kv_secret:
+        return str(args.kv_secret)
+    if role == "both":
+        return secrets.token_hex(16)
+    if not args.insecure_transfer:
+        parser.error(f"--kv-secret: a {role} worker needs the cluster's KV transfer secret (or "
+                     f"${KV_SECRET_ENV}), so that only its peers can send or fetch KV; "
+                     "--insecure-transfer runs without one")
+    print(f"kvbaton worker ({role}): WARNING: --insecure-transfer: the KV transfer plane accepts any "
+          "peer; anything that can reach it can read this worker's KV or poison its prefix cache",
+          file=sys.stderr, flush=True)
+    return None
+
+
 def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role: str) -> int:
     _die_with_parent()
     _check_announce_fd(parser, getattr(args, "announce_fd", None))
@@ -336,13 +361,14 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
     from kvbaton.worker.config import WorkerConfig
     from kvbaton.worker.server import run_worker
 
+    kv_secret = _transfer_secret(args, parser, role)
     try:
         wcfg = WorkerConfig(
             host=args.host, port=args.port, role=role,
             api_key=args.api_key or os.environ.get(WORKER_API_KEY_ENV) or None,
             served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
-            kv_secret=args.kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
+            kv_secret=kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
             kv_transfer_failure=args.kv_transfer_failure, kv_events=not args.no_kv_events,
             kv_events_token_ids=args.kv_events_token_ids,
             kv_events_port=args.kv_events_port, kv_events_replay_port=args.kv_events_replay_port,

@@ -48,3 +48,34 @@ def test_help_shows_defaults(command: str, flag: str, default: str, capsys: pyte
     end = next((i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("-")), len(lines))
     entry = " ".join(" ".join(lines[start:end]).split())
     assert f"(default: {default})" in entry, entry
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_prefill_or_decode_worker_without_a_transfer_secret_is_refused(
+        role: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without a secret a decode worker would store blocks from any server a handle names.
+    monkeypatch.delenv("KVBATON_KV_SECRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["worker", "--role", role, "--model", "tiny-random"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-secret" in err and "--insecure-transfer" in err
+
+
+def test_transfer_secret_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from kvbaton.cli import _transfer_secret, build_parser
+
+    monkeypatch.delenv("KVBATON_KV_SECRET", raising=False)
+    parser = build_parser()
+
+    def secret(*argv: str) -> str | None:
+        args = parser.parse_args(["worker", *argv])
+        return _transfer_secret(args, argparse.ArgumentParser(), args.role)
+
+    assert secret("--role", "decode", "--kv-secret", "k") == "k"
+    assert secret("--role", "decode", "--insecure-transfer") is None
+    # A 'both' worker without one gets its own random secret: it admits no peer.
+    a, b = secret("--role", "both"), secret("--role", "both")
+    assert a and b and a != b

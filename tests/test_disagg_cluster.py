@@ -151,7 +151,8 @@ def test_client_disconnect_frees_blocks_and_leases_on_both_sides() -> None:
 def test_decode_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
     # A real process, so it can die the way processes do (SIGKILL), mid-stream.
     decoder = WorkerProcess(
-        WorkerSpec("decode", ("--model", "tiny-random", "--num-kv-blocks", "512", "--threads", "1")),
+        WorkerSpec("decode", ("--model", "tiny-random", "--num-kv-blocks", "512", "--threads", "1",
+                              "--insecure-transfer")),  # its in-process prefill peer has no secret
         os.environ.copy(),
     )
     proc = decoder.proc

@@ -42,7 +42,7 @@ def _read_until_eof(fd: int, timeout_s: float) -> bytes:
 def test_worker_writes_one_json_ready_line_then_closes_the_fd() -> None:
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "kvbaton.cli", "worker", *WORKER_ARGS, "--role", "decode",
-           "--port", "0", "--announce-fd", str(write_fd)]
+           "--port", "0", "--announce-fd", str(write_fd), "--kv-secret", "s3cret"]
     proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdout=subprocess.DEVNULL)
     os.close(write_fd)
     try:
