@@ -237,3 +237,21 @@ def test_roles_refuse_the_other_leg(pd) -> None:
     assert info["role"] == "prefill" and info["transfer_address"] is not None
     assert httpx.get(f"{d.url}/kv/info").json()["transfer_address"] is None
     settle(p.url, d.url)
+
+
+def test_a_lease_whose_client_left_as_it_finished_is_released_at_once() -> None:
+    # The race the router hits when it gives up on a slow prefill: the prompt finishes and its
+    # lease is made just as the client goes. Nobody will fetch that KV; it must not stay pinned
+    # until the lease's TTL.
+    from kvbaton.engine.kv_handoff import LeaseInfo
+    from kvbaton.engine.outputs import RequestOutput
+
+    with running_worker({"role": "prefill"}) as p:
+        handle = prefill(p.url, random_prompts(1, 40, 40, seed=3)[0])["kv_transfer_params"]
+        eng = p.state.engine
+        assert eng.stats_snapshot["kv_leases_active"] == 1
+        late = RequestOutput("cmpl-gone", None, [], [1], "", finished=True,
+                             kv_lease=LeaseInfo(handle["lease_id"], (), 40, 30.0))
+        assert eng.loop is not None
+        eng.loop.call_soon_threadsafe(eng._dispatch, [late], 0.0)  # its stream is gone
+        settle(p.url)

@@ -158,6 +158,9 @@ async def _prefill_only(request: Request, state: WorkerState, body: CompletionRe
     stream = await _start(state, gen, rid, pre)
     final = await _collect(request, stream, state.engine)
     if final is None:
+        last = stream.latest
+        if last is not None and last.kv_lease is not None:  # it finished as the client left
+            state.engine.engine.release_lease(last.kv_lease.lease_id)
         return Response(status_code=499)
     if final.kv_lease is None:  # aborted (drain) before the prompt finished
         raise ApiError(503, "the prefill was aborted", None, "service_unavailable")

@@ -269,8 +269,12 @@ class AsyncEngine:
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # aborted by its client meanwhile
+            if stream is None:  # aborted by its client meanwhile
+                if out.kv_lease is not None:
+                    # The prompt finished just as its client left: nobody will fetch the KV,
+                    # so free it now instead of at the lease's TTL.
+                    self.engine.release_lease(out.kv_lease.lease_id)
+                continue
             if self.observer is not None:
                 self.observer.on_output(stream, out, now)
             stream.latest = out
