@@ -176,6 +176,34 @@ def test_no_healthy_decoder_is_503() -> None:
     assert d.decodes == []
 
 
+def test_a_prefill_on_a_worker_marked_down_is_given_up_at_once() -> None:
+    # The prefill worker freezes (no answer) and then fails its health polls: the leg in flight
+    # there falls back to the decode worker as soon as the router marks it down, instead of
+    # waiting out a long prefill timeout.
+    p, d = FakeWorker("prefill", "p"), FakeWorker("decode", "d")
+    p.prefill_fault = "hang"
+    with cluster(p, d, prefill_timeout_s=300, request_timeout_s=30) as r:
+        def freeze() -> None:
+            wait_until(lambda: len(p.prefills) == 1, what="the prefill leg to start")
+            p.healthy = False
+
+        t = threading.Thread(target=freeze)
+        t.start()
+        resp = post(r.url, {"prompt": LONG, "max_tokens": 3}, timeout=60)
+        t.join(30)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected_text(3)
+        assert metric(metrics(r.url), "kvbaton:router_fallbacks_total", reason="prefill_worker_down") == 1
+
+
+def test_prefill_timeout_grows_with_the_work_ahead_within_bounds() -> None:
+    from kvbaton.router.orchestrator import prefill_timeout
+
+    assert prefill_timeout(60, 0, 1000, None) == 60  # nothing measured yet: the flag's value
+    assert prefill_timeout(60, 0, 1000, 1000.0) == 60  # 1 s expected: the flag's value
+    assert prefill_timeout(60, 9000, 1000, 100.0) == 240  # 100 s expected: capped at 4x
+    assert prefill_timeout(60, 1000, 1000, 50.0) == 120  # 40 s expected, 3x slack
+
+
 # ---- mid-stream ---------------------------------------------------------------------------
 
 

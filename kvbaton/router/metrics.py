@@ -30,6 +30,7 @@ PREFIX = "kvbaton:router_"
 PATHS = ("disagg", "local", "direct")
 # Label values created up front, so every series exists (at 0) from the first scrape.
 FALLBACK_REASONS = ("prefill_connect", "prefill_timeout", "prefill_http_5xx", "prefill_bad_handle",
+                    "prefill_worker_down",
                     "prefill_dropped", "no_prefill_worker")
 LEG_FAILURES = ("connect", "timeout", "http_5xx", "transfer_failed", "error_event", "dropped")
 

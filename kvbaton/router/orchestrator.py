@@ -189,17 +189,32 @@ class Orchestrator:
             "model": worker.model_name, "prompt": list(job.routing.token_ids), **job.fields,
             "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True},
         }
-        timeout = httpx.Timeout(self.config.prefill_timeout_s, connect=self.config.connect_timeout_s)
+        tokens = job.routing.num_prompt_tokens
+        limit = prefill_timeout(self.config.prefill_timeout_s, worker.in_flight_tokens, tokens,
+                                worker.prefill_tokens_per_s)
+        timeout = httpx.Timeout(limit, connect=self.config.connect_timeout_s)
         started = time.monotonic()
-        in_flight = self.pool.begin(worker, job.routing.num_prompt_tokens, job.routing.block_hashes)
+        in_flight = self.pool.begin(worker, tokens, job.routing.block_hashes)
+        post = asyncio.ensure_future(self.client.post(f"{worker.url}/v1/completions", json=body, timeout=timeout))
+        down = asyncio.ensure_future(worker.went_down.wait())
         try:
-            r = await self.client.post(f"{worker.url}/v1/completions", json=body, timeout=timeout)
+            await asyncio.wait({post, down}, return_when=asyncio.FIRST_COMPLETED)
+            if not post.done():
+                # The health poller gave up on the worker (it froze or died): do not wait out the
+                # timeout for it; cancelling closes the connection, so a live worker aborts it.
+                post.cancel()
+                await asyncio.gather(post, return_exceptions=True)
+                return self._prefill_fallback(worker, "worker_down", worker.last_error or "marked down")
+            r = post.result()
         except httpx.HTTPError as e:
             failure = transport_failure(worker, e, "prefill")
             if failure.kind == "connect":
                 self.pool.mark_down(worker, str(failure))
             return self._prefill_fallback(worker, failure.kind, str(failure))
         finally:
+            down.cancel()
+            if not post.done():  # this task itself was cancelled (the client left)
+                post.cancel()
             in_flight.done()
         if 400 <= r.status_code < 500:
             raise WorkerApiError(r.status_code, _json_or_text(r))
@@ -215,7 +230,9 @@ class Orchestrator:
             if isinstance(raw, dict) and isinstance(raw.get("lease_id"), str):
                 self._spawn(self._release(worker, raw["lease_id"]))
             return self._prefill_fallback(worker, "bad_handle", str(e))
-        self.metrics.ttft_prefill.labels("disagg").observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        worker.note_prefill(tokens, took)
+        self.metrics.ttft_prefill.labels("disagg").observe(took)
         return Prefilled(worker, handle, raw, data)  # type: ignore[arg-type]
 
     def _prefill_fallback(self, worker: Worker, kind: str, detail: str) -> Prefilled | None:
@@ -400,6 +417,24 @@ class Orchestrator:
         """Wait (bounded) for background releases to finish; called at shutdown."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=CLEANUP_TIMEOUT_S + self.config.health_timeout_s)
+
+
+# A prefill leg may wait at most this many times --prefill-timeout, however much work is ahead.
+PREFILL_TIMEOUT_CAP = 4.0
+# How many times the expected time a leg may take before it counts as timed out.
+PREFILL_TIMEOUT_SLACK = 3.0
+
+
+def prefill_timeout(base_s: float, tokens_ahead: int, tokens: int, tokens_per_s: float | None) -> float:
+    """Seconds a prefill leg of ``tokens`` may take on a worker with ``tokens_ahead`` of the
+    router's prompt tokens already in flight there, at the ``tokens_per_s`` its legs have
+    taken so far: ``base_s`` (--prefill-timeout) at least, more when that work would take
+    longer (3x its expected time), at most 4x ``base_s``. A fixed timeout recomputed a third
+    of the prompts on the decode side under load on CPU, doing their prefill twice."""
+    if not tokens_per_s or tokens_per_s <= 0:
+        return base_s
+    expected = (max(0, tokens_ahead) + max(0, tokens)) / tokens_per_s
+    return min(PREFILL_TIMEOUT_CAP * base_s, max(base_s, PREFILL_TIMEOUT_SLACK * expected))
 
 
 def _json_or_text(r: httpx.Response) -> Any:

@@ -63,6 +63,28 @@ class Worker:
     # Work the worker reported beyond the router's own at the last /health poll.
     external_requests: int = 0
     external_blocks: int = 0
+    # Prompt tokens per second its prefill legs took, smoothed (None until one finished): what
+    # a prefill leg's timeout is sized by (``prefill_timeout``).
+    prefill_tokens_per_s: float | None = None
+    # Set when the worker goes down (a failed poll or mark_down), replaced when it comes back:
+    # legs in flight there wait on it, so they stop waiting for a worker the router gave up on.
+    went_down: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_healthy(self, ok: bool) -> None:
+        """Record a health verdict; a change to down wakes the legs waiting on ``went_down``."""
+        if ok and not self.healthy:
+            self.went_down = asyncio.Event()
+        elif not ok:
+            self.went_down.set()
+        self.healthy = ok
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill leg of ``tokens`` took ``seconds`` (queueing included)."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        prev = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if prev is None else 0.7 * prev + 0.3 * rate
 
     @property
     def active_requests(self) -> int:
@@ -228,7 +250,7 @@ class WorkerPool:
         """Leave ``worker`` out of placement until its next successful health poll."""
         if worker.healthy:
             log.warning("worker %s marked down: %s", worker.url, reason)
-        worker.healthy = False
+        worker.set_healthy(False)
         worker.last_error = reason
 
     # ---- health and discovery ------------------------------------------------------------
@@ -270,7 +292,7 @@ class WorkerPool:
         if ok != worker.healthy:
             log.log(logging.INFO if ok else logging.WARNING, "worker %s is %s%s", worker.url,
                     "healthy" if ok else "unhealthy", "" if ok else f": {error}")
-        worker.healthy = ok
+        worker.set_healthy(ok)
         worker.last_error = error
         if ok and isinstance(body, dict):
             worker.note_load(body.get("load"))
