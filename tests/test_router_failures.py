@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -255,7 +256,7 @@ def test_non_streaming_request_is_retried_after_a_mid_stream_drop() -> None:
 # ---- client disconnects -------------------------------------------------------------------
 
 
-def test_client_disconnect_mid_stream_aborts_the_worker_stream() -> None:
+def test_client_disconnect_mid_stream_aborts_the_worker_stream(caplog: pytest.LogCaptureFixture) -> None:
     d = FakeWorker("both", "d")
     d.chunk_delay_s = 0.1
     with cluster(d) as r:
@@ -267,6 +268,9 @@ def test_client_disconnect_mid_stream_aborts_the_worker_stream() -> None:
         wait_until(lambda: metric(metrics(r.url), "kvbaton:router_worker_in_flight_requests") == 0,
                    what="in-flight accounting to drop to zero")
     assert d.counts()["completed"] == 0
+    # A disconnect is a normal end: nothing may be logged as an error (a stream closed while
+    # its next chunk was awaited used to raise inside the response).
+    assert not [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
 
 
 def test_client_disconnect_before_decode_releases_the_lease() -> None:
@@ -311,3 +315,40 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_done() -> None:
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "service_unavailable"
     wait_until(lambda: d.counts()["aborted"] == 1, what="the worker stream to be closed")
+
+
+# ---- health polls -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer, polls_to_down", [
+    ("timeout", 3),  # a slow answer may only mean a busy machine: three in a row
+    ("refused", 1),  # nothing listens: the worker is gone
+    ("503", 1),  # the worker says it cannot serve (draining, engine dead)
+])
+def test_health_poll_failures_mark_a_worker_down(answer: str, polls_to_down: int) -> None:
+    import asyncio
+
+    from kvbaton.router.pool import WorkerPool
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if answer == "timeout":
+            raise httpx.ReadTimeout("slow", request=request)
+        if answer == "refused":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(503, json={"status": "draining"})
+
+    async def run() -> list[bool]:
+        pool = WorkerPool(RouterConfig(workers=("http://127.0.0.1:9",), model="tiny-random"))
+        pool.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        w = pool.workers[0]
+        w.set_healthy(True)
+        seen = []
+        for _ in range(3):
+            await pool.check(w)
+            seen.append(w.healthy)
+        assert w.went_down.is_set()  # legs in flight there stop waiting
+        await pool.client.aclose()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen == [i + 1 < polls_to_down for i in range(3)]

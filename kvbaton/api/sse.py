@@ -82,13 +82,12 @@ async def until_stopped(events: AsyncIterator[str], stop: asyncio.Event, final: 
     clients expect instead of as a dropped connection."""
     it = events.__aiter__()
     stopped = asyncio.ensure_future(stop.wait())
+    nxt: asyncio.Future[str] | None = None
     try:
         while True:
             nxt = asyncio.ensure_future(it.__anext__())
             await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
-                nxt.cancel()
-                await asyncio.gather(nxt, return_exceptions=True)
                 yield final
                 yield DONE_EVENT
                 return
@@ -96,9 +95,24 @@ async def until_stopped(events: AsyncIterator[str], stop: asyncio.Event, final: 
                 chunk = nxt.result()
             except StopAsyncIteration:
                 return
+            nxt = None
             yield chunk
     finally:
         stopped.cancel()
-        aclose = getattr(it, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if nxt is not None and not nxt.done():
+            # A step is still waiting on the upstream (we stopped, or the client left and we are
+            # being cancelled). Cancelling that read would leave the upstream connection open;
+            # the response's on_close closes it instead, which ends the step with an error:
+            # collect that error then. The generator is busy in that step, so it cannot be
+            # closed here; it ends with the step.
+            nxt.add_done_callback(_consume)
+        else:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a finished future's exception, so asyncio does not report it as lost."""
+    if not fut.cancelled():
+        fut.exception()

@@ -30,6 +30,10 @@ from kvbaton.kv.event_subscriber import WorkerEndpoints
 from kvbaton.kv.hashing import BlockHash
 from kvbaton.router.config import RouterConfig
 
+# Health polls in a row that must time out before a worker that was healthy is marked down;
+# a refused connection or a non-200 answer marks it down at once.
+HEALTH_FAILURES_TO_DOWN = 3
+
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +70,7 @@ class Worker:
     # Prompt tokens per second its prefill legs took, smoothed (None until one finished): what
     # a prefill leg's timeout is sized by (``prefill_timeout``).
     prefill_tokens_per_s: float | None = None
+    failed_polls: int = 0  # /health polls failed in a row
     # Set when the worker goes down (a failed poll or mark_down), replaced when it comes back:
     # legs in flight there wait on it, so they stop waiting for a worker the router gave up on.
     went_down: asyncio.Event = field(default_factory=asyncio.Event)
@@ -281,6 +286,19 @@ class WorkerPool:
                     body = None
         except httpx.HTTPError as e:
             ok, error = False, f"/health: {type(e).__name__}: {e}"
+            slow = isinstance(e, httpx.TimeoutException)
+        else:
+            slow = False
+        if ok:
+            worker.failed_polls = 0
+        else:
+            worker.failed_polls += 1
+            # A refused connection or a non-200 answer (draining, engine dead) says the worker
+            # cannot serve; a poll that timed out may only mean a busy machine (a restarting
+            # neighbour loading its model, a burst of tokenization): it counts after a few.
+            if worker.healthy and slow and worker.failed_polls < HEALTH_FAILURES_TO_DOWN:
+                log.info("worker %s missed a health poll (%d in a row): %s", worker.url, worker.failed_polls, error)
+                return
         reported_id = body.get("worker_id") if isinstance(body, dict) else None
         # A new id between two polls: the worker restarted (and its KV cache is empty).
         restarted = worker.discovered and isinstance(reported_id, str) and reported_id != worker.worker_id
