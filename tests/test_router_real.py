@@ -69,3 +69,32 @@ def test_greedy_chat_stream_through_the_router_equals_a_direct_request(setup: tu
     assert routed["choices"][0]["message"] == direct["choices"][0]["message"]
     for w in workers:
         wait_idle(w, 0)
+
+
+def test_router_metrics_federate_the_workers_series(setup: tuple[str, list[str]]) -> None:
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvbaton.bench.client import scrape_prefix_cache
+
+    url, workers = setup
+    prompt = list(range(1, 40))
+    for _ in range(2):  # round robin: each worker sees the prompt once
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, **GREEDY}, timeout=60)
+        assert r.status_code == 200, r.text
+    for w in workers:
+        wait_idle(w, 0)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    queries = {s.labels["worker"]: s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.name == "kvbaton:prefix_cache_queries_total"}
+    direct = {w: sum(s.value for f in text_string_to_metric_families(httpx.get(f"{w}/metrics", timeout=10).text)
+                     for s in f.samples if s.name == "kvbaton:prefix_cache_queries_total") for w in workers}
+    assert queries == direct and all(v > 0 for v in queries.values())
+    # What kvbaton bench reads through the router: the cluster's counters, not nothing.
+    async def scrape() -> tuple[float, float] | None:
+        async with httpx.AsyncClient(timeout=10) as c:
+            return await scrape_prefix_cache(c, url)
+
+    got = asyncio.run(scrape())
+    assert got is not None and got[0] == sum(direct.values())

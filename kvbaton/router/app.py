@@ -28,7 +28,7 @@ from kvbaton.api.sse import EventStreamResponse, sse, until_disconnect, until_st
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
 from kvbaton.router.kv_feed import KVIndexFeed
-from kvbaton.router.metrics import CONTENT_TYPE, RouterMetrics
+from kvbaton.router.metrics import CONTENT_TYPE, RouterMetrics, federate
 from kvbaton.router.orchestrator import Job, Orchestrator
 from kvbaton.router.policies import PrefixOverlap
 from kvbaton.router.pool import WorkerPool
@@ -193,6 +193,7 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        texts = await state.pool.scrape_workers()
+        return Response(state.metrics.render(federate(texts)), media_type=CONTENT_TYPE)
 
     return app

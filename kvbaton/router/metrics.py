@@ -15,16 +15,20 @@ state per worker, and the event stream's lag and unrecoverable gaps.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from kvbaton.api.metrics import CONTENT_TYPE, E2E_BUCKETS, TTFT_BUCKETS
 from kvbaton.kv.index import KVIndex
 from kvbaton.router.pool import WorkerPool
+
+log = logging.getLogger(__name__)
 
 PREFIX = "kvbaton:router_"
 PATHS = ("disagg", "local", "direct")
@@ -180,5 +184,43 @@ class RouterMetrics:
                 g.add_metric([w], float(getattr(st, attr)) if st is not None else 0.0)
             yield g
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, federated: Iterable[Metric] = ()) -> bytes:
+        """The router's series, then ``federated`` ones (its workers', from :func:`federate`)."""
+        text = generate_latest(self.registry)
+        families = list(federated)
+        if families:
+            extra = CollectorRegistry(auto_describe=False)
+            extra.register(_Fixed(families))
+            text += generate_latest(extra)
+        return text
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def federate(texts: dict[str, str]) -> list[Metric]:
+    """Merge workers' Prometheus texts (worker URL -> text) into one family per metric name,
+    each sample labelled with its ``worker``: the router's ``/metrics`` shows its workers'
+    series (their ports are private under ``kvbaton serve``), and a client summing a counter
+    over every label set (``kvbaton bench``'s prefix-cache hit rate) gets the cluster's."""
+    merged: dict[str, Metric] = {}
+    for url, text in texts.items():
+        try:
+            families = list(text_string_to_metric_families(text))
+        except ValueError:
+            log.warning("worker %s sent metrics that do not parse; left out", url)
+            continue
+        for fam in families:
+            if fam.name.startswith(PREFIX):  # a worker never has router series; be safe
+                continue
+            out = merged.get(fam.name)
+            if out is None:
+                out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for sample in fam.samples:
+                out.samples.append(sample._replace(labels={"worker": url, **sample.labels}))
+    return list(merged.values())

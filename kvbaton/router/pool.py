@@ -258,6 +258,24 @@ class WorkerPool:
         worker.set_healthy(False)
         worker.last_error = reason
 
+    async def scrape_workers(self) -> dict[str, str]:
+        """Each discovered worker's ``/metrics`` text (URL -> text), fetched at once with the
+        health timeout; a worker that does not answer is left out of this scrape."""
+        if self.client is None:
+            return {}
+        targets = [w for w in self.workers if w.discovered]
+
+        async def one(w: Worker) -> tuple[str, str | None]:
+            assert self.client is not None
+            try:
+                r = await self.client.get(f"{w.url}/metrics")
+            except httpx.HTTPError:
+                return w.url, None
+            return w.url, r.text if r.status_code == 200 else None
+
+        got = await asyncio.gather(*(one(w) for w in targets))
+        return {url: text for url, text in got if text is not None}
+
     # ---- health and discovery ------------------------------------------------------------
 
     async def _poll_forever(self) -> None:
