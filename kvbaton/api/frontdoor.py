@@ -38,6 +38,10 @@ class FrontDoorConfig:
     default_chat_max_tokens: int = 1024
     default_completion_max_tokens: int = 16
     log_level: str = "WARNING"
+    # A new connection must send its first request's headers within this; a request's body
+    # must arrive whole within the other (slow or stalled clients get closed / 408).
+    request_header_timeout_s: float = 10.0
+    request_body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
@@ -46,6 +50,9 @@ class FrontDoorConfig:
             raise ConfigError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
         if self.max_logprobs < 0:
             raise ConfigError("max_logprobs", "must be >= 0")
+        for name in ("request_header_timeout_s", "request_body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
         for name in ("default_chat_max_tokens", "default_completion_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be >= 1")

@@ -8,6 +8,7 @@ anyway, and refuses them once they pass the limit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -59,10 +60,12 @@ def bearer_matches(headers: Iterable[tuple[bytes, bytes]], api_key: str | None) 
 class RequestGuard:
     """ASGI middleware: bearer-token check (when ``api_key`` is set) and body-size limit."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_request_bytes: int,
+                 body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.api_key = api_key
         self.max_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
 
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
@@ -99,18 +102,25 @@ class RequestGuard:
                     return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await send_error(send, self._too_large())
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            # A client that stops sending its body mid-way must not hold the connection.
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > self.max_bytes:
+                        await send_error(send, self._too_large())
+                        return
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await send_error(send, ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                                            None, "request_timeout"), [(b"connection", b"close")])
+            return
         replayed = False
 
         async def replay() -> Message:

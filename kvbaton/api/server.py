@@ -9,6 +9,7 @@ get the graceful timeout, then whatever still runs is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -18,8 +19,9 @@ from typing import Self
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+from kvbaton.cli_args import LOG_LEVELS
 
 
 class DrainingServer(uvicorn.Server):
@@ -47,18 +49,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a new connection whose first request's headers have not
+    all arrived after ``header_timeout_s``. uvicorn arms its keep-alive timer only after a
+    response, so a client that opens a connection and sends half a request would hold it for
+    ever (a thousand of them held a router's connections); later requests on the connection
+    are covered by uvicorn's own keep-alive timeout. The body has its own bound
+    (``RequestGuard``)."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _headers_too_slow(self) -> None:
+            # A request cycle exists once the first request's headers are parsed. (Not
+            # uvicorn's keep-alive timer: any byte received cancels that one.)
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
 def make_server(app: FastAPI, log_level: str, graceful_timeout_s: int,
-                on_drain: Callable[[], None] | None = None) -> DrainingServer:
+                on_drain: Callable[[], None] | None = None,
+                header_timeout_s: float = 10.0) -> DrainingServer:
     """The uvicorn server of a worker or router app; ``graceful_timeout_s`` is how long
-    uvicorn lets in-flight responses run after a shutdown signal before cancelling them."""
+    uvicorn lets in-flight responses run after a shutdown signal before cancelling them, and
+    ``header_timeout_s`` how long a new connection may take to send its first request's
+    headers."""
     level = log_level.upper()
     ucfg = uvicorn.Config(
         app,
         log_config=None,  # keep the process's logging setup
-        log_level=level.lower() if level in _LEVELS else "warning",
+        log_level=level.lower() if level in LOG_LEVELS else "warning",
         access_log=level == "DEBUG",
         timeout_graceful_shutdown=graceful_timeout_s,
         lifespan="on",
+        http=_header_timeout_protocol(header_timeout_s),
     )
     return DrainingServer(ucfg, on_drain)
 

@@ -129,7 +129,8 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
 
     app = FastAPI(title="kvbaton router", lifespan=lifespan)
     app.state.router = state
-    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+                       body_timeout_s=config.request_body_timeout_s)
     install_error_handlers(app)
 
     async def serve(request: Request, prep: Prepared, arrival: float) -> Response:

@@ -25,10 +25,11 @@ from kvbaton.router.policies import PrefixOverlap
 def make_router_server(app: FastAPI, log_level: str = "WARNING",
                        drain_timeout_s: float = 5.0) -> DrainingServer:
     state: RouterState | None = getattr(app.state, "router", None)
+    header_timeout = state.config.request_header_timeout_s if state is not None else 10.0
     # A backstop: the app ends its open streams itself after drain_timeout_s (error event and
     # [DONE]); uvicorn cancels whatever still hangs on a little after that.
     return make_server(app, log_level, int(drain_timeout_s) + 2,
-                       state.begin_drain if state is not None else None)
+                       state.begin_drain if state is not None else None, header_timeout)
 
 
 def run_router(

@@ -282,7 +282,8 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
 
     app = FastAPI(title="kvbaton worker", lifespan=lifespan)
     app.state.worker = state
-    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+                       body_timeout_s=config.request_body_timeout_s)
     install_error_handlers(app)
 
     @app.exception_handler(EngineDeadError)

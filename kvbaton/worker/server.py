@@ -35,7 +35,7 @@ def _make_worker_server(app: FastAPI, config: WorkerConfig) -> DrainingServer:
     # A backstop: the app aborts in-flight requests itself after drain_timeout_s, so their
     # streams end cleanly; uvicorn cancels whatever still hangs on after that.
     return make_server(app, config.log_level, int(config.drain_timeout_s) + 3,
-                       app.state.worker.begin_drain)
+                       app.state.worker.begin_drain, config.request_header_timeout_s)
 
 
 def write_announcement(fd: int, info: dict[str, Any]) -> None:
