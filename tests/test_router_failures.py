@@ -196,6 +196,27 @@ def test_a_prefill_on_a_worker_marked_down_is_given_up_at_once() -> None:
         assert metric(metrics(r.url), "kvbaton:router_fallbacks_total", reason="prefill_worker_down") == 1
 
 
+def test_a_decode_leg_on_a_worker_marked_down_is_retried_elsewhere_at_once() -> None:
+    # Both decode workers hang; the one that got the leg then fails its health polls and the
+    # other recovers: the leg moves there before its first token, instead of waiting out a
+    # long request timeout on a worker the router has given up on.
+    d1, d2 = FakeWorker("both", "d1"), FakeWorker("both", "d2")
+    d1.decode_fault = d2.decode_fault = "hang"
+    with cluster(d1, d2, request_timeout_s=300) as r:
+        def freeze() -> None:
+            wait_until(lambda: len(d1.decodes) + len(d2.decodes) == 1, what="the decode leg to start")
+            stuck, other = (d1, d2) if d1.decodes else (d2, d1)
+            other.decode_fault = None
+            stuck.healthy = False
+
+        t = threading.Thread(target=freeze)
+        t.start()
+        resp = post(r.url, {"prompt": SHORT, "max_tokens": 3}, timeout=60)
+        t.join(30)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected_text(3)
+        assert metric(metrics(r.url), "kvbaton:router_retries_total", reason="worker_down") == 1
+
+
 def test_prefill_timeout_grows_with_the_work_ahead_within_bounds() -> None:
     from kvbaton.router.orchestrator import prefill_timeout
 

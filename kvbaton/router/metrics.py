@@ -36,7 +36,7 @@ PATHS = ("disagg", "local", "direct")
 FALLBACK_REASONS = ("prefill_connect", "prefill_timeout", "prefill_http_5xx", "prefill_bad_handle",
                     "prefill_worker_down",
                     "prefill_dropped", "no_prefill_worker")
-LEG_FAILURES = ("connect", "timeout", "http_5xx", "transfer_failed", "error_event", "dropped")
+LEG_FAILURES = ("connect", "timeout", "http_5xx", "transfer_failed", "error_event", "dropped", "worker_down")
 
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -47,6 +48,7 @@ from kvbaton.router.relay import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -195,26 +197,17 @@ class Orchestrator:
         timeout = httpx.Timeout(limit, connect=self.config.connect_timeout_s)
         started = time.monotonic()
         in_flight = self.pool.begin(worker, tokens, job.routing.block_hashes)
-        post = asyncio.ensure_future(self.client.post(f"{worker.url}/v1/completions", json=body, timeout=timeout))
-        down = asyncio.ensure_future(worker.went_down.wait())
         try:
-            await asyncio.wait({post, down}, return_when=asyncio.FIRST_COMPLETED)
-            if not post.done():
-                # The health poller gave up on the worker (it froze or died): do not wait out the
-                # timeout for it; cancelling closes the connection, so a live worker aborts it.
-                post.cancel()
-                await asyncio.gather(post, return_exceptions=True)
-                return self._prefill_fallback(worker, "worker_down", worker.last_error or "marked down")
-            r = post.result()
+            r = await _unless_down(worker, self.client.post(f"{worker.url}/v1/completions", json=body,
+                                                            timeout=timeout))
+        except WorkerWentDown:
+            return self._prefill_fallback(worker, "worker_down", worker.last_error or "marked down")
         except httpx.HTTPError as e:
             failure = transport_failure(worker, e, "prefill")
             if failure.kind == "connect":
                 self.pool.mark_down(worker, str(failure))
             return self._prefill_fallback(worker, failure.kind, str(failure))
         finally:
-            down.cancel()
-            if not post.done():  # this task itself was cancelled (the client left)
-                post.cancel()
             in_flight.done()
         if 400 <= r.status_code < 500:
             raise WorkerApiError(r.status_code, _json_or_text(r))
@@ -293,16 +286,28 @@ class Orchestrator:
         in_flight = self.pool.begin(worker, req.num_prompt_tokens + req.max_tokens, req.block_hashes)
         started = time.monotonic()
         response: httpx.Response | None = None
+        events: AsyncIterator[dict[str, Any] | str] | None = None
+
+        async def first_chunk() -> dict[str, Any] | str:
+            nonlocal response, events
+            response = await self.client.send(request, stream=True)
+            if response.status_code != 200:
+                await response.aread()
+                raise self._decode_status_failure(job, worker, response)
+            events = sse_events(response)
+            return await anext(events, DONE)
+
         try:
             try:
-                response = await self.client.send(request, stream=True)
-                if response.status_code != 200:
-                    await response.aread()
-                    raise self._decode_status_failure(job, worker, response)
-                events = sse_events(response)
-                first = await anext(events, DONE)
+                first = await _unless_down(worker, first_chunk())
             except httpx.HTTPError as e:
                 raise transport_failure(worker, e, "decode") from None
+            except WorkerWentDown:
+                # The request reached it, so the handle may be in use there: retried without it.
+                raise LegFailure("worker_down", ApiError(
+                    503, f"decode worker {worker.url} was marked down before its first token", None,
+                    "service_unavailable")) from None
+            assert events is not None
             if first == DONE:
                 raise LegFailure("dropped", ApiError(
                     502, f"decode worker {worker.url} ended the stream before any token", None,
@@ -417,6 +422,29 @@ class Orchestrator:
         """Wait (bounded) for background releases to finish; called at shutdown."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=CLEANUP_TIMEOUT_S + self.config.health_timeout_s)
+
+
+class WorkerWentDown(Exception):
+    """The health poller marked the worker down while a leg waited on it."""
+
+
+async def _unless_down(worker: Worker, work: Awaitable[T]) -> T:
+    """``await work``, unless ``worker`` goes down first: then the work is cancelled (which
+    closes its connection, so a live worker aborts the request) and WorkerWentDown raised, so
+    a leg never waits out its timeout for a worker the router has given up on."""
+    task = asyncio.ensure_future(work)
+    down = asyncio.ensure_future(worker.went_down.wait())
+    try:
+        await asyncio.wait({task, down}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise WorkerWentDown(worker.url)
+        return task.result()
+    finally:
+        down.cancel()
+        if not task.done():  # we were cancelled ourselves (the client left)
+            task.cancel()
 
 
 # A prefill leg may wait at most this many times --prefill-timeout, however much work is ahead.
