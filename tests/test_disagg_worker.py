@@ -7,6 +7,7 @@ baseline on both workers: no leaked blocks, imports or leases.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -255,3 +256,33 @@ def test_a_lease_whose_client_left_as_it_finished_is_released_at_once() -> None:
         assert eng.loop is not None
         eng.loop.call_soon_threadsafe(eng._dispatch, [late], 0.0)  # its stream is gone
         settle(p.url)
+
+
+def test_a_forged_or_unsigned_handle_is_never_fetched() -> None:
+    # With a transfer secret, the prefill worker signs its handles and the decode worker fetches
+    # only for a handle whose signature verifies: a client that edits one (to point it at its
+    # own server, or at another lease) gets a recomputed prompt, never foreign blocks.
+    secret = {"kv_secret": "cluster-secret"}
+    with running_worker({"role": "prefill", **secret}) as p, running_worker({"role": "decode", **secret}) as d:
+        prompt = random_prompts(1, 40, 40, seed=4)[0]
+        want = completion(p.url, prompt).json()["choices"][0]["token_ids"]
+        for tamper in ("none", "port", "unsigned"):
+            handle = dict(prefill(p.url, prompt)["kv_transfer_params"])
+            assert isinstance(handle["signature"], str)
+            if tamper == "port":
+                handle["remote_port"] = 9  # a server of the client's choosing
+            elif tamper == "unsigned":
+                handle.pop("signature")
+            r = decode(d.url, prompt, handle, stream=True, stream_options={"include_usage": True})
+            assert r.status_code == 200, r.text
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            kv = next(c["kv_transfer_params"] for c in chunks if c.get("kv_transfer_params"))
+            tokens = [t for c in chunks for ch in c.get("choices", []) for t in ch.get("token_ids") or []]
+            assert tokens == want  # the same answer either way
+            if tamper == "none":
+                assert kv["outcome"] == "fetched"
+            else:
+                assert kv["outcome"] == "recomputed" and "signature" in kv["error"]
+                httpx.post(f"{p.url}/kv/release", json={"lease_id": handle["lease_id"]}, timeout=10)
+        settle(p.url, d.url)

@@ -7,8 +7,11 @@ vLLM's ``remote_host`` / ``remote_port`` / ``remote_engine_id`` where they mean 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kvbaton.kv.hashing import HASH_BYTES, BlockHash
@@ -36,6 +39,30 @@ class KVHandle:
     first_token_id: int
     first_token_logprob: float | None = None
     finish_reason: str | None = None
+    # HMAC-SHA256 (hex) of every other field under the cluster's KV transfer secret, set by
+    # the prefill worker: a decode worker with the secret fetches nothing for a handle whose
+    # signature does not verify (forged by a client, or from a peer with another secret).
+    signature: str | None = None
+
+    def _payload(self) -> bytes:
+        d = asdict(self)
+        d.pop("signature")
+        d["block_hashes"] = [h.hex() for h in self.block_hashes]
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, secret: bytes) -> KVHandle:
+        """This handle with its signature under ``secret``."""
+        # Signed in the form a receiver parses (a NaN logprob becomes None there), so both
+        # sides hash the same bytes.
+        parsed = KVHandle.from_dict({**self.to_dict(), "signature": None})
+        return replace(self, signature=hmac.new(secret, parsed._payload(), hashlib.sha256).hexdigest())
+
+    def verify(self, secret: bytes) -> bool:
+        """Whether the signature is this handle's under ``secret`` (False when unsigned)."""
+        if not self.signature:
+            return False
+        want = hmac.new(secret, self._payload(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(want, self.signature)
 
     @property
     def tail_tokens(self) -> int:
@@ -102,4 +129,5 @@ class KVHandle:
             first_token_id=get("first_token_id", int),
             first_token_logprob=None if lp is None else float(lp),
             finish_reason=get("finish_reason", str, optional=True),
+            signature=get("signature", str, optional=True),
         )

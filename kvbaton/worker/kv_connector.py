@@ -91,6 +91,7 @@ class KVConnector:
         self.config = config
         self.worker_id = worker_id
         secret = config.kv_secret.encode() if config.kv_secret else None
+        self._secret = secret  # signs the handles this worker gives out, checks those it gets
         self.server: TransferServer | None = None
         if config.role in ("prefill", "both"):
             self.server = TransferServer(
@@ -226,6 +227,8 @@ class KVConnector:
             first_token_logprob=final.logprobs[0] if final.logprobs else None,
             finish_reason=final.finish_reason if done else None,
         )
+        if self._secret is not None:
+            handle = handle.signed(self._secret)
         return handle.to_dict()
 
     # ---- decode side -----------------------------------------------------------------------
@@ -237,7 +240,13 @@ class KVConnector:
         holds the plan (commit it with the request); on failure nothing stays reserved."""
         assert self.client is not None
         res = ImportResult()
+        # A handle this worker cannot verify names a server nobody vouched for: fetch nothing
+        # from it, and do not contact it to release a lease either.
+        trusted = self._secret is None or handle.verify(self._secret)
         try:
+            if not trusted:
+                raise TransferError("the handle's signature does not verify under this worker's KV "
+                                    "transfer secret (forged, or the workers' --kv-secret differ)")
             if handle.model_fingerprint != self.engine.model_fingerprint:
                 raise TransferError(
                     f"handle is for model {handle.model_fingerprint!r}, this worker serves "
@@ -281,10 +290,11 @@ class KVConnector:
                 self.cancel(request_id)
             raise
         finally:
-            # Off the critical path: the decode can start while the release travels.
-            task = asyncio.ensure_future(self._release_remote(handle))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            if trusted:
+                # Off the critical path: the decode can start while the release travels.
+                task = asyncio.ensure_future(self._release_remote(handle))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
         if res.outcome != "failed":
             self._outcomes.labels(res.outcome).inc()
         return res
