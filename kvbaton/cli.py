@@ -370,7 +370,7 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
             kv_secret=kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
             kv_transfer_failure=args.kv_transfer_failure, kv_events=not args.no_kv_events,
-            kv_events_token_ids=args.kv_events_token_ids,
+            kv_events_token_ids=args.kv_events_token_ids, kv_events_secret=args.kv_secret or None,
             kv_events_port=args.kv_events_port, kv_events_replay_port=args.kv_events_replay_port,
         )
         ecfg = EngineConfig(model=args.model, max_model_len=args.max_model_len,
@@ -493,7 +493,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     def serve(urls: list[tuple[str, str]]) -> int:
         cfg = router_config_from_args(
-            args, worker_api_key=worker_key,
+            args, worker_api_key=worker_key, kv_secret=cluster.kv_secret,
             prefill_workers=tuple(u for r, u in urls if r == "prefill"),
             decode_workers=tuple(u for r, u in urls if r == "decode"),
             workers=tuple(u for r, u in urls if r == "both"),

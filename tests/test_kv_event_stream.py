@@ -438,3 +438,21 @@ def test_block_pool_events_reach_the_index(closers: list[Any]) -> None:
                   if (n := len(pool.find_cached_prefix(chain, prompt)))}
         assert index.longest_prefix(chain) == expect
     assert col.gaps == [] and not any(index.is_approximate(w) for w in pubs)
+
+
+def test_encrypted_streams_need_the_cluster_secret(closers: list[Any]) -> None:
+    # A publisher with the cluster's KV secret serves CURVE only: a subscriber with the secret
+    # follows it (stream and replay); one without it is refused up front, naming the flag.
+    pub = make_pub(closers, curve_secret="s3cret")
+    assert pub.encrypted
+    col = Collector()
+    eps = {"w": WorkerEndpoints(pub.endpoint, pub.replay_endpoint, encrypted=True)}
+    sub = KVEventSubscriber(eps, col.on_batch, col.on_gap, curve_secret="s3cret")
+    closers.append(sub)
+    for i in range(3):
+        pub.publish(stored(i))
+    assert pub.flush(2.0)
+    wait_until(lambda: len(col.events()) == 4)
+    assert col.events() == [AllBlocksCleared()] + [stored(i) for i in range(3)]
+    with pytest.raises(ValueError, match="--kv-secret"):
+        KVEventSubscriber(eps, col.on_batch)

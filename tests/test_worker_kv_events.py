@@ -125,3 +125,31 @@ def test_block_events_carry_token_ids_only_when_asked(with_tokens: bool) -> None
             sub.close()
         tokens = [list(e.token_ids) for e in stored[:2]]
         assert tokens == ([prompt[:16], prompt[16:32]] if with_tokens else [[], []])
+
+
+@pytest.mark.parametrize("router_secret", ["cluster-secret", None])
+def test_encrypted_events_are_followed_only_by_a_router_with_the_secret(router_secret: str | None) -> None:
+    from kvbaton.router.config import RouterConfig
+    from kvbaton.router.server import RouterThread
+    from worker_support import metric, parse_metrics
+
+    with running_worker({"kv_events_secret": "cluster-secret"}) as w:
+        assert httpx.get(f"{w.url}/kv/info", timeout=10).json()["kv_events"]["encrypted"] is True
+        cfg = RouterConfig(workers=(w.url,), model="tiny-random", port=0, health_interval_s=0.2,
+                           kv_secret=router_secret)
+        with RouterThread(cfg) as r:
+            prompt = list(range(1, 50))
+            resp = httpx.post(f"{r.url}/v1/completions", json={"prompt": prompt, **BODY}, timeout=60)
+            assert resp.status_code == 200, resp.text
+            wait_idle(w.url, 0)
+            feed = r.state.kv_feed
+            assert feed is not None
+            if router_secret is None:
+                assert not feed.following(w.url)  # refused up front (logged), not a silent stall
+                return
+
+            def indexed() -> bool:
+                m = parse_metrics(httpx.get(f"{r.url}/metrics", timeout=10).text)
+                return (metric(m, "kvbaton:router_kv_indexed_blocks", worker=w.url) or 0) >= 3
+
+            wait_until(indexed, what="the router's index to hold the prompt's blocks")

@@ -29,7 +29,7 @@ class FrontDoorConfig:
     default to ``default_completion_max_tokens``, as OpenAI's do.
     """
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     served_model_name: str | None = None
     max_request_bytes: int = 8 << 20
     # Seconds in-flight requests may keep running after SIGTERM.

@@ -24,6 +24,7 @@ cache is empty, and that batch resyncs whatever an index believed about it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -34,6 +35,7 @@ from collections.abc import Callable
 
 import msgspec
 import zmq
+import zmq.utils.z85
 
 from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -87,6 +89,26 @@ def _bind(sock: zmq.SyncSocket, name: str, endpoint: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def curve_keys(secret: str) -> tuple[bytes, bytes]:
+    """The (public, secret) CURVE key pair of a cluster's KV event streams, derived from its KV
+    secret: a publisher with it encrypts its streams and serves only clients that know the
+    public key, which is as secret as the cluster secret it comes from (it is never sent)."""
+    sk = zmq.utils.z85.encode(hashlib.sha256(b"kvbaton kv events\0" + secret.encode()).digest())
+    return zmq.curve_public(sk), sk
+
+
+def curve_client(sock: zmq.SyncSocket, keys: tuple[bytes, bytes]) -> None:
+    """Make ``sock`` (before it connects) a CURVE client of a publisher with ``keys``."""
+    sock.curve_serverkey = keys[0]
+    sock.curve_publickey = keys[0]
+    sock.curve_secretkey = keys[1]
+
+
+def _curve_server(sock: zmq.SyncSocket, keys: tuple[bytes, bytes]) -> None:
+    sock.curve_server = True
+    sock.curve_secretkey = keys[1]
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -129,6 +151,7 @@ class KVEventPublisher:
         hwm: int = 100_000,
         on_resync: Callable[[], None] | None = None,
         token_ids: bool = False,
+        curve_secret: str | None = None,
     ) -> None:
         for name, value in (("buffer_steps", buffer_steps), ("max_batch_events", max_batch_events),
                             ("max_queue_events", max_queue_events), ("hwm", hwm)):
@@ -170,9 +193,15 @@ class KVEventPublisher:
         self.wire_filter: Callable[[int], bool] | None = None
 
         ctx: zmq.SyncContext = zmq.Context.instance()
+        # With the cluster's secret both sockets are CURVE servers: the streams are encrypted,
+        # and only subscribers holding the secret can connect, follow or ask for a resync.
+        keys = curve_keys(curve_secret) if curve_secret else None
+        self.encrypted = keys is not None
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
+        if keys is not None:
+            _curve_server(self._pub, keys)
         self.endpoint = _bind(self._pub, "endpoint", endpoint)
         self._replay: zmq.SyncSocket | None = None
         self.replay_endpoint: str | None = None
@@ -181,6 +210,8 @@ class KVEventPublisher:
             self._replay.setsockopt(zmq.LINGER, 0)
             # A replay sends up to the whole buffer at once; the default HWM would drop most.
             self._replay.setsockopt(zmq.SNDHWM, buffer_steps + 16)
+            if keys is not None:
+                _curve_server(self._replay, keys)
             try:
                 self.replay_endpoint = _bind(self._replay, "replay_endpoint", replay_endpoint)
             except ValueError:

@@ -39,6 +39,8 @@ from kvbaton.kv.event_stream import (
     RESYNC_REQUEST,
     KVEventBatch,
     check_endpoint,
+    curve_client,
+    curve_keys,
     decode_batch,
     split_topic,
 )
@@ -57,6 +59,7 @@ class WorkerEndpoints:
 
     pub: str
     replay: str | None = None
+    encrypted: bool = False  # CURVE, keyed by the cluster's KV secret (``curve_keys``)
 
 
 class _Stream:
@@ -93,7 +96,11 @@ class KVEventSubscriber:
         poll_interval_s: float = 0.05,
         resync_interval_s: float = 1.0,
         rcvhwm: int = 100_000,
+        curve_secret: str | None = None,
     ) -> None:
+        # Encrypted workers' streams are followed with keys from the cluster's KV secret.
+        self._keys = curve_keys(curve_secret) if curve_secret else None
+        self._encrypted: dict[WorkerId, bool] = {}
         if not replay_timeout_s > 0:
             raise ValueError(f"replay_timeout_s must be > 0, got {replay_timeout_s!r}")
         if not poll_interval_s > 0:
@@ -125,10 +132,16 @@ class KVEventSubscriber:
         check_endpoint(f"workers[{worker_id!r}].pub", endpoints.pub)
         if endpoints.replay is not None:
             check_endpoint(f"workers[{worker_id!r}].replay", endpoints.replay)
+        if endpoints.encrypted and self._keys is None:
+            raise ValueError(f"workers[{worker_id!r}]: its KV events are encrypted with the cluster's KV "
+                             "secret, which this subscriber was not given (--kv-secret)")
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        if endpoints.encrypted and self._keys is not None:
+            curve_client(sock, self._keys)
+        self._encrypted[worker_id] = endpoints.encrypted
         try:
             sock.connect(endpoints.pub)
         except zmq.ZMQError as e:
@@ -290,6 +303,8 @@ class KVEventSubscriber:
         # mistaken for the answer to the next one.
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._encrypted.get(st.worker_id) and self._keys is not None:
+            curve_client(sock, self._keys)
         deadline = time.monotonic() + self._replay_timeout
         out: list[tuple[int, bytes]] = []
         try:

@@ -48,7 +48,7 @@ class RouterState:
         self.kv_feed: KVIndexFeed | None = None
         if overlap is None and config.kv_events:
             self.kv_feed = KVIndexFeed(self.metrics, config.kv_prediction_ttl_s,
-                                       medium_credit=config.medium_credit)
+                                       medium_credit=config.medium_credit, kv_secret=config.kv_secret)
             self.metrics.index = self.kv_feed.index
             self.pool.on_discovered.append(self.kv_feed.worker_discovered)
             overlap = self.kv_feed

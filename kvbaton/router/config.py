@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import httpx
 
 from kvbaton.api.frontdoor import FrontDoorConfig
-from kvbaton.cli_args import add_log_level_arg
+from kvbaton.cli_args import KV_SECRET_ENV, add_log_level_arg
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
@@ -136,7 +137,9 @@ class RouterConfig(FrontDoorConfig):
     # decode worker not tried yet.
     max_retries: int = 1
     # Sent as 'Authorization: Bearer ...' to workers started with --api-key.
-    worker_api_key: str | None = None
+    worker_api_key: str | None = field(default=None, repr=False)
+    # The cluster's KV secret: follows workers whose KV event streams it encrypts.
+    kv_secret: str | None = field(default=None, repr=False)  # (secrets stay out of reprs and logs)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,6 +276,10 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
     parser.add_argument("--max-retries", type=int, default=1,
                         help="retries on another decode worker before the first token reached the client")
     parser.add_argument("--worker-api-key", default=None, help="bearer token the router sends to workers")
+    if common:  # serve passes its workers' secret itself
+        parser.add_argument("--kv-secret", default=os.environ.get(KV_SECRET_ENV),
+                            help="the cluster's KV secret (default $KVBATON_KV_SECRET): needed to follow "
+                                 "workers whose KV events it encrypts")
 
 
 def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig:
@@ -297,6 +304,8 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         max_retries=args.max_retries,
         worker_api_key=args.worker_api_key,
     )
+    if hasattr(args, "kv_secret") and args.kv_secret:
+        kw["kv_secret"] = args.kv_secret
     common = dict(
         workers="worker", prefill_workers="prefill", decode_workers="decode", model="model",
         served_model_name="served_model_name", host="host", port="port", api_key="api_key",

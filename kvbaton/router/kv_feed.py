@@ -52,7 +52,7 @@ class KVIndexFeed(PrefixOverlap):
 
     def __init__(self, metrics: RouterMetrics | None = None, prediction_ttl_s: float = 2.0,
                  replay_timeout_s: float = 1.0, medium_credit: Mapping[str, float] | None = None,
-                 unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT) -> None:
+                 unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT, kv_secret: str | None = None) -> None:
         credit = dict(DEFAULT_KV_MEDIUM_CREDIT if medium_credit is None else medium_credit)
         check_medium_credit(credit)
         if not 0.0 <= unknown_medium_credit <= 1.0:
@@ -63,6 +63,7 @@ class KVIndexFeed(PrefixOverlap):
         self.metrics = metrics
         self.prediction_ttl_s = prediction_ttl_s
         self._replay_timeout_s = replay_timeout_s
+        self._kv_secret = kv_secret
         self._subscriber: KVEventSubscriber | None = None
         self._followed: dict[str, tuple[str, WorkerEndpoints]] = {}  # url -> (worker id, endpoints)
 
@@ -70,7 +71,8 @@ class KVIndexFeed(PrefixOverlap):
 
     def start(self) -> None:
         self._subscriber = KVEventSubscriber(
-            {}, self._on_batch, self._on_gap, replay_timeout_s=self._replay_timeout_s)
+            {}, self._on_batch, self._on_gap, replay_timeout_s=self._replay_timeout_s,
+            curve_secret=self._kv_secret)
 
     def close(self, timeout_s: float = 2.0) -> None:
         if self._subscriber is not None:

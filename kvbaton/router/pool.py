@@ -414,4 +414,4 @@ def _event_endpoints(raw: Any, worker_url: str) -> WorkerEndpoints | None:
     replay = raw.get("replay")
     if replay is not None and not isinstance(replay, str):
         raise DiscoveryError("kv_events.replay: expected a ZMQ endpoint or null")
-    return WorkerEndpoints(fix(raw["pub"]), fix(replay) if replay else None)
+    return WorkerEndpoints(fix(raw["pub"]), fix(replay) if replay else None, encrypted=raw.get("encrypted") is True)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvbaton.api.frontdoor import FrontDoorConfig
 from kvbaton.errors import ConfigError
@@ -34,7 +34,7 @@ class WorkerConfig(FrontDoorConfig):
     # secret that authenticates peers (HMAC over the handshake), how long one fetch may take,
     # and what a decode request does when its fetch fails.
     kv_port: int = 0
-    kv_secret: str | None = None
+    kv_secret: str | None = field(default=None, repr=False)
     kv_transfer_timeout_s: float = 10.0
     kv_transfer_failure: str = "recompute"
     # KV events (docs/kv-events.md): the block pool's BlockStored/BlockRemoved/AllBlocksCleared
@@ -47,6 +47,9 @@ class WorkerConfig(FrontDoorConfig):
     # Include each block's token ids in BlockStored events (vLLM's format always has them). Off
     # by default: the event stream is unauthenticated and the tokens are the tenants' prompts.
     kv_events_token_ids: bool = False
+    # The cluster's KV secret as given (--kv-secret / $KVBATON_KV_SECRET), not one a 'both'
+    # worker made up: it encrypts the event streams (CURVE) so only routers holding it follow.
+    kv_events_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -140,6 +140,7 @@ class KVConnector:
             # in order with the pool's other events.
             on_resync=lambda: self.async_engine.post(lambda eng: eng.publish_snapshot()),
             token_ids=self.config.kv_events_token_ids,
+            curve_secret=self.config.kv_events_secret,
         )
         pool = self.engine.pool
         # The publisher's first batch is AllBlocksCleared: make it true, so an index that
@@ -191,7 +192,7 @@ class KVConnector:
             "lease_ttl_s": self.engine.leases.default_ttl_s,
             "kv_events": None if self.events is None else {
                 "pub": self.events.endpoint, "replay": self.events.replay_endpoint,
-                "topic": "kv-events",
+                "topic": "kv-events", "encrypted": self.events.encrypted,
             },
             "kv_tiers": self.tiers_info(),
         }
