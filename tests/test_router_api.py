@@ -76,13 +76,15 @@ def test_malformed_json_is_400(one_worker: Any) -> None:
 
 def test_chat_without_a_template_is_400(one_worker: Any) -> None:
     r, w = one_worker
-    tok = r.state.frontend.tokenizer
-    saved = tok.chat_template
-    tok.chat_template = None
+    toks = r.state.frontend.tokenizers  # every copy the router tokenizes with
+    saved = [t.chat_template for t in toks]
+    for t in toks:
+        t.chat_template = None
     try:
         resp = post(r.url, {"messages": [{"role": "user", "content": "a"}]}, "/v1/chat/completions")
     finally:
-        tok.chat_template = saved
+        for t, template in zip(toks, saved):
+            t.chat_template = template
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
     assert "chat template" in resp.json()["error"]["message"]
 
@@ -160,3 +162,44 @@ def test_token_id_prompts_are_forwarded_unchanged() -> None:
         assert post(r.url, {"prompt": "ab", "max_tokens": 1}).status_code == 200
     assert w.decodes[0]["prompt"] == [1, 2, 3]
     assert w.decodes[1]["prompt"] == list(tokenizer().encode("ab", add_special_tokens=False))
+
+
+def test_one_slow_tokenization_does_not_hold_the_others() -> None:
+    # The router tokenizes with a small pool of tokenizer copies: a huge prompt holds one copy,
+    # and other requests are tokenized meanwhile (one shared tokenizer behind a lock used to
+    # hold every request for the whole tokenization).
+    import copy
+    import threading
+
+    from kvbaton.router.config import RouterConfig
+    from kvbaton.router.frontend import Frontend
+
+    gate = threading.Event()
+
+    class Gated:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            if text.startswith("SLOW"):
+                gate.wait(30)
+            return list(self.inner.encode(text, add_special_tokens=add_special_tokens))
+
+        def get_vocab(self) -> dict[str, int]:
+            return dict(self.inner.get_vocab())
+
+        def __deepcopy__(self, memo: dict[int, Any]) -> Gated:
+            return Gated(copy.deepcopy(self.inner, memo))
+
+    front = Frontend(RouterConfig(workers=("http://127.0.0.1:9",), model="tiny-random"), tokenizer=Gated(tokenizer()))
+    slow = threading.Thread(target=front._encode, args=("SLOW " * 10,))
+    slow.start()
+    try:
+        done: list[list[int]] = []
+        fast = threading.Thread(target=lambda: done.append(front._encode("hello")))
+        fast.start()
+        fast.join(10)
+        assert done == [list(tokenizer().encode("hello", add_special_tokens=False))]
+    finally:
+        gate.set()
+        slow.join(10)

@@ -3,10 +3,14 @@ for random-weight models that ship none."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 from kvbaton.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -72,6 +76,16 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def copy_tokenizer(tokenizer: Any) -> Any | None:
+    """A private copy of ``tokenizer`` for another thread (HF fast tokenizers must not be used
+    by two threads at once), or None if it cannot be copied."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - the caller falls back to the one it has
+        log.warning("the tokenizer cannot be copied; its users share one")
+        return None
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

@@ -8,7 +8,7 @@ forwarded, so the workers' defaults stay the defaults.
 
 from __future__ import annotations
 
-import threading
+import queue
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,11 @@ from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequ
 from kvbaton.errors import InvalidRequestError
 from kvbaton.limits import check_request_fits, default_max_tokens, max_token_chars
 from kvbaton.models.sources import tokenizer_for_model
-from kvbaton.models.tokenizer import chat_prompt_ids
+from kvbaton.models.tokenizer import chat_prompt_ids, copy_tokenizer, encode_text
 from kvbaton.router.config import RouterConfig
+
+# Tokenizers the router keeps, one per concurrent tokenization.
+TOKENIZER_COPIES = 4
 
 
 @dataclass
@@ -47,21 +50,36 @@ class Frontend:
     def __init__(self, config: RouterConfig, tokenizer: Any | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else tokenizer_for_model(config.model)
-        # Tokenization runs on worker threads; HF fast tokenizers can raise "Already borrowed"
-        # when one object is used from two threads at once.
-        self._lock = threading.Lock()
+        # Tokenization runs on worker threads, each with a tokenizer of its own from this pool
+        # (HF fast tokenizers can raise "Already borrowed" when one object is used from two
+        # threads at once), so one long prompt holds one copy, not every request behind it.
+        self.tokenizers = [self.tokenizer]  # all of them (the first is ``tokenizer``)
+        for _ in range(TOKENIZER_COPIES - 1):
+            copied = copy_tokenizer(self.tokenizer)
+            if copied is None:
+                break
+            self.tokenizers.append(copied)
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for tok in self.tokenizers:
+            self._tokenizers.put(tok)
         self.token_chars = max_token_chars(self.tokenizer)
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
     def _encode(self, text: str) -> list[int]:
-        with self._lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        tok = self._tokenizers.get()  # blocks this thread (not the event loop) while all are busy
+        try:
+            return encode_text(tok, text)
+        finally:
+            self._tokenizers.put(tok)
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         # The engine's own function, so the router's ids equal what a worker would compute.
-        with self._lock:
-            return chat_prompt_ids(self.tokenizer, messages, self.config.model)
+        tok = self._tokenizers.get()
+        try:
+            return chat_prompt_ids(tok, messages, self.config.model)
+        finally:
+            self._tokenizers.put(tok)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -69,7 +87,10 @@ class Frontend:
         pre = completion_preamble(self.config, self.config.model_names, "router", body)
         pre.check_length_before_tokenizing(max_model_len, self.token_chars)
         if isinstance(pre.prompt, str):
-            ids = await anyio.to_thread.run_sync(self._encode, pre.prompt)
+            try:
+                ids = await anyio.to_thread.run_sync(self._encode, pre.prompt)
+            except InvalidRequestError as e:
+                raise pre.error(e) from None
         else:
             ids = list(pre.prompt or [])
             if any(t < 0 for t in ids):

@@ -13,7 +13,6 @@ Every loop iteration stamps a heartbeat and publishes a stats snapshot, which ``
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import queue
@@ -28,7 +27,7 @@ from typing import Any, TypeVar
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.limits import default_max_tokens
-from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
+from kvbaton.models.tokenizer import chat_prompt_ids, copy_tokenizer, encode_text
 from kvbaton.worker.stream import (
     EngineDeadError,
     EngineStoppedError,
@@ -73,15 +72,6 @@ class _Stop:
 _Command = _Add | _Abort | _Call | _Stop
 
 
-def _private_copy(tokenizer: Any) -> Any | None:
-    """A copy of ``tokenizer`` for another thread, or None if it cannot be copied."""
-    try:
-        return copy.deepcopy(tokenizer)
-    except Exception:  # noqa: BLE001 - then the engine thread tokenizes, as before
-        log.warning("the tokenizer cannot be copied: prompts are tokenized on the engine thread")
-        return None
-
-
 class AsyncEngine:
     """Runs ``engine`` on a dedicated thread; every public method is called from asyncio."""
 
@@ -111,7 +101,7 @@ class AsyncEngine:
         # tokenizer (never shared with the engine thread, which decodes with its own), so a
         # long prompt costs its tokenization time there and never stalls the steps of the
         # requests already running. The encoders release the GIL.
-        self._tokenizer = _private_copy(engine.tokenizer)
+        self._tokenizer = copy_tokenizer(engine.tokenizer)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbaton-tokenize")
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
