@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from kvbaton import __version__
-from kvbaton.cli_args import KV_SECRET_ENV, PARENT_PID_ENV, WORKER_API_KEY_ENV, HelpFormatter, add_log_level_arg
+from kvbaton.cli_args import (
+    KV_SECRET_ENV,
+    PARENT_PID_ENV,
+    WORKER_API_KEY_ENV,
+    HelpFormatter,
+    add_log_level_arg,
+    add_request_timeout_args,
+)
 from kvbaton.errors import ConfigError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -264,6 +271,7 @@ def _add_worker_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-request-bytes", type=int, default=8 << 20)
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests may finish after SIGTERM before being aborted")
+    add_request_timeout_args(p)
     k = p.add_argument_group("KV transfer (disaggregated prefill/decode)")
     k.add_argument("--kv-port", type=int, default=0,
                    help="port of this worker's KV transfer server (prefill roles; 0 = any free)")
@@ -368,6 +376,8 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
             api_key=args.api_key or os.environ.get(WORKER_API_KEY_ENV) or None,
             served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
             drain_timeout_s=args.drain_timeout, log_level=args.log_level, kv_port=args.kv_port,
+            request_header_timeout_s=args.request_header_timeout,
+            request_body_timeout_s=args.request_body_timeout,
             kv_secret=kv_secret, kv_transfer_timeout_s=args.kv_transfer_timeout,
             kv_transfer_failure=args.kv_transfer_failure, kv_events=not args.no_kv_events,
             kv_events_token_ids=args.kv_events_token_ids, kv_events_secret=args.kv_secret or None,
@@ -416,7 +426,7 @@ _WORKER_PASSTHROUGH = (
     "kv_transfer_timeout", "kv_transfer_failure", "kv_lease_ttl", "max_request_bytes",
     "drain_timeout", "long_prefill_token_threshold", "kv_disk_cache_gib", "kv_eviction_policy",
     "kv_offload_mode", "kv_offload_min_hits", "kv_host_ttl", "kv_disk_ttl", "kv_pin_max_ttl",
-    "kv_load_timeout", "kv_load_grace",
+    "kv_load_timeout", "kv_load_grace", "request_header_timeout", "request_body_timeout",
 )
 # Not passed through as given: --kv-host-cache-gib (serve resolves "auto" to each worker's
 # share and passes that number) and --kv-disk-cache-dir (each worker gets a subdirectory: a

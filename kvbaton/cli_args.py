@@ -41,3 +41,12 @@ def add_log_level_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     """``--log-level LEVEL``: a bad level is a usage error naming the flag, not a traceback."""
     parser.add_argument("--log-level", type=_log_level, default="WARNING", metavar="LEVEL",
                         help=f"log level: {', '.join(LOG_LEVELS)}")
+
+
+def add_request_timeout_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How long a client may take to send a request (worker, router and serve alike)."""
+    parser.add_argument("--request-header-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a new connection may take to send its first request's headers "
+                             "before it is closed")
+    parser.add_argument("--request-body-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a request's body may take to arrive before the answer is 408")

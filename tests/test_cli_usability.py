@@ -79,3 +79,13 @@ def test_transfer_secret_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     # A 'both' worker without one gets its own random secret: it admits no peer.
     a, b = secret("--role", "both"), secret("--role", "both")
     assert a and b and a != b
+
+
+@pytest.mark.parametrize("command", ["worker", "router"])
+def test_a_bad_request_timeout_is_a_usage_error_naming_the_flag(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ["--worker", "http://127.0.0.1:9"] if command == "router" else []
+    with pytest.raises(SystemExit) as e:
+        main([command, *extra, "--model", "tiny-random", "--request-body-timeout", "0"])
+    assert e.value.code == 2
+    assert "--request-body-timeout" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from kvbaton.api.frontdoor import FrontDoorConfig
-from kvbaton.cli_args import KV_SECRET_ENV, add_log_level_arg
+from kvbaton.cli_args import KV_SECRET_ENV, add_log_level_arg, add_request_timeout_args
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
@@ -239,6 +239,7 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
         parser.add_argument("--drain-timeout", type=float, default=5.0,
                             help="seconds in-flight requests may finish after SIGTERM")
         add_log_level_arg(parser)
+        add_request_timeout_args(parser)
         parser.add_argument("--no-kv-events", action="store_true",
                             help="do not follow the workers' KV events (no prefix index: kv_aware "
                                  "and conditional disaggregation see no cache)")
@@ -310,6 +311,7 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         workers="worker", prefill_workers="prefill", decode_workers="decode", model="model",
         served_model_name="served_model_name", host="host", port="port", api_key="api_key",
         max_request_bytes="max_request_bytes", drain_timeout_s="drain_timeout", log_level="log_level",
+        request_header_timeout_s="request_header_timeout", request_body_timeout_s="request_body_timeout",
     )
     for name, attr in common.items():
         if hasattr(args, attr):
