@@ -192,7 +192,6 @@ def tiered() -> Iterator[Any]:
     """A worker whose 16-block device pool spills into a 4 MiB host tier."""
     with running_worker(**TIERED) as w:
         yield w
-    w.state.engine.engine.close()  # WorkerThread leaves the tiered store's IO thread to us
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +418,7 @@ def test_a_restarted_worker_finds_its_disk_tier(tmp_path: Path, host_bytes: int)
         info = httpx.get(f"{w.url}/kv/info", timeout=10).json()["kv_tiers"]
         assert info["disk"] == {"medium": "DISK", "blocks_capacity": (4 << 20) // 8192, "enabled": True}
         assert ("host" in info) == bool(host_bytes)
-    w.state.engine.engine.close()  # what run_worker does at exit: finish copies, free the directory
+    # Stopping closed the store, as run_worker does at exit: copies finished, directory free.
     with running_worker(**engine) as w:
         again = _complete(w.url, prompt)
         assert _cached(again) == (len(prompt) - 1) // BLOCK * BLOCK
@@ -427,7 +426,6 @@ def test_a_restarted_worker_finds_its_disk_tier(tmp_path: Path, host_bytes: int)
         assert _tier(w.url, "kv_tier_hit_tokens_total", "disk") > 0
         assert _tier(w.url, "kv_tier_enabled", "disk") == 1
         wait_idle(w.url, 0)
-    w.state.engine.engine.close()
 
 
 def test_a_disk_tier_that_cannot_work_turns_itself_off_and_says_so(tmp_path: Path) -> None:
@@ -442,6 +440,4 @@ def test_a_disk_tier_that_cannot_work_turns_itself_off_and_says_so(tmp_path: Pat
             assert tiers["disk"]["enabled"] is False
             assert _cached(_complete(second.url, random_prompts(1, 40, 40, seed=501)[0])) == 0
             assert _tier(owner.url, "kv_tier_enabled", "disk") == 1
-        second.state.engine.engine.close()
-    owner.state.engine.engine.close()
 

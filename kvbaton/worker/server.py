@@ -117,3 +117,11 @@ class WorkerThread(AppThread):
         self.state: WorkerState = app.state.worker
         super().__init__(app, self.config.host, self.config.port,
                          _make_worker_server(app, self.config))
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Shut down as SIGTERM does, then close the engine's tiered store (finish its queued
+        copies, release its disk directory), as ``run_worker`` does at exit."""
+        stopped = super().stop(timeout_s)
+        if stopped:
+            self.state.engine.engine.close()
+        return stopped
