@@ -79,9 +79,11 @@ def test_serve_restarts_a_dead_worker_and_its_workers_die_with_it() -> None:
         proc.wait(10)
         wait_until(lambda: not _alive(workers[0]), 60, "the worker to exit after serve was killed")
     finally:
+        # Whatever failed, leave no worker behind (find them before serve goes).
+        leftovers = set(workers) | set(_children(proc.pid))
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for pid in workers:
+        for pid in leftovers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
