@@ -60,8 +60,17 @@ async def until_disconnect(
 ) -> T | None:
     """``await work``, or cancel it and return None if the client leaves first. A result the
     work produced anyway while being cancelled goes to ``orphan`` (to close it)."""
+    return await unless(wait_disconnect(request), work, orphan)
+
+
+async def unless(
+    stop: Awaitable[Any], work: Awaitable[T], orphan: Callable[[T], Awaitable[None]] | None = None
+) -> T | None:
+    """``await work``, or cancel it and return None if ``stop`` completes first (the client
+    left, the worker went down). A result the work produced anyway while being cancelled goes
+    to ``orphan`` (to close it)."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(wait_disconnect(request))
+    gone = asyncio.ensure_future(stop)
     try:
         done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:

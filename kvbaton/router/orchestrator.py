@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 import httpx
 
 from kvbaton.api.protocol import KV_TRANSFER_FAILED, ApiError
+from kvbaton.api.sse import unless
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.router.config import RouterConfig
@@ -431,20 +432,12 @@ class WorkerWentDown(Exception):
 async def _unless_down(worker: Worker, work: Awaitable[T]) -> T:
     """``await work``, unless ``worker`` goes down first: then the work is cancelled (which
     closes its connection, so a live worker aborts the request) and WorkerWentDown raised, so
-    a leg never waits out its timeout for a worker the router has given up on."""
-    task = asyncio.ensure_future(work)
-    down = asyncio.ensure_future(worker.went_down.wait())
-    try:
-        await asyncio.wait({task, down}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise WorkerWentDown(worker.url)
-        return task.result()
-    finally:
-        down.cancel()
-        if not task.done():  # we were cancelled ourselves (the client left)
-            task.cancel()
+    a leg never waits out its timeout for a worker the router has given up on. (``work``
+    never yields None here: the posts and first chunks it awaits are values.)"""
+    result = await unless(worker.went_down.wait(), work)
+    if result is None:
+        raise WorkerWentDown(worker.url)
+    return result
 
 
 # A prefill leg may wait at most this many times --prefill-timeout, however much work is ahead.
