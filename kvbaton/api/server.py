@@ -49,6 +49,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def call_later_threadsafe(loop: asyncio.AbstractEventLoop | None, delay_s: float, fn: Callable[[], object]) -> None:
+    """From any thread (a SIGTERM handler beginning a drain): run ``fn`` on ``loop`` after
+    ``delay_s``. Nothing happens if there is no loop yet or it already closed (then nothing is
+    in flight to act on)."""
+    if loop is None:
+        return
+    try:
+        loop.call_soon_threadsafe(lambda: loop.call_later(delay_s, fn))
+    except RuntimeError:
+        pass
+
+
 def _header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a new connection whose first request's headers have not
     all arrived after ``header_timeout_s``. uvicorn arms its keep-alive timer only after a

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kvbaton.api.guard import RequestGuard, bearer_matches, install_error_handlers
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from kvbaton.api.server import call_later_threadsafe
 from kvbaton.api.sse import EventStreamResponse, sse, until_disconnect, until_stopped
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
@@ -67,14 +68,7 @@ class RouterState:
         if self.draining:
             return
         self.draining = True
-        loop = self.loop
-        if loop is None:
-            return
-        timeout = self.config.drain_timeout_s
-        try:
-            loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.drain_deadline.set))
-        except RuntimeError:  # the loop already closed: nothing is in flight
-            pass
+        call_later_threadsafe(self.loop, self.config.drain_timeout_s, self.drain_deadline.set)
 
     def mid_stream_failure(self, stream: RelayStream, e: MidStreamError) -> None:
         self.metrics.worker_errors.labels(stream.worker.url, e.kind).inc()

@@ -28,6 +28,7 @@ from kvbaton.api.protocol import (
     CompletionRequest,
     KVPinRequest,
 )
+from kvbaton.api.server import call_later_threadsafe
 from kvbaton.api.sse import EventStreamResponse, until_disconnect
 from kvbaton.engine.engine import LLMEngine
 from kvbaton.engine.offload import KVOffload
@@ -91,14 +92,7 @@ class WorkerState:
         if self.draining:
             return
         self.draining = True
-        loop = self.engine.loop
-        if loop is None:
-            return
-        timeout = self.config.drain_timeout_s
-        try:
-            loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.engine.abort_all))
-        except RuntimeError:  # the loop already closed: nothing is in flight
-            pass
+        call_later_threadsafe(self.engine.loop, self.config.drain_timeout_s, self.engine.abort_all)
 
 
 async def _collect(request: Request, stream: RequestStream, engine: AsyncEngine) -> RequestOutput | None:
