@@ -44,25 +44,24 @@ class KVHandle:
     # signature does not verify (forged by a client, or from a peer with another secret).
     signature: str | None = None
 
-    def _payload(self) -> bytes:
+    def _mac(self, secret: bytes) -> str:
+        """HMAC-SHA256 (hex) of every field but ``signature``, canonically encoded."""
         d = asdict(self)
         d.pop("signature")
         d["block_hashes"] = [h.hex() for h in self.block_hashes]
-        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        payload = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(secret, payload, hashlib.sha256).hexdigest()
 
     def signed(self, secret: bytes) -> KVHandle:
         """This handle with its signature under ``secret``."""
         # Signed in the form a receiver parses (a NaN logprob becomes None there), so both
         # sides hash the same bytes.
         parsed = KVHandle.from_dict({**self.to_dict(), "signature": None})
-        return replace(self, signature=hmac.new(secret, parsed._payload(), hashlib.sha256).hexdigest())
+        return replace(self, signature=parsed._mac(secret))
 
     def verify(self, secret: bytes) -> bool:
         """Whether the signature is this handle's under ``secret`` (False when unsigned)."""
-        if not self.signature:
-            return False
-        want = hmac.new(secret, self._payload(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(want, self.signature)
+        return bool(self.signature) and hmac.compare_digest(self._mac(secret), self.signature or "")
 
     @property
     def tail_tokens(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import queue
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,20 +68,24 @@ class Frontend:
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
-    def _encode(self, text: str) -> list[int]:
-        tok = self._tokenizers.get()  # blocks this thread (not the event loop) while all are busy
+    @contextmanager
+    def _tokenizer(self) -> Iterator[Any]:
+        """A tokenizer of the pool for this thread; blocks it (not the event loop) while all
+        are busy."""
+        tok = self._tokenizers.get()
         try:
-            return encode_text(tok, text)
+            yield tok
         finally:
             self._tokenizers.put(tok)
 
+    def _encode(self, text: str) -> list[int]:
+        with self._tokenizer() as tok:
+            return encode_text(tok, text)
+
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         # The engine's own function, so the router's ids equal what a worker would compute.
-        tok = self._tokenizers.get()
-        try:
+        with self._tokenizer() as tok:
             return chat_prompt_ids(tok, messages, self.config.model)
-        finally:
-            self._tokenizers.put(tok)
 
     # ---- requests ------------------------------------------------------------------------
 
