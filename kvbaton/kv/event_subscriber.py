@@ -63,13 +63,14 @@ class WorkerEndpoints:
 
 
 class _Stream:
-    __slots__ = ("worker_id", "sock", "replay", "stream", "next_seq", "resync_at", "resync_wanted",
-                 "resync_wait")
+    __slots__ = ("worker_id", "sock", "replay", "encrypted", "stream", "next_seq", "resync_at",
+                 "resync_wanted", "resync_wait")
 
-    def __init__(self, worker_id: WorkerId, sock: zmq.SyncSocket, replay: str | None) -> None:
+    def __init__(self, worker_id: WorkerId, sock: zmq.SyncSocket, endpoints: WorkerEndpoints) -> None:
         self.worker_id = worker_id
         self.sock = sock
-        self.replay = replay
+        self.replay = endpoints.replay
+        self.encrypted = endpoints.encrypted
         self.stream: bytes | None = None
         self.next_seq: int | None = None  # None until the first batch
         self.resync_at = -float("inf")  # monotonic time of the last resync request
@@ -100,7 +101,6 @@ class KVEventSubscriber:
     ) -> None:
         # Encrypted workers' streams are followed with keys from the cluster's KV secret.
         self._keys = curve_keys(curve_secret) if curve_secret else None
-        self._encrypted: dict[WorkerId, bool] = {}
         if not replay_timeout_s > 0:
             raise ValueError(f"replay_timeout_s must be > 0, got {replay_timeout_s!r}")
         if not poll_interval_s > 0:
@@ -115,7 +115,7 @@ class KVEventSubscriber:
         self._poll_ms = max(1, int(poll_interval_s * 1000))
         self._rcvhwm = rcvhwm
         self._ctx: zmq.SyncContext = zmq.Context.instance()
-        self._commands: queue.SimpleQueue[tuple[WorkerId, zmq.SyncSocket | None, str | None]] = (
+        self._commands: queue.SimpleQueue[tuple[WorkerId, zmq.SyncSocket | None, WorkerEndpoints | None]] = (
             queue.SimpleQueue()
         )
         self._stop = threading.Event()
@@ -141,7 +141,6 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
         if endpoints.encrypted and self._keys is not None:
             curve_client(sock, self._keys)
-        self._encrypted[worker_id] = endpoints.encrypted
         try:
             sock.connect(endpoints.pub)
         except zmq.ZMQError as e:
@@ -149,7 +148,7 @@ class KVEventSubscriber:
             raise ValueError(f"workers[{worker_id!r}].pub: cannot connect: {e}") from e
         # Created here so a bad endpoint raises in the caller; the queue hand-off is the
         # memory barrier ZMQ asks for when a socket moves to another thread.
-        self._commands.put((worker_id, sock, endpoints.replay))
+        self._commands.put((worker_id, sock, endpoints))
 
     def remove_worker(self, worker_id: WorkerId) -> None:
         """Stop following a worker; its batches stop being delivered. Thread-safe."""
@@ -210,7 +209,7 @@ class KVEventSubscriber:
     ) -> None:
         while True:
             try:
-                worker_id, sock, replay = self._commands.get_nowait()
+                worker_id, sock, endpoints = self._commands.get_nowait()
             except queue.Empty:
                 return
             old = streams.pop(worker_id, None)
@@ -219,7 +218,8 @@ class KVEventSubscriber:
                 del by_sock[old.sock]
                 old.sock.close(linger=0)
             if sock is not None:
-                st = streams[worker_id] = _Stream(worker_id, sock, replay)
+                assert endpoints is not None
+                st = streams[worker_id] = _Stream(worker_id, sock, endpoints)
                 by_sock[sock] = st
                 poller.register(sock, zmq.POLLIN)
 
@@ -303,7 +303,7 @@ class KVEventSubscriber:
         # mistaken for the answer to the next one.
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        if self._encrypted.get(st.worker_id) and self._keys is not None:
+        if st.encrypted and self._keys is not None:
             curve_client(sock, self._keys)
         deadline = time.monotonic() + self._replay_timeout
         out: list[tuple[int, bytes]] = []

@@ -305,13 +305,12 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         max_retries=args.max_retries,
         worker_api_key=args.worker_api_key,
     )
-    if hasattr(args, "kv_secret") and args.kv_secret:
-        kw["kv_secret"] = args.kv_secret
     common = dict(
         workers="worker", prefill_workers="prefill", decode_workers="decode", model="model",
         served_model_name="served_model_name", host="host", port="port", api_key="api_key",
         max_request_bytes="max_request_bytes", drain_timeout_s="drain_timeout", log_level="log_level",
         request_header_timeout_s="request_header_timeout", request_body_timeout_s="request_body_timeout",
+        kv_secret="kv_secret",
     )
     for name, attr in common.items():
         if hasattr(args, attr):
