@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,6 +23,17 @@ SHORT = "hi"
 
 def post(url: str, body: dict[str, Any], path: str = "/v1/completions", timeout: float = 10) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=timeout)
+
+
+def post_while(fault: Callable[[], None], url: str, body: dict[str, Any]) -> httpx.Response:
+    """``post`` while ``fault`` runs on another thread (it waits for the request to reach a
+    worker, then breaks something), so the request sees the fault happen mid-flight."""
+    t = threading.Thread(target=fault)
+    t.start()
+    try:
+        return post(url, body, timeout=60)
+    finally:
+        t.join(30)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -188,10 +200,7 @@ def test_a_prefill_on_a_worker_marked_down_is_given_up_at_once() -> None:
             wait_until(lambda: len(p.prefills) == 1, what="the prefill leg to start")
             p.healthy = False
 
-        t = threading.Thread(target=freeze)
-        t.start()
-        resp = post(r.url, {"prompt": LONG, "max_tokens": 3}, timeout=60)
-        t.join(30)
+        resp = post_while(freeze, r.url, {"prompt": LONG, "max_tokens": 3})
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected_text(3)
         assert metric(metrics(r.url), "kvbaton:router_fallbacks_total", reason="prefill_worker_down") == 1
 
@@ -209,10 +218,7 @@ def test_a_decode_leg_on_a_worker_marked_down_is_retried_elsewhere_at_once() -> 
             other.decode_fault = None
             stuck.healthy = False
 
-        t = threading.Thread(target=freeze)
-        t.start()
-        resp = post(r.url, {"prompt": SHORT, "max_tokens": 3}, timeout=60)
-        t.join(30)
+        resp = post_while(freeze, r.url, {"prompt": SHORT, "max_tokens": 3})
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected_text(3)
         assert metric(metrics(r.url), "kvbaton:router_retries_total", reason="worker_down") == 1
 
