@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -78,3 +79,26 @@ def plain_reference():
         return cache[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """The redis-server binary (scripts/setup.sh installs it). Missing in CI (CI=true) is a
+    failure, not a skip: the remote tier's tests are then not run at all."""
+    from kvbaton.kv.store.redis_server import find_redis_server
+
+    path = find_redis_server()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed: scripts/setup.sh installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+@pytest.fixture
+def redis_server(redis_binary: str):
+    """A fresh redis-server on a free 127.0.0.1 port (64 MiB, allkeys-lru), stopped after the test."""
+    from kvbaton.kv.store.redis_server import RedisServer
+
+    with RedisServer(maxmemory_bytes=64 << 20, binary=redis_binary) as server:
+        yield server

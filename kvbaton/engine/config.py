@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvbaton.errors import ConfigError
 from kvbaton.kv.store.policies import POLICIES
@@ -67,6 +67,17 @@ class EngineConfig:
     # runs without them (they then join the next step): a host-tier load takes milliseconds,
     # a CPU step up to seconds, so a short grace saves a loaded request a whole step.
     kv_load_grace_s: float = 0.02
+    # The remote tier (docs/kv-store.md, "Remote tier"): a Redis server the cluster shares,
+    # redis://[:PASSWORD@]HOST:PORT/DB or rediss:// (None: none; the password may instead come
+    # from $KVBATON_KV_REMOTE_PASSWORD). Keys live under the namespace with a TTL refreshed on
+    # each hit; blocks go there once this many requests used them; each server call may take
+    # kv_remote_timeout_s before the tier counts the server as down. Kept out of the repr: the
+    # URL may hold a password.
+    kv_remote_url: str | None = field(default=None, repr=False)
+    kv_remote_namespace: str = "kvbaton"
+    kv_remote_ttl_s: float = 3600.0
+    kv_remote_min_hits: int = 1
+    kv_remote_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -105,13 +116,25 @@ class EngineConfig:
                 raise ConfigError(name, "must be >= 0 (0: no TTL)")
         if self.kv_load_grace_s < 0:
             raise ConfigError("kv_load_grace_s", "must be >= 0 (0: never wait)")
-        for name in ("kv_pin_max_ttl_s", "kv_load_timeout_s"):
+        for name in ("kv_pin_max_ttl_s", "kv_load_timeout_s", "kv_remote_ttl_s", "kv_remote_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")
+        if self.kv_remote_url is not None:
+            from kvbaton.kv.store.remote_url import parse_remote_url
+
+            parse_remote_url(self.kv_remote_url)
+            if not self.kv_host_cache_bytes:
+                raise ConfigError("kv_remote_url", "needs a host tier (kv_host_cache_bytes > 0): blocks reach "
+                                  "the remote tier from it")
+        if not self.kv_remote_namespace or any(c.isspace() for c in self.kv_remote_namespace):
+            raise ConfigError("kv_remote_namespace",
+                              f"must be non-empty with no spaces, got {self.kv_remote_namespace!r}")
+        if self.kv_remote_min_hits < 1:
+            raise ConfigError("kv_remote_min_hits", "must be >= 1")
 
     @property
     def kv_tiers_enabled(self) -> bool:
-        return self.kv_host_cache_bytes > 0 or self.kv_disk_cache_dir is not None
+        return self.kv_host_cache_bytes > 0 or self.kv_disk_cache_dir is not None or self.kv_remote_url is not None
 
 
 def machine_memory_bytes() -> int:

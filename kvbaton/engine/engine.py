@@ -33,6 +33,7 @@ from kvbaton.kv.store.base import KVTier
 from kvbaton.kv.store.disk import DiskTier
 from kvbaton.kv.store.host import HostTier
 from kvbaton.kv.store.policies import make_policy
+from kvbaton.kv.store.remote import RemoteTier
 from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
 from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
@@ -134,7 +135,8 @@ class LLMEngine:
         return int(n)
 
     def _build_offload(self) -> KVOffload:
-        """The tiered KV store below the device pool: a host tier and/or a disk tier."""
+        """The tiered KV store below the device pool: a host tier and/or a disk tier, and a
+        remote tier the cluster shares."""
         cfg, spec = self.config, self.kv_spec
         tiers: list[KVTier] = []
         if cfg.kv_host_cache_bytes:
@@ -154,8 +156,14 @@ class LLMEngine:
         # Readahead covers what one step can allocate: its token budget, plus a block per
         # running sequence that crosses into a new block.
         readahead = 2 * -(-cfg.max_num_batched_tokens // cfg.block_size) + cfg.max_num_seqs
+        remote = None
+        if cfg.kv_remote_url is not None:
+            remote = RemoteTier(cfg.kv_remote_url, spec.bytes_per_block, cfg.block_size, spec.layout_id(),
+                                self.model_fingerprint, cfg.kv_remote_namespace, cfg.kv_remote_ttl_s,
+                                cfg.kv_remote_timeout_s)
         offload = KVOffload(self.pool, self.scheduler, self.runner.kv_cache, tiers, cfg.kv_offload_mode,
-                            cfg.kv_offload_min_hits, cfg.kv_load_timeout_s, readahead)
+                            cfg.kv_offload_min_hits, cfg.kv_load_timeout_s, readahead, remote=remote,
+                            remote_min_hits=cfg.kv_remote_min_hits)
         for t in tiers:
             log.info("KV %s tier: %d blocks (%.2f GiB)", t.name, t.capacity_blocks,
                      t.capacity_blocks * spec.bytes_per_block / 2**30)
@@ -311,13 +319,17 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.step_begin()
         out = self.scheduler.schedule()
-        if self.offload is not None and self.offload.wait_new_loads(self.config.kv_load_grace_s):
-            self.scheduler.admit_more(out)  # loads that landed within the grace join this step
+        # Loads that landed within the grace join this step; so do loads that a remote lookup
+        # answered within it made possible (hence a second round).
+        for _ in range(2):
+            if self.offload is None or not self.offload.wait_new_loads(self.config.kv_load_grace_s):
+                break
+            self.scheduler.admit_more(out)
         if not out.scheduled:
             if self.offload is not None and self.scheduler.waiting:
-                # Only prefixes loading (or nothing fits yet): wait for the IO thread a little
+                # Only prefixes loading (or nothing fits yet): wait for the IO threads a little
                 # instead of spinning on an empty schedule.
-                self.offload.io.wait_completed(0.05)
+                self.offload.wait_io(0.05)
             return []
         sampling = [s for s in out.scheduled if s.samples]
         try:
@@ -451,6 +463,7 @@ class LLMEngine:
             "kv_leases_expired": self.leases.num_expired,
             "kv_blocks_imported": self.handoff.num_imported_blocks,
             "kv_tiers": self.offload.tier_stats() if self.offload is not None else {},
+            "kv_remote": self.offload.remote_stats() if self.offload is not None else {},
             "kv_offload_sync_stores": self.offload.sync_stores if self.offload is not None else 0,
             "num_failed_steps": self.num_failed_steps,
         }

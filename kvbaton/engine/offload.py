@@ -27,6 +27,15 @@ class follows it through its two hooks and moves blocks below it:
   a deadline; ``unpin`` ends it early.
 - **Events.** Blocks that enter or leave a tier are announced with the tier's ``medium``
   through the pool's event sink, in order with the pool's own events.
+- **Remote tier** (optional, :mod:`kvbaton.kv.store.remote`: a Redis server the cluster
+  shares). Blocks the host tier stores are also written there (subject to their own reuse
+  filter), by the remote tier's own IO thread, never holding up a step; they are announced with
+  medium ``REMOTE``. A waiting request whose leading run in the local tiers ends before its
+  prompt does first *probes* the server (one pipelined round trip) for the run that follows,
+  waiting in the queue without holding blocks; the next scheduling loads the local and remote
+  runs together into new device blocks. A remote block that is gone or refused by the time it
+  is read ends the run there: the rest is computed. While the server is unreachable the tier is
+  down (no probes, no writes) and a PING is retried with backoff.
 
 Everything here runs on the engine thread, except the job functions, which run on the IO
 thread and only copy bytes.
@@ -35,7 +44,9 @@ thread and only copy bytes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,19 +57,25 @@ from kvbaton.engine.block_pool import Block, BlockPool
 from kvbaton.engine.config import OFFLOAD_MODES
 from kvbaton.engine.request import Request, RequestStatus
 from kvbaton.engine.scheduler import Scheduler
-from kvbaton.kv.events import BlockStored, KVEvent
+from kvbaton.kv.events import REMOTE_MEDIUM, BlockRemoved, BlockStored, KVEvent
 from kvbaton.kv.hashing import BlockHash
 from kvbaton.kv.store.base import BlockMeta, KVTier, LoadPlan, StorePlan, TierError
 from kvbaton.kv.store.host import HostTier
 from kvbaton.kv.store.io import Job, JobCancelled, TierIO
 from kvbaton.kv.store.mover import BlockMover, kv_rows
 from kvbaton.kv.store.policies import ReuseFilter
+from kvbaton.kv.store.remote import RemoteReader, RemoteTier
 
 log = logging.getLogger(__name__)
 
 # Buckets of the load-latency histogram (seconds).
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _EXPIRE_EVERY_S = 1.0
+# Remote writes queued at once (each up to BATCH_BLOCKS... blocks, holding their host entries):
+# past this, new ones are dropped and counted rather than queued behind a slow server.
+_MAX_REMOTE_PUT_JOBS = 8
+# Hashes this worker put in (or loaded from) the remote tier lately, not written again.
+_REMOTE_KNOWN_MAX = 1 << 16
 
 
 @dataclass
@@ -95,6 +112,29 @@ class _Load:
     timed_out: bool = False
     marked: bool = True  # its hashes count in KVOffload._loading
     fresh: bool = True  # started in the scheduling of the current step
+    remote: RemoteReader | None = None  # the run's blocks after the local tiers' come from the server
+    remote_positions: list[int] = field(default_factory=list)  # their positions in the run
+    io: TierIO | None = None  # the thread running it
+
+
+@dataclass
+class _Probe:
+    """A lookup in the remote tier for a waiting request's blocks ``start``.. (its leading run
+    in the local tiers ends there)."""
+
+    request_id: str
+    start: int
+    hashes: list[BlockHash]
+    job: Job | None = None
+    found: int | None = None  # leading hashes the server holds, once the job is reaped
+    fresh: bool = True
+
+
+@dataclass
+class _RemotePut:
+    hashes: list[BlockHash]
+    metas: list[BlockMeta]
+    hold: LoadPlan  # the host entries being read
 
 
 @dataclass
@@ -121,6 +161,9 @@ class KVOffload:
         readahead_blocks: int = 64,
         clock: Callable[[], float] = time.monotonic,
         io: TierIO | None = None,
+        remote: RemoteTier | None = None,
+        remote_min_hits: int = 1,
+        remote_io: TierIO | None = None,
     ) -> None:
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"offload mode must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
@@ -136,9 +179,21 @@ class KVOffload:
         self.rows = kv_rows(kv_cache)
         self.block_bytes = int(self.rows.shape[1])
         self.mover = BlockMover(self.rows)
-        self.io = io or TierIO()  # tests pass one they step by hand
+        self._io_done = threading.Event()
+        self.io = io or TierIO(on_complete=self._io_done.set)  # tests pass one they step by hand
         self.filter = ReuseFilter(min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
         self.stats = {t.name: TierStats() for t in self.tiers}
+        self.remote = remote
+        self.remote_io: TierIO | None = None
+        self.remote_filter = ReuseFilter(remote_min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
+        if remote is not None:
+            if not isinstance(self.top, HostTier):
+                raise ValueError("the remote tier is written from the host tier: it needs one")
+            self.remote_io = remote_io or TierIO("kvbaton-kv-remote", on_complete=self._io_done.set)
+            self.stats[remote.name] = TierStats()
+        self._probes: dict[str, _Probe] = {}
+        self._remote_known: OrderedDict[BlockHash, float] = OrderedDict()  # hash -> when put/loaded
+        self._ping: Job | None = None
         self.sync_stores = 0  # blocks copied at eviction time (readahead had not reached them)
         self.eviction_waits = 0  # evictions that waited for an offload copy still running
         self.cancelled_stores = 0  # queued copies dropped because their block was evicted first
@@ -195,7 +250,10 @@ class KVOffload:
             if meta.token_ids != tuple(req.token_ids[i * bs : (i + 1) * bs]):
                 break
             run.append((holder, h, meta))
-        if not run:
+        remote_n = self._remote_run(req, hashes, k + len(run), max_blocks)
+        if remote_n is None:
+            return True  # its probe of the remote tier is out: keep waiting, holding nothing
+        if not run and not remote_n:
             return False
         # Hold the tier entries first: allocating device blocks can evict device blocks into
         # the host tier, which could otherwise evict the very entries about to be loaded.
@@ -204,19 +262,60 @@ class KVOffload:
             positions = [i for i, (rt, _, _) in enumerate(run) if rt is t]
             if positions:
                 parts.append((t, t.dir.prepare_load([run[i][1] for i in positions]), positions))
-        blocks = self.pool.acquire(hit, len(run))
+        start = k + len(run)
+        remote_hashes = hashes[start : start + remote_n]
+        remote_metas = [BlockMeta(hashes[i - 1] if i else None, tuple(req.token_ids[i * bs : (i + 1) * bs]))
+                        for i in range(start, start + remote_n)]
+        blocks = self.pool.acquire(hit, len(run) + remote_n)
         if blocks is None:
             for t, plan, _ in parts:
                 t.dir.complete_load(plan, ok=False)
             return False
-        load = _Load(req, blocks, k, [h for _, h, _ in run], [m for _, _, m in run], parts, self.clock())
+        load = _Load(req, blocks, k, [h for _, h, _ in run] + remote_hashes, [m for _, _, m in run] + remote_metas,
+                     parts, self.clock())
+        if remote_n:
+            assert self.remote is not None
+            load.remote = RemoteReader(self.remote, dict(zip(remote_hashes, remote_metas)))
+            load.remote_positions = list(range(len(run), len(run) + remote_n))
         for h in load.hashes:
             self._loading[h] = self._loading.get(h, 0) + 1
         req.block_ids = blocks
         req.status = RequestStatus.WAITING_FOR_KV
         self._loads[req.request_id] = load
-        load.job = self.io.submit("load", lambda: self._do_load(load), load, urgent=True)
+        # A load with remote blocks runs on the remote tier's thread (its local part too: a host
+        # copy is a memcpy of rows no other job touches), so the server's latency never holds
+        # up the local tiers' queue.
+        load.io = self.remote_io if load.remote is not None and self.remote_io is not None else self.io
+        load.job = load.io.submit("load", lambda: self._do_load(load), load, urgent=True)
         return True
+
+    def _remote_run(self, req: Request, hashes: list[BlockHash], start: int, max_blocks: int) -> int | None:
+        """How many blocks from ``start`` on to load from the remote tier: 0 when there is no
+        tier, it is down, nothing is left to look up, or this request already looked; None while
+        its lookup (started here, once per request) is out."""
+        if self.remote is None or req.remote_probed or start >= max_blocks:
+            return 0
+        probe = self._probes.get(req.request_id)
+        if probe is None:
+            if not self.remote.available:
+                return 0
+            remote, todo = self.remote, hashes[start:max_blocks]
+            probe = self._probes[req.request_id] = _Probe(req.request_id, start, todo)
+            assert self.remote_io is not None
+            probe.job = self.remote_io.submit("probe", lambda: remote.probe(todo), probe, urgent=True)
+            self.remote.stats.probes += 1
+            return None
+        if probe.found is None:
+            return None
+        del self._probes[req.request_id]
+        req.remote_probed = True
+        # The local run may have changed while the probe was out; the remote run is usable
+        # from wherever the local one ends now, if the probe covered that block.
+        n = max(0, min(probe.start + probe.found, max_blocks) - start) if probe.start <= start else 0
+        run = 0
+        while run < n and hashes[start + run] not in self._loading:  # another request loads it: share
+            run += 1
+        return run
 
     def _stalled(self) -> bool:
         """A load ran past its timeout and its copy has still not returned: the medium hangs.
@@ -224,10 +323,15 @@ class KVOffload:
         return any(load.timed_out and load.job is not None and not load.job.done for load in self._abandoned)
 
     def _do_load(self, load: _Load) -> list[BlockHash]:
-        """IO thread: copy the run into its device blocks; the hashes that failed validation."""
+        """IO thread: copy the run into its device blocks; the hashes that failed validation
+        (or, remote, were gone)."""
         bad: list[BlockHash] = []
         for t, plan, positions in load.parts:
             bad += self.mover.load(t, plan, [load.blocks[load.num_hit + p] for p in positions])
+        if load.remote is not None:
+            ps = load.remote_positions
+            plan = LoadPlan([load.hashes[p] for p in ps], list(ps))
+            bad += self.mover.load(load.remote, plan, [load.blocks[load.num_hit + p] for p in ps])
         return bad
 
     def wait_new_loads(self, grace_s: float) -> int:
@@ -237,8 +341,11 @@ class KVOffload:
         step it was passed over in. The wait is bounded, so a slow medium costs at most
         ``grace_s`` per step."""
         fresh = [load.job for load in self._loads.values() if load.job is not None and load.fresh]
+        fresh += [p.job for p in self._probes.values() if p.job is not None and p.fresh]
         for load in self._loads.values():
             load.fresh = False
+        for p in self._probes.values():
+            p.fresh = False
         if not fresh or grace_s <= 0:
             return 0
         deadline = time.monotonic() + grace_s
@@ -246,8 +353,18 @@ class KVOffload:
             if not job.wait(max(0.0, deadline - time.monotonic())):
                 break
         before = len(self._loads)
+        answered = sum(1 for p in self._probes.values() if p.found is not None)
         self._reap()
-        return before - len(self._loads)
+        # A probe answered is as good as a load landed: its request can start its load now.
+        return before - len(self._loads) + sum(1 for p in self._probes.values() if p.found is not None) - answered
+
+    def wait_io(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until a job of either IO thread finishes: the engine's
+        idle wait while requests wait for prefix loads or remote lookups."""
+        if self.io.has_completed or (self.remote_io is not None and self.remote_io.has_completed):
+            return
+        self._io_done.wait(timeout_s)
+        self._io_done.clear()
 
     def abandon(self, req: Request) -> None:
         """``req`` was aborted while its prefix loads: the load keeps its blocks until done."""
@@ -286,6 +403,8 @@ class KVOffload:
                     st.hit_tokens += used * self.pool.block_size
                 st.observe_load(elapsed)
             self._flush_events(t)
+        if load.remote is not None:
+            self._finish_remote_load(load, job, good_run, first)
         if load.abandoned:
             self.pool.free(list(reversed(load.blocks)))
             self._abandoned.remove(load)
@@ -300,6 +419,35 @@ class KVOffload:
         if good_run < len(load.hashes):
             req.skip_tiers = True  # compute the rest rather than retry a tier that failed
         self.scheduler.kv_arrived(req, load.blocks[:keep], keep * bs)
+
+    def _finish_remote_load(self, load: _Load, job: Job, good_run: int, first: bool) -> None:
+        assert self.remote is not None and load.remote is not None
+        remote, st = self.remote, self.stats[self.remote.name]
+        if isinstance(job.error, JobCancelled):
+            pass
+        elif job.error is not None:
+            self._remote_failed(job.error)
+        else:
+            remote.note_ok()
+        used = sum(1 for p in load.remote_positions if p < good_run)
+        gone = [h for h, s in load.remote.status.items() if s != "ok"]
+        remote.stats.missing += sum(1 for s in load.remote.status.values() if s == "missing")
+        remote.stats.bad_values += sum(1 for s in load.remote.status.values() if s == "bad")
+        if load.abandoned or job.error is not None or gone:
+            st.failed_loads += 1
+        if used and not load.abandoned:
+            st.loads += 1
+            st.load_bytes += used * self.block_bytes
+            if first:
+                st.hit_tokens += used * self.pool.block_size
+            st.observe_load(self.clock() - load.started)
+        now = self.clock()
+        for p in load.remote_positions[:used]:
+            self._know_remote(load.hashes[p], now)
+        if gone:  # the router's index should stop sending requests here for them
+            for h in gone:
+                self._remote_known.pop(h, None)
+            self._emit(BlockRemoved(gone, medium=REMOTE_MEDIUM))
 
     def _unmark_loading(self, load: _Load) -> None:
         """Nobody should wait for ``load``'s blocks any more (it ended, or timed out)."""
@@ -327,8 +475,8 @@ class KVOffload:
             self._abandoned.append(load)
             load.req.skip_tiers = True
             self.scheduler.kv_arrived(load.req, [], 0)
-            if load.job is not None:
-                self.io.cancel(load.job)  # still queued: its blocks come back at the next reap
+            if load.job is not None and load.io is not None:
+                load.io.cancel(load.job)  # still queued: its blocks come back at the next reap
 
     # ---- stores ------------------------------------------------------------------------
 
@@ -336,6 +484,12 @@ class KVOffload:
         if not req.reuse_counted:  # once per request, however many steps it waits
             req.reuse_counted = True
             self.filter.record(hashes)
+            if self.remote is not None:
+                self.remote_filter.record(hashes)
+                if self.remote_filter.threshold > 1:
+                    # Blocks already on the host tier that this use makes qualify: the host
+                    # store that normally sends them on happened before they did.
+                    self._write_remote([h for h in hashes if self.top.dir.is_ready(h)])
 
     def _wanted(self, blk: Block) -> bool:
         h = blk.block_hash
@@ -409,6 +563,70 @@ class KVOffload:
         self._flush_events(rec.tier)
         if ok and rec.tier is self.top and len(self.tiers) > 1:
             self._write_below(rec.tier, rec.plan.hashes)
+        if ok and rec.tier is self.top and self.remote is not None:
+            self._write_remote(rec.plan.hashes)
+
+    def _write_remote(self, hashes: list[BlockHash]) -> None:
+        """Copy blocks the host tier just stored on to the remote tier, unless this worker put
+        (or loaded) them there lately or the reuse filter says no. Never waits: while the
+        server is down, or too many writes are queued, they are dropped (and counted)."""
+        remote, src = self.remote, self.top
+        assert remote is not None and self.remote_io is not None and isinstance(src, HostTier)
+        now = self.clock()
+        todo = [h for h in hashes if not self._remote_recent(h, now) and src.dir.is_ready(h)
+                and self.remote_filter.admits(h)]
+        if not todo:
+            return
+        if not remote.available or self.remote_io.pending >= _MAX_REMOTE_PUT_JOBS:
+            remote.stats.dropped_puts += len(todo)
+            return
+        hold = src.dir.prepare_load(todo)  # the host rows stay put while the server reads them
+        rec = _RemotePut(todo, [src.dir.meta_of(h) for h in todo], hold)
+        self.remote_io.submit("put", lambda: remote.write(rec.hashes, rec.metas, src.rows, hold.slots), rec)
+
+    def _remote_recent(self, h: BlockHash, now: float) -> bool:
+        """Put in or loaded from the remote tier within half its TTL (so most likely still there)."""
+        assert self.remote is not None
+        t = self._remote_known.get(h)
+        return t is not None and now - t < self.remote.ttl_s / 2
+
+    def _know_remote(self, h: BlockHash, now: float) -> None:
+        self._remote_known[h] = now
+        self._remote_known.move_to_end(h)
+        if len(self._remote_known) > _REMOTE_KNOWN_MAX:
+            self._remote_known.popitem(last=False)
+
+    def _finish_put(self, rec: _RemotePut, job: Job) -> None:
+        assert self.remote is not None
+        self.top.dir.complete_load(rec.hold, ok=False)
+        st, remote = self.stats[self.remote.name], self.remote
+        if job.error is not None:
+            st.failed_stores += 1
+            remote.stats.dropped_puts += len(rec.hashes)
+            self._remote_failed(job.error)
+            return
+        remote.note_ok()
+        stored = set(job.result or ())
+        remote.stats.put_blocks += len(stored)
+        remote.stats.put_failures += len(rec.hashes) - len(stored)
+        if len(stored) < len(rec.hashes):
+            st.failed_stores += 1
+        st.stores += len(stored)
+        st.store_bytes += len(stored) * self.block_bytes
+        now = self.clock()
+        for h, meta in zip(rec.hashes, rec.metas):
+            if h in stored:
+                self._know_remote(h, now)
+                self._emit(BlockStored([h], meta.parent, list(meta.token_ids), self.pool.block_size,
+                                       medium=REMOTE_MEDIUM))
+
+    def _remote_failed(self, error: BaseException) -> None:
+        assert self.remote is not None
+        if isinstance(error, TierError):
+            self.remote.note_failure(error)
+        else:  # a bug or a refused password: log it, and back off like an outage
+            log.warning("KV remote tier call failed: %s", error)
+            self.remote.note_failure(error)
 
     def _write_below(self, src: KVTier, hashes: list[BlockHash]) -> None:
         """Copy blocks the host tier just stored on to the disk tier (write-through)."""
@@ -440,6 +658,8 @@ class KVOffload:
         self._reap()
         if self._loads:
             self._check_timeouts()
+        if self.remote is not None:
+            self._remote_upkeep()
         now = self.clock()
         if now >= self._next_expire:
             self._next_expire = now + _EXPIRE_EVERY_S
@@ -465,6 +685,17 @@ class KVOffload:
         if todo:
             self._submit_store(todo)
 
+    def _remote_upkeep(self) -> None:
+        """PING a down remote tier when its backoff is over; drop probes of requests that ended."""
+        remote = self.remote
+        assert remote is not None and self.remote_io is not None
+        if self._ping is None and remote.retry_due():
+            self._ping = self.remote_io.submit("ping", remote.ping, None, urgent=True)
+        if self._probes:
+            live = self.scheduler.requests
+            for rid in [rid for rid, p in self._probes.items() if rid not in live and p.found is not None]:
+                del self._probes[rid]
+
     def _settle_store(self, job: Job) -> None:
         """A store job ended (or was cancelled): release its device rows, settle its entries."""
         rec = job.tag
@@ -482,14 +713,41 @@ class KVOffload:
         self._stored(rec, job.error is None)
 
     def _reap(self) -> None:
-        for job in self.io.completed():
+        jobs = self.io.completed()
+        if self.remote_io is not None:
+            jobs += self.remote_io.completed()
+        for job in jobs:
             tag = job.tag
             if isinstance(tag, _Load):
                 self._finish_load(tag, job)
             elif isinstance(tag, _Store):
                 self._settle_store(job)
+            elif isinstance(tag, _Probe):
+                self._finish_probe(tag, job)
+            elif isinstance(tag, _RemotePut):
+                self._finish_put(tag, job)
+            elif job is self._ping:
+                self._ping = None
+                assert self.remote is not None
+                if job.error is None:
+                    self.remote.note_ok()
+                else:
+                    self._remote_failed(job.error)
             elif job.error is not None:
                 log.warning("KV store %s job failed: %s", job.kind, job.error)
+
+    def _finish_probe(self, probe: _Probe, job: Job) -> None:
+        assert self.remote is not None
+        if job.error is None:
+            probe.found = int(job.result)
+            self.remote.stats.probe_blocks_found += probe.found
+            self.remote.note_ok()
+        else:
+            probe.found = 0  # the request computes what the local tiers lack
+            if not isinstance(job.error, JobCancelled):
+                self._remote_failed(job.error)
+        if probe.request_id not in self.scheduler.requests:
+            self._probes.pop(probe.request_id, None)
 
     # ---- pins --------------------------------------------------------------------------
 
@@ -528,11 +786,13 @@ class KVOffload:
     # ---- events, snapshots, accounting -------------------------------------------------
 
     def _flush_events(self, tier: KVTier) -> None:
-        events = tier.dir.take_events()
+        for ev in tier.dir.take_events():
+            self._emit(ev)
+
+    def _emit(self, ev: KVEvent) -> None:
         sink = self.pool.event_sink
         if sink is not None:
-            for ev in events:
-                sink(ev)
+            sink(ev)
 
     def snapshot_events(self) -> list[KVEvent]:
         """BlockStored for every ready block of every tier (a resync after the pool's own)."""
@@ -573,7 +833,33 @@ class KVOffload:
                 "failed_loads": st.failed_loads, "failed_stores": st.failed_stores,
                 "load_seconds_buckets": list(st.load_seconds), "load_seconds_sum": st.load_seconds_sum,
             }
+        if self.remote is not None:
+            # The server's keys are not counted here (it is shared, and evicts by itself):
+            # use and capacity are the server's INFO memory, not this worker's.
+            st, r = self.stats[self.remote.name], self.remote
+            out[r.name] = {
+                "medium": r.medium, "enabled": r.up, "blocks_used": 0, "blocks_capacity": 0,
+                "bytes_used": 0, "bytes_capacity": 0, "blocks_pinned": 0, "hit_tokens": st.hit_tokens,
+                "stores": st.stores, "store_bytes": st.store_bytes, "loads": st.loads, "load_bytes": st.load_bytes,
+                "evictions": 0, "expirations": 0, "dropped": r.stats.bad_values,
+                "failed_loads": st.failed_loads, "failed_stores": st.failed_stores,
+                "load_seconds_buckets": list(st.load_seconds), "load_seconds_sum": st.load_seconds_sum,
+            }
         return out
+
+    def remote_stats(self) -> dict[str, Any]:
+        """The remote tier's own counters and state ({} without one), for metrics and /kv/info."""
+        r = self.remote
+        if r is None:
+            return {}
+        s = r.stats
+        return {
+            "url": r.url.redacted, "namespace": r.namespace, "ttl_s": r.ttl_s, "up": r.up,
+            "last_error": r.last_error, "probes": s.probes, "probe_blocks_found": s.probe_blocks_found,
+            "missing": s.missing, "bad_values": s.bad_values, "put_blocks": s.put_blocks,
+            "put_failures": s.put_failures, "dropped_puts": s.dropped_puts, "errors": s.errors,
+            "outages": s.outages, "down_seconds": r.down_seconds,
+        }
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish queued copies (bounded), including the disk copies of what the host tier
@@ -584,7 +870,13 @@ class KVOffload:
         self._closed = True
         for _ in range(3):  # device -> host, host -> disk, and the deletions they cause
             self.io.drain(timeout_s)
+            if self.remote_io is not None:
+                # Bounded by the server's timeout per call: a dead server costs seconds, not a hang.
+                self.remote_io.drain(timeout_s)
             self._reap()
         self.io.close()
         for t in self.tiers:
             t.close()
+        if self.remote_io is not None and self.remote is not None:
+            self.remote_io.close(timeout_s)
+            self.remote.close()

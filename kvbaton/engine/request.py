@@ -66,6 +66,8 @@ class Request:
     num_reported_tokens: int = field(init=False, default=0)  # output tokens already returned
     # A prefix load from the tiered store failed or timed out: compute the prompt instead.
     skip_tiers: bool = field(init=False, default=False)
+    # The remote KV tier was asked for this request's blocks (once per request).
+    remote_probed: bool = field(init=False, default=False)
     # The tiered store's reuse filter has counted this request's blocks (once per request).
     reuse_counted: bool = field(init=False, default=False)
     # Prefill-only: keep the prompt's blocks under a lease of this many seconds when finished.

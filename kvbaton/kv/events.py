@@ -16,6 +16,9 @@ import msgspec
 from kvbaton.kv.hashing import BlockHash
 
 DEFAULT_MEDIUM = "device"
+# Blocks a worker put in the shared remote tier (kvbaton.kv.store.remote): reachable by every
+# worker of the cluster, not only the one that published the event.
+REMOTE_MEDIUM = "REMOTE"
 
 
 class KVCacheEvent(msgspec.Struct, array_like=True, tag=True, frozen=True, gc=False):

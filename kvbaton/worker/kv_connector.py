@@ -195,7 +195,14 @@ class KVConnector:
                 "topic": "kv-events", "encrypted": self.events.encrypted,
             },
             "kv_tiers": self.tiers_info(),
+            "kv_remote": self.remote_info(),
         }
+
+    def remote_info(self) -> dict[str, Any] | None:
+        """The remote tier as operators see it (URL without its password, namespace, TTL, up);
+        None without one."""
+        r = self.async_engine.stats_snapshot.get("kv_remote") or {}
+        return {k: r[k] for k in ("url", "namespace", "ttl_s", "up")} if r else None
 
     def tiers_info(self) -> dict[str, dict[str, Any]]:
         """The tiered KV store as routers see it: tier name -> {medium (what its KV events

@@ -85,6 +85,37 @@ def _tier_metrics(model: str, tiers: dict[str, dict[str, Any]], sync_stores: flo
     yield c
 
 
+# The remote tier's own series: (name, help, key in KVOffload.remote_stats(), counter?).
+REMOTE_SERIES = (
+    ("kv_remote_up", "1 while the remote KV tier's server answers; 0 while it is down (the worker "
+     "serves from its local tiers and retries with backoff).", "up", False),
+    ("kv_remote_outages", "Times the remote KV tier's server became unreachable.", "outages", True),
+    ("kv_remote_down_seconds", "Seconds the remote KV tier has been down, all outages together.",
+     "down_seconds", True),
+    ("kv_remote_errors", "Remote KV tier calls that failed: unreachable, timed out.", "errors", True),
+    ("kv_remote_probes", "Lookups of a request's prefix in the remote KV tier.", "probes", True),
+    ("kv_remote_missing_blocks", "Blocks a lookup found that were gone (evicted, expired) when read: "
+     "recomputed.", "missing", True),
+    ("kv_remote_bad_values", "Remote values refused (wrong model, layout, size, checksum or tokens) and "
+     "deleted.", "bad_values", True),
+    ("kv_remote_put_failures", "Blocks the remote server refused to store (maxmemory with noeviction).",
+     "put_failures", True),
+    ("kv_remote_dropped_puts", "Blocks not sent to the remote tier: it was down or its queue full.",
+     "dropped_puts", True),
+)
+
+
+def _remote_metrics(model: str, remote: dict[str, Any]) -> Iterable[Metric]:
+    """The remote tier's series (none without one)."""
+    if not remote:
+        return
+    for name, doc, key, counter in REMOTE_SERIES:
+        family = CounterMetricFamily if counter else GaugeMetricFamily
+        m = family(PREFIX + name, doc, labels=["model_name"])
+        m.add_metric([model], float(remote.get(key) or 0))
+        yield m
+
+
 class _EngineCollector(Collector):
     """Gauges and cumulative counters read from the engine thread's stats snapshot."""
 
@@ -118,6 +149,7 @@ class _EngineCollector(Collector):
             c.add_metric([self._model], float(s.get(key, 0)))
             yield c
         yield from _tier_metrics(self._model, s.get("kv_tiers") or {}, float(s.get("kv_offload_sync_stores", 0)))
+        yield from _remote_metrics(self._model, s.get("kv_remote") or {})
 
 
 class WorkerMetrics:

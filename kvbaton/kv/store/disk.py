@@ -23,16 +23,10 @@ its block's name: still atomic, since a spare is never under a block's name whil
 rewritten. Spares are temp files: ``close`` and the next startup scan delete them. Disk use is
 at most ``capacity_blocks + spare_files`` files. ``benchmarks/kv_disk_tier.py`` measures both.
 
-File format (version 1)::
-
-    offset 0   "KVBT" | u16 format version | u16 header length n | u32 payload offset P  (little-endian)
-    offset 12  n bytes: msgpack array [block hash, layout id, model fingerprint,
-               payload length, XXH3-64 of the payload, parent hash or nil, token ids]
-    ...        zero padding up to P (a multiple of 4096 fixed per tier: every file has one size)
-    offset P   the payload: exactly ``block_bytes`` raw bytes of the block
-
-The payload starts on a page boundary, so every page-cache page maps to one contiguous piece of
-the destination row (and O_DIRECT remains possible later). A reader rejects any other version.
+File format: :mod:`kvbaton.kv.store.blockfmt` (the header a remote tier's values carry too),
+with the payload offset P padded to a multiple of 4096 fixed per tier, so every file has one
+size and the payload starts on a page boundary: every page-cache page maps to one contiguous
+piece of the destination row (and O_DIRECT remains possible later).
 
 Threads follow :mod:`kvbaton.kv.store.base`: the constructor (which scans the directory) and
 the metadata run on the engine thread; ``write``, ``read`` and ``removed`` run on the IO thread
@@ -48,49 +42,31 @@ import logging
 import os
 import random
 import stat
-import struct
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import msgspec
 import torch
 
 from kvbaton.kv.codec import checksum, host_bytes
 from kvbaton.kv.hashing import HASH_BYTES, BlockHash
 from kvbaton.kv.store.base import BlockDirectory, BlockMeta, KVTier, LoadPlan, StorePlan, TierError
+from kvbaton.kv.store.blockfmt import BlockFormat, BlockHeader
 from kvbaton.kv.store.policies import EvictionPolicy
 
 log = logging.getLogger(__name__)
 
 DISK_MEDIUM = "DISK"
-MAGIC = b"KVBT"
-FORMAT_VERSION = 1
 BLOCK_SUFFIX = ".kvb"
 TMP_PREFIX = ".tmp-"  # <TMP_PREFIX><pid>-<random>: a write in progress, a spare, or a leftover
 LOCK_NAME = "lock"
 PAGE_BYTES = 4096
 DEFAULT_SPARE_FILES = 64
 
-_PREFIX = struct.Struct("<4sHHI")  # magic, format version, header length, payload offset
 _SUBDIRS = [f"{i:02x}" for i in range(256)]
 # Errors that say the medium as a whole takes no more writes (full, read-only, no permission):
 # retrying block by block would only fail again, so the tier turns itself off.
 _DISABLING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
-
-
-class _Header(msgspec.Struct, array_like=True, frozen=True):
-    block_hash: bytes
-    layout_id: str
-    model_fingerprint: str
-    payload_len: int
-    checksum: int
-    parent: bytes | None
-    token_ids: tuple[int, ...]
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_Header)
 
 
 def model_dir_name(model_fingerprint: str, layout_id: str) -> str:
@@ -125,7 +101,11 @@ class DiskTier(KVTier):
         self.layout_id = layout_id
         self.model_fingerprint = model_fingerprint
         self.block_size = block_size
-        self.payload_offset = self._payload_offset(block_bytes)
+        # The largest header this tier can write, rounded up to whole pages: every file then
+        # has the same size, which the scan checks from a stat.
+        widest = BlockFormat(layout_id, model_fingerprint, block_bytes, block_size).widest_header()
+        self.payload_offset = -(-widest // PAGE_BYTES) * PAGE_BYTES
+        self.format = BlockFormat(layout_id, model_fingerprint, block_bytes, block_size, self.payload_offset)
         self.disabled_reason: str | None = None
         self.scan_found = 0  # valid blocks the startup scan registered
         self.scan_removed = 0  # files it deleted: leftovers, invalid, over capacity, expired
@@ -325,40 +305,15 @@ class DiskTier(KVTier):
             os.close(fd)
 
     def _encode_header(self, h: BlockHash, meta: BlockMeta, payload_checksum: int) -> bytes:
-        body = _encoder.encode(_Header(h, self.layout_id, self.model_fingerprint, self.block_bytes,
-                                       payload_checksum, meta.parent, tuple(meta.token_ids)))
-        if _PREFIX.size + len(body) > self.payload_offset:
-            raise TierError(f"block {h.hex()}'s header does not fit ({len(meta.token_ids)} token ids)")
-        return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body), self.payload_offset) + body + bytes(
-            self.payload_offset - _PREFIX.size - len(body))
-
-    def _parse_header(self, buf: bytearray, h: BlockHash) -> _Header | None:
-        """The header in ``buf`` if it is ours and names block ``h``; None otherwise."""
-        if len(buf) < _PREFIX.size:
-            return None
-        magic, version, n, offset = _PREFIX.unpack_from(buf, 0)
-        if magic != MAGIC or version != FORMAT_VERSION or offset != self.payload_offset:
-            return None
-        if _PREFIX.size + n > len(buf):
-            return None
         try:
-            header = _decoder.decode(memoryview(buf)[_PREFIX.size : _PREFIX.size + n])
-        except msgspec.DecodeError:
-            return None
-        if (header.block_hash != h or header.layout_id != self.layout_id
-                or header.model_fingerprint != self.model_fingerprint or header.payload_len != self.block_bytes
-                or len(header.token_ids) > self.block_size
-                or (header.parent is not None and len(header.parent) != HASH_BYTES)):
-            return None
-        return header
+            return self.format.encode(h, meta, payload_checksum)
+        except ValueError as e:
+            raise TierError(str(e)) from None
 
-    def _payload_offset(self, block_bytes: int) -> int:
-        # The largest header this tier can write (all fields at their widest), rounded up to
-        # whole pages: every file then has the same size, which the scan checks from a stat.
-        widest = _Header(b"\xff" * HASH_BYTES, self.layout_id, self.model_fingerprint, block_bytes, 2**64 - 1,
-                         b"\xff" * HASH_BYTES, (2**64 - 1,) * self.block_size)
-        n = _PREFIX.size + len(_encoder.encode(widest))
-        return -(-n // PAGE_BYTES) * PAGE_BYTES
+    def _parse_header(self, buf: bytearray, h: BlockHash) -> BlockHeader | None:
+        """The header in ``buf`` if it is ours and names block ``h``; None otherwise."""
+        parsed = self.format.parse(buf, h)
+        return None if parsed is None else parsed[0]
 
     def _check_rows(self, rows: torch.Tensor, hashes: Sequence[BlockHash], row_ids: Sequence[int]) -> None:
         if (rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2

@@ -51,7 +51,10 @@ class Job:
 class TierIO:
     """A single worker thread with a high-priority queue (loads) and a normal one."""
 
-    def __init__(self, name: str = "kvbaton-kv-io") -> None:
+    def __init__(self, name: str = "kvbaton-kv-io", on_complete: Callable[[], None] | None = None) -> None:
+        # on_complete: called (on the thread that completed it) after each job completes, so an
+        # owner with two TierIO can wait for either (KVOffload.wait_io).
+        self.on_complete = on_complete
         self._cond = threading.Condition()
         self._urgent: deque[Job] = deque()
         self._normal: deque[Job] = deque()
@@ -85,8 +88,15 @@ class TierIO:
                 self._completed.append(job)
                 job._done.set()
                 self._cond.notify_all()
+                if self.on_complete is not None:
+                    self.on_complete()
                 return True
         return False
+
+    @property
+    def has_completed(self) -> bool:
+        """Some job finished and was not collected yet."""
+        return bool(self._completed)
 
     def completed(self) -> list[Job]:
         """Jobs that finished since the last call (engine thread)."""
@@ -142,3 +152,5 @@ class TierIO:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+            if self.on_complete is not None:
+                self.on_complete()

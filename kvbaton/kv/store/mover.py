@@ -10,6 +10,7 @@ take host memory (the disk) goes through a pinned staging buffer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -19,6 +20,12 @@ from kvbaton.kv.store.host import HostTier
 
 # Staging rows the CUDA path allocates (pinned) for tiers that need host memory.
 STAGING_BLOCKS = 64
+
+
+class BlockReader(Protocol):
+    """What a load reads from: a tier, or one load's view of the remote tier."""
+
+    def read(self, plan: LoadPlan, rows: torch.Tensor, row_ids: Sequence[int]) -> list[BlockHash]: ...
 
 
 def kv_rows(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -35,9 +42,10 @@ class BlockMover:
         self._stream: torch.cuda.Stream | None = None
         self._staging: torch.Tensor | None = None
 
-    def load(self, tier: KVTier, plan: LoadPlan, dst_ids: Sequence[int]) -> list[BlockHash]:
+    def load(self, tier: BlockReader, plan: LoadPlan, dst_ids: Sequence[int]) -> list[BlockHash]:
         """Fill device rows ``dst_ids`` from the tier; returns the hashes that failed
-        validation (their rows hold garbage)."""
+        validation (their rows hold garbage). On CUDA a reader other than the host tier fills
+        pinned staging rows, copied up in chunks."""
         if not self.on_cuda:
             return tier.read(plan, self.rows, dst_ids)
         if isinstance(tier, HostTier):
