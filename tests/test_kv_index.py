@@ -1,4 +1,4 @@
-"""KVIndex against a brute-force model, plus prediction TTLs on an injected clock."""
+"""KVIndex against a brute-force model, plus prediction and remote-tier TTLs on an injected clock."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvbaton.kv import index as kv_index
-from kvbaton.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbaton.kv.events import REMOTE_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbaton.kv.index import KVIndex
 
 
@@ -27,12 +27,13 @@ CHAIN_C = [H(i) for i in range(20, 26)]
 CHAINS = [CHAIN_A, CHAIN_B, CHAIN_C, CHAIN_A[::-1], CHAIN_A[1:]]
 UNIVERSE = sorted(set(CHAIN_A + CHAIN_B + CHAIN_C))
 WORKERS = ["w0", "w1", "w2"]
-MEDIUMS = ["device", "host", "DISK"]
+MEDIUMS = ["device", "host", "DISK", REMOTE_MEDIUM]  # REMOTE: the cluster-wide set
+REMOTE_TTL = 1.5  # a few ticks: entries expire during a run
 # Credits per medium for weighted_prefix; "DISK" is left out so the default weight applies.
 # Powers of two keep the float sums exact whatever order they are added in.
 WEIGHT_SETS = [
-    ({"device": 1.0, "host": 0.5}, 0.25),
-    ({"device": 0.5, "host": 1.0, "DISK": 0.125}, 1.0),
+    ({"device": 1.0, "host": 0.5}, 0.25),  # REMOTE at the default, below every held medium
+    ({"device": 0.5, "host": 1.0, "DISK": 0.125, REMOTE_MEDIUM: 0.25}, 1.0),  # above DISK
     ({}, 1.0),  # every medium weighs 1: the fast path
 ]
 
@@ -57,12 +58,13 @@ class Model:
         self.pred: dict[str, dict[bytes, float]] = {}
         self.approx: dict[str, bool] = {}
         self.last: dict[str, int | None] = {}
+        self.remote: dict[bytes, float] = {}  # hash -> time of its last REMOTE store
 
     def ensure(self, w: str) -> None:
         if w not in self.blocks:
             self.blocks[w], self.pred[w], self.approx[w], self.last[w] = {}, {}, False, None
 
-    def apply(self, w: str, seq: int, events: list[KVEvent]) -> None:
+    def apply(self, w: str, seq: int, events: list[KVEvent], now: float) -> None:
         self.ensure(w)
         last = self.last[w]
         if seq != (0 if last is None else last + 1):
@@ -70,7 +72,13 @@ class Model:
             self.approx[w] = seq != 0
         self.last[w] = seq
         for ev in events:
-            if isinstance(ev, BlockStored):
+            if isinstance(ev, (BlockStored, BlockRemoved)) and ev.medium == REMOTE_MEDIUM:
+                for h in ev.block_hashes:  # any worker's, for every worker
+                    if isinstance(ev, BlockStored):
+                        self.remote[h] = now
+                    else:
+                        self.remote.pop(h, None)
+            elif isinstance(ev, BlockStored):
                 for h in ev.block_hashes:
                     if h not in self.blocks[w]:
                         self.pred[w].pop(h, None)
@@ -84,12 +92,20 @@ class Model:
             else:
                 self.blocks[w], self.approx[w] = {}, False
 
-    def longest_prefix(self, chain: list[bytes], now: float, preds: bool) -> dict[str, int]:
+    def in_remote(self, h: bytes, now: float, remote: bool = True) -> bool:
+        return remote and self.remote.get(h, -1e300) > now - REMOTE_TTL
+
+    def remote_run(self, chain: list[bytes], now: float, remote: bool = True) -> int:
+        """What any worker reaches with nothing of its own: the remote tier's leading run."""
+        return next((i for i, h in enumerate(chain) if not self.in_remote(h, now, remote)), len(chain))
+
+    def longest_prefix(self, chain: list[bytes], now: float, preds: bool, remote: bool = True) -> dict[str, int]:
         out = {}
         for w in self.blocks:
             n = 0
             for h in chain:
-                if h in self.blocks[w] or (preds and self.pred[w].get(h, -1.0) > now):
+                if (h in self.blocks[w] or (preds and self.pred[w].get(h, -1.0) > now)
+                        or self.in_remote(h, now, remote)):
                     n += 1
                 else:
                     break
@@ -98,13 +114,22 @@ class Model:
         return out
 
     def weighted_prefix(self, chain: list[bytes], now: float, preds: bool,
-                        weights: dict[str, float], default: float) -> dict[str, tuple[int, float]]:
+                        weights: dict[str, float], default: float,
+                        remote: bool = True) -> dict[str, tuple[int, float]]:
         out = {}
-        for w, n in self.longest_prefix(chain, now, preds).items():
+        w_remote = weights.get(REMOTE_MEDIUM, default)
+        for w, n in self.longest_prefix(chain, now, preds, remote).items():
             total = 0.0
             for h in chain[:n]:
                 mediums = self.blocks[w].get(h)
-                total += max(weights.get(m, default) for m in mediums) if mediums else 1.0
+                in_remote = self.in_remote(h, now, remote)
+                if mediums:  # held: its best medium, or the remote tier if that weighs more
+                    total += max([weights.get(m, default) for m in mediums] + [w_remote] * in_remote)
+                elif preds and self.pred[w].get(h, -1.0) > now:
+                    total += 1.0  # predicted: computed on the device
+                else:
+                    assert in_remote
+                    total += w_remote
             out[w] = (n, total)
         return out
 
@@ -121,6 +146,8 @@ class Truth:
 
     def run(self, events: list[KVEvent]) -> int:
         for ev in events:
+            if isinstance(ev, (BlockStored, BlockRemoved)) and ev.medium == REMOTE_MEDIUM:
+                continue  # the shared server's, not this worker's cache
             if isinstance(ev, BlockStored):
                 for h in ev.block_hashes:
                     self.blocks.setdefault(h, set()).add(ev.medium)
@@ -153,7 +180,7 @@ class IndexMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.index = KVIndex(clock=self.clock)
+        self.index = KVIndex(clock=self.clock, remote_ttl_s=REMOTE_TTL)
         self.model = Model()
         self.truth = {w: Truth() for w in WORKERS}
         self.seen_epoch: dict[str, int] = {}  # stream of the last batch the index got
@@ -169,7 +196,7 @@ class IndexMachine(RuleBasedStateMachine):
                 self.gap(w)
             self.seen_epoch[w] = self.truth[w].epoch
             self.index.apply(w, seq, events)
-            self.model.apply(w, seq, events)
+            self.model.apply(w, seq, events, self.clock.now)
 
     @rule(w=st.sampled_from(WORKERS), delivered=st.booleans())
     def restart(self, w: str, delivered: bool) -> None:
@@ -207,19 +234,24 @@ class IndexMachine(RuleBasedStateMachine):
     def lookups_agree(self) -> None:
         now = self.clock.now
         for chain in CHAINS:
-            for preds in (True, False):
-                assert self.index.longest_prefix(chain, preds) == \
-                    self.model.longest_prefix(chain, now, preds)
+            for preds, remote in itertools.product((True, False), repeat=2):
+                got = self.index.longest_prefix(chain, preds, remote)
+                assert got == self.model.longest_prefix(chain, now, preds, remote)
+                assert got.others == self.model.remote_run(chain, now, remote)
+                assert got.of("never-seen") == got.others
 
     @invariant()
     def weighted_lookups_agree(self) -> None:
         now = self.clock.now
         for chain in CHAINS:
             for weights, default in WEIGHT_SETS:
-                for preds in (True, False):
-                    got = self.index.weighted_prefix(chain, weights, default, include_predicted=preds)
-                    assert got == self.model.weighted_prefix(chain, now, preds, weights, default)
-                    assert {w: n for w, (n, _) in got.items()} == self.index.longest_prefix(chain, preds)
+                for preds, remote in itertools.product((True, False), repeat=2):
+                    got = self.index.weighted_prefix(chain, weights, default, preds, remote)
+                    assert got == self.model.weighted_prefix(chain, now, preds, weights, default, remote)
+                    runs = self.index.longest_prefix(chain, preds, remote)
+                    assert {w: n for w, (n, _) in got.items()} == runs
+                    r0 = self.model.remote_run(chain, now, remote)
+                    assert got.others == (r0, r0 * weights.get(REMOTE_MEDIUM, default)) and runs.others == r0
 
     @invariant()
     def per_worker_state_agrees(self) -> None:
@@ -230,6 +262,14 @@ class IndexMachine(RuleBasedStateMachine):
         for h in UNIVERSE:
             expect = {(w, m) for w, b in self.model.blocks.items() for m in b.get(h, ())}
             assert self.index.holders(h) == expect
+
+    @invariant()
+    def remote_tier_agrees(self) -> None:
+        """One set for the cluster, whatever happened to the workers that filled it."""
+        now = self.clock.now
+        assert {h for h in UNIVERSE if self.index.in_remote(h)} == \
+            {h for h in UNIVERSE if self.model.in_remote(h, now)}
+        assert self.index.remote_block_count() == sum(self.model.in_remote(h, now) for h in self.model.remote)
 
     @invariant()
     def never_claims_more_than_the_worker_holds(self) -> None:
@@ -449,3 +489,19 @@ def _run_drop_with_concurrent_lookups() -> None:
     assert seen <= {(("a", 128), ("b", 128)), (("b", 128),)}
     assert seen_weighted <= {(("a", (128, 64.0)), ("b", (128, 64.0))), (("b", (128, 64.0)),)}
     assert len(idx) == 128 and idx.workers() == ["b"]
+
+
+def test_expired_remote_entries_are_dropped_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries stored together expire together: each batch applied drops at most one chunk of
+    them (a bounded lock hold), lookups skip the rest at once, and the count drops them all."""
+    monkeypatch.setattr(kv_index, "_PURGE_CHUNK", 16)
+    clock = FakeClock()
+    idx = KVIndex(clock=clock, remote_ttl_s=10.0)
+    chain = [H(i) for i in range(100)]
+    idx.apply("a", 0, [stored(*chain, medium=REMOTE_MEDIUM)])
+    assert idx.longest_prefix(chain).others == 100
+    clock.now += 10.0
+    idx.apply("a", 1, [])
+    assert len(idx._remote) == 100 - 16  # one chunk dropped with the batch
+    assert idx.longest_prefix(chain) == {} and idx.longest_prefix(chain).others == 0
+    assert idx.remote_block_count() == 0 and len(idx._remote) == 0

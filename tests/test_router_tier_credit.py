@@ -173,7 +173,7 @@ def test_costs_are_unchanged_for_whole_cached_blocks() -> None:
 # ---- defaults and flags -------------------------------------------------------------------
 
 
-DEFAULTS = {"GPU": 1.0, "CPU": 1.0, "device": 1.0, "CPU_TIER": 0.95, "DISK": 0.6}
+DEFAULTS = {"GPU": 1.0, "CPU": 1.0, "device": 1.0, "CPU_TIER": 0.95, "DISK": 0.6, "REMOTE": 0.5}
 
 
 def test_default_credit_map() -> None:

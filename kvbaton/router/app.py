@@ -49,7 +49,8 @@ class RouterState:
         self.kv_feed: KVIndexFeed | None = None
         if overlap is None and config.kv_events:
             self.kv_feed = KVIndexFeed(self.metrics, config.kv_prediction_ttl_s,
-                                       medium_credit=config.medium_credit, kv_secret=config.kv_secret)
+                                       medium_credit=config.medium_credit, kv_secret=config.kv_secret,
+                                       remote_ttl_s=config.kv_remote_ttl_s)
             self.metrics.index = self.kv_feed.index
             self.pool.on_discovered.append(self.kv_feed.worker_discovered)
             overlap = self.kv_feed

@@ -18,6 +18,8 @@ import httpx
 
 from kvbaton.api.frontdoor import FrontDoorConfig
 from kvbaton.cli_args import KV_SECRET_ENV, add_log_level_arg, add_request_timeout_args
+from kvbaton.kv.events import REMOTE_MEDIUM
+from kvbaton.kv.index import DEFAULT_REMOTE_TTL_S
 from kvbaton.router.policies import POLICIES, PolicyOptions
 
 # Prompts whose uncached part on the chosen decode worker is shorter than this are prefilled by
@@ -35,12 +37,15 @@ ROLES = ("prefill", "decode", "both")
 # credit = max(0, 1 - t_load_per_block / t_prefill_per_block) (docs/router.md, "Tiered KV"):
 # on this project's CPU machine both tiers come out at ~0.99 (SmolLM2 prefill ~50 ms per block
 # vs a sub-ms load), so these are the GPU numbers (an 8B model at ~10k prefill tokens/s,
-# ~1.6 ms per block; a 2 MiB block over PCIe ~0.08 ms -> 0.95, from NVMe ~0.7 ms -> ~0.56),
-# the case where the tier matters. Re-derive them for other hardware.
+# ~1.6 ms per block; a 2 MiB block over PCIe ~0.08 ms -> 0.95, from NVMe ~0.7 ms -> ~0.56,
+# from the shared Redis over a ~25 Gbit/s network 2 MiB * 8 / 25e9 ~ 0.67 ms on the wire plus a
+# round trip ~0.1 ms, ~0.8 ms -> 1 - 0.8 / 1.6 = 0.5), the case where the tier matters.
+# Re-derive them for other hardware.
 DEFAULT_KV_MEDIUM_CREDIT: Mapping[str, float] = MappingProxyType({
     "GPU": 1.0, "CPU": 1.0, "device": 1.0,  # our device pool on CUDA / on CPU; events without a medium
     "CPU_TIER": 0.95,  # our host tier
     "DISK": 0.6,  # our disk tier
+    REMOTE_MEDIUM: 0.5,  # the remote tier all workers share: every worker can load its blocks
 })
 # A medium the map does not name (a foreign engine's) counts as held: an unknown tier is more
 # likely a fast one than worth penalising every block of.
@@ -128,6 +133,9 @@ class RouterConfig(FrontDoorConfig):
     # and sorted (a tuple keeps the config hashable; a mapping is accepted too). See
     # ``medium_credit`` and docs/router.md.
     kv_medium_credit: tuple[tuple[str, float], ...] = tuple(sorted(DEFAULT_KV_MEDIUM_CREDIT.items()))
+    # How long the index counts a block of the shared remote tier after a worker last stored it
+    # there: match the workers' --kv-remote-ttl (the server drops keys without an event).
+    kv_remote_ttl_s: float = DEFAULT_REMOTE_TTL_S
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
     connect_timeout_s: float = 2.0
@@ -170,6 +178,8 @@ class RouterConfig(FrontDoorConfig):
             raise ValueError(f"--routing-temperature: must be a finite number >= 0, got {self.routing_temperature}")
         if not self.kv_prediction_ttl_s > 0:
             raise ValueError(f"--kv-prediction-ttl: must be > 0, got {self.kv_prediction_ttl_s}")
+        if not self.kv_remote_ttl_s > 0:
+            raise ValueError(f"--kv-remote-ttl: must be > 0, got {self.kv_remote_ttl_s}")
         given = self.kv_medium_credit
         pairs = given.items() if isinstance(given, Mapping) else given
         credit = dict(DEFAULT_KV_MEDIUM_CREDIT)
@@ -243,6 +253,10 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
         parser.add_argument("--no-kv-events", action="store_true",
                             help="do not follow the workers' KV events (no prefix index: kv_aware "
                                  "and conditional disaggregation see no cache)")
+        # serve: its workers' flag of the same name sets both
+        parser.add_argument("--kv-remote-ttl", type=float, default=DEFAULT_REMOTE_TTL_S, metavar="S",
+                            help="seconds the prefix index counts a block of the shared remote KV tier "
+                                 "after a worker last stored it there: match the workers' --kv-remote-ttl")
     names = ", ".join(sorted(POLICIES))
     parser.add_argument("--policy", default=None, help=f"placement policy for both legs ({names})")
     parser.add_argument("--prefill-policy", default=None, help=f"policy for prefill legs (default {DEFAULT_POLICY})")
@@ -310,7 +324,7 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         served_model_name="served_model_name", host="host", port="port", api_key="api_key",
         max_request_bytes="max_request_bytes", drain_timeout_s="drain_timeout", log_level="log_level",
         request_header_timeout_s="request_header_timeout", request_body_timeout_s="request_body_timeout",
-        kv_secret="kv_secret",
+        kv_secret="kv_secret", kv_remote_ttl_s="kv_remote_ttl",
     )
     for name, attr in common.items():
         if hasattr(args, attr):

@@ -20,6 +20,12 @@ requests that arrive before the worker's events follow the first one.
 scores with) weighs each block by the credit of the fastest medium holding it
 (``medium_credit``, docs/router.md "Tiered KV"), since a block on the host tier or disk must
 be loaded before it saves anything.
+
+Blocks a worker put in the shared remote tier (``BlockStored`` with medium ``REMOTE``) are
+reachable by every worker: both answers continue each candidate's run through them (the
+``REMOTE`` credit for ``credited_tokens_each``), and give them to a candidate the index knows
+nothing about too. ``remote_ttl_s`` is how long such a block counts after its last store
+(the workers' ``--kv-remote-ttl``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from types import MappingProxyType
 
 from kvbaton.kv.event_stream import KVEventBatch
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
-from kvbaton.kv.index import KVIndex
+from kvbaton.kv.index import DEFAULT_REMOTE_TTL_S, KVIndex
 from kvbaton.router.config import DEFAULT_KV_MEDIUM_CREDIT, UNKNOWN_KV_MEDIUM_CREDIT, check_medium_credit
 from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.policies import PrefixOverlap, RoutingRequest, WorkerView
@@ -47,19 +53,21 @@ class KVIndexFeed(PrefixOverlap):
     thread-safe); ``close()`` stops it within its timeout. ``worker_discovered`` is the
     pool's discovery hook. ``medium_credit``: the credit of a cached block per KV medium, in
     [0, 1] (None: ``DEFAULT_KV_MEDIUM_CREDIT``; taken as the whole map, mediums it does not
-    name get ``unknown_medium_credit``).
+    name get ``unknown_medium_credit``). ``remote_ttl_s``: the index's expiry of remote-tier
+    blocks.
     """
 
     def __init__(self, metrics: RouterMetrics | None = None, prediction_ttl_s: float = 2.0,
                  replay_timeout_s: float = 1.0, medium_credit: Mapping[str, float] | None = None,
-                 unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT, kv_secret: str | None = None) -> None:
+                 unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT, kv_secret: str | None = None,
+                 remote_ttl_s: float = DEFAULT_REMOTE_TTL_S) -> None:
         credit = dict(DEFAULT_KV_MEDIUM_CREDIT if medium_credit is None else medium_credit)
         check_medium_credit(credit)
         if not 0.0 <= unknown_medium_credit <= 1.0:
             raise ValueError(f"unknown_medium_credit must be in [0, 1], got {unknown_medium_credit}")
         self.medium_credit: Mapping[str, float] = MappingProxyType(credit)
         self.unknown_medium_credit = unknown_medium_credit
-        self.index = KVIndex()
+        self.index = KVIndex(remote_ttl_s=remote_ttl_s)
         self.metrics = metrics
         self.prediction_ttl_s = prediction_ttl_s
         self._replay_timeout_s = replay_timeout_s
@@ -144,14 +152,15 @@ class KVIndexFeed(PrefixOverlap):
             return [0] * len(workers)
         held = self.index.longest_prefix(request.block_hashes)
         bs = request.block_size
-        return [held.get(w.url, 0) * bs for w in workers]
+        # .of: a worker the index has no entry for still reaches the remote tier's run.
+        return [held.of(w.url) * bs for w in workers]
 
     def credited_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[float]:
         if not request.block_hashes or not request.block_size:
             return [0.0] * len(workers)
         held = self.index.weighted_prefix(request.block_hashes, self.medium_credit, self.unknown_medium_credit)
         bs = request.block_size
-        return [held[w.url][1] * bs if w.url in held else 0.0 for w in workers]
+        return [held.of(w.url)[1] * bs for w in workers]
 
     def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
         if request.block_hashes and self.following(worker.url):

@@ -10,7 +10,8 @@ gauges are read from the pool (and the KV index) at scrape time.
 KV-aware routing: per decode worker, the cached prompt tokens the router predicted when it
 placed a request (the index's longest prefix there) against what the worker then reported
 (``usage.prompt_tokens_details.cached_tokens``), the resulting hit rate, the index's size and
-state per worker, and the event stream's lag and unrecoverable gaps.
+state per worker, the size of the shared remote tier it knows of, and the event stream's lag
+and unrecoverable gaps.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class RouterMetrics:
             sums[1] += actual
 
     def kv_gauges(self, workers: list[str]) -> Iterable[Metric]:
-        """Hit rate per worker, and the index's size and state per worker (if there is one)."""
+        """Hit rate per worker, the index's size and state per worker and its remote-tier
+        blocks (if there is an index)."""
         hit = GaugeMetricFamily(PREFIX + "kv_cache_hit_rate", "Cached / prompt tokens the decode worker "
                                 "reported, over the router's decode legs (0 before any).", labels=["worker"])
         with self._cache_lock:
@@ -183,6 +185,10 @@ class RouterMetrics:
                 st = stats.get(w)
                 g.add_metric([w], float(getattr(st, attr)) if st is not None else 0.0)
             yield g
+        yield GaugeMetricFamily(
+            PREFIX + "kv_index_remote_blocks", "KV blocks of the shared remote tier the index holds "
+            "(stored there by any worker, reachable by every worker; unexpired).",
+            value=float(self.index.remote_block_count()))
 
     def render(self, federated: Iterable[Metric] = ()) -> bytes:
         """The router's series, then ``federated`` ones (its workers', from :func:`federate`)."""

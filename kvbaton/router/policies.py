@@ -98,9 +98,10 @@ class PrefixOverlap(ABC):
 
     @abstractmethod
     def cached_tokens(self, request: RoutingRequest, worker: WorkerView) -> int:
-        """Prompt tokens of ``request`` that ``worker`` is expected to hold already
-        (a multiple of the block size, at most the prompt length). Must be fast and must not
-        block: it runs on the event loop for every request and candidate."""
+        """Prompt tokens of ``request`` that ``worker`` is expected to hold already, or to load
+        from a KV tier every worker shares (a multiple of the block size, at most the prompt
+        length). Must be fast and must not block: it runs on the event loop for every request
+        and candidate."""
 
     def cached_tokens_each(self, request: RoutingRequest, workers: Sequence[WorkerView]) -> list[int]:
         """``cached_tokens`` for each of ``workers``; override when one lookup answers all."""
@@ -238,7 +239,9 @@ class KVAwarePolicy(PlacementPolicy):
     Prompt blocks are ``ceil(prompt / block_size)``; the cache credit is
     ``overlap.credited_tokens_each / block_size`` (the KV index's longest cached prefix there,
     own recent placements included, each block discounted by how slow its medium is to load:
-    a prefix on disk is worth less than the same prefix on the device). Active blocks are
+    a prefix on disk is worth less than the same prefix on the device; a prefix in the shared
+    remote tier is every worker's, at its credit, so it does not pull every request to the
+    worker that computed it). Active blocks are
     :attr:`WorkerView.active_blocks` minus
     :meth:`WorkerView.shared_active_blocks` of the prompt (a running sibling's prefix is not
     extra load for this request). So a worker holding ``k`` more leading blocks of the prompt
