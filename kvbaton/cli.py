@@ -129,6 +129,38 @@ def _add_kv_store_args(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--kv-load-grace", type=_seconds, default=d.kv_load_grace_s, metavar="S",
                    help="seconds a step waits for the prefix loads it just started, so they "
                         "join that step instead of the next (0: never wait)")
+    r = p.add_argument_group("remote KV tier (a Redis/Valkey server the cluster shares; docs/kv-store.md)")
+    if command == "serve":
+        r.add_argument("--kv-remote", choices=["redis"], default=None,
+                       help="start a local redis-server on a free port for the workers to share "
+                            "(stopped with the cluster); --kv-remote-url names an existing one instead")
+        r.add_argument("--kv-remote-maxmemory-gib", type=_gib, default=None, metavar="GIB",
+                       help="maxmemory of the redis-server --kv-remote starts (default "
+                            f"{_default_remote_maxmemory_gib():g}; it evicts least recently used keys)")
+    r.add_argument("--kv-remote-url", default=None, metavar="URL",
+                   help="redis://[:PASSWORD@]HOST:PORT/DB or rediss:// (TLS) of the shared server "
+                        f"(default: none); the password can instead come from ${_remote_password_env()}")
+    r.add_argument("--kv-remote-namespace", default=d.kv_remote_namespace, metavar="NS",
+                   help="key prefix, so clusters can share one server")
+    r.add_argument("--kv-remote-ttl", type=_seconds, default=d.kv_remote_ttl_s, metavar="S",
+                   help="TTL of every key, refreshed on each hit")
+    r.add_argument("--kv-remote-min-hits", type=int, default=d.kv_remote_min_hits, metavar="N",
+                   help="put a block in the remote tier once this many requests used it")
+    r.add_argument("--kv-remote-timeout", type=_seconds, default=d.kv_remote_timeout_s, metavar="S",
+                   help="seconds one server call may take before the tier counts it as down "
+                        "(it then serves from the local tiers and retries with backoff)")
+
+
+def _default_remote_maxmemory_gib() -> float:
+    from kvbaton.kv.store.redis_server import DEFAULT_MAXMEMORY_BYTES
+
+    return DEFAULT_MAXMEMORY_BYTES / 2**30
+
+
+def _remote_password_env() -> str:
+    from kvbaton.kv.store.remote_url import REMOTE_PASSWORD_ENV
+
+    return REMOTE_PASSWORD_ENV
 
 
 def _default_disk_gib() -> float:
@@ -189,6 +221,9 @@ def _engine_kwargs(args: argparse.Namespace, workers: int = 1) -> dict:
         kv_disk_ttl_s=args.kv_disk_ttl, kv_pin_max_ttl_s=args.kv_pin_max_ttl,
         kv_load_timeout_s=args.kv_load_timeout,
         kv_load_grace_s=args.kv_load_grace,
+        kv_remote_url=args.kv_remote_url, kv_remote_namespace=args.kv_remote_namespace,
+        kv_remote_ttl_s=args.kv_remote_ttl, kv_remote_min_hits=args.kv_remote_min_hits,
+        kv_remote_timeout_s=args.kv_remote_timeout,
     )
 
 
@@ -427,10 +462,12 @@ _WORKER_PASSTHROUGH = (
     "drain_timeout", "long_prefill_token_threshold", "kv_disk_cache_gib", "kv_eviction_policy",
     "kv_offload_mode", "kv_offload_min_hits", "kv_host_ttl", "kv_disk_ttl", "kv_pin_max_ttl",
     "kv_load_timeout", "kv_load_grace", "request_header_timeout", "request_body_timeout",
+    "kv_remote_namespace", "kv_remote_ttl", "kv_remote_min_hits", "kv_remote_timeout",
 )
 # Not passed through as given: --kv-host-cache-gib (serve resolves "auto" to each worker's
-# share and passes that number) and --kv-disk-cache-dir (each worker gets a subdirectory: a
-# disk tier's directory belongs to one process).
+# share and passes that number), --kv-disk-cache-dir (each worker gets a subdirectory: a
+# disk tier's directory belongs to one process) and --kv-remote-url (its password, if any,
+# goes in the workers' environment, not on their command lines).
 
 
 def _check_serve_host_memory(parser: argparse.ArgumentParser, per_worker: int, workers: int) -> None:
@@ -465,7 +502,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     """A router on --host/--port in front of worker processes on 127.0.0.1."""
     from kvbaton.engine.config import EngineConfig
     from kvbaton.router.config import router_config_from_args
-    from kvbaton.router.local_cluster import LocalCluster, worker_specs
+    from kvbaton.router.local_cluster import LocalCluster, WorkerSpec, worker_specs
     from kvbaton.router.server import run_router
 
     colocated = args.colocated or 0
@@ -495,6 +532,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         host_bytes = _host_cache_bytes(args, len(specs))
         _check_serve_host_memory(parser, host_bytes, len(specs))
         specs = _with_kv_store_args(specs, host_bytes, args.kv_disk_cache_dir)
+        remote_env = _check_serve_remote(parser, args, host_bytes)
         # Validate the engine's and the router's flags before starting anything.
         EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args, len(specs)))
         router_config_from_args(args, workers=("http://127.0.0.1:1",), prefill_workers=(), decode_workers=())
@@ -513,7 +551,26 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     # Workers always need a key under serve (the router holds it), so nothing but the router can
     # reach their generation, lease and debug routes: the user's --worker-api-key, else a random one.
     worker_key = args.worker_api_key or secrets.token_hex(16)
-    cluster = LocalCluster(specs, kv_secret=args.kv_secret, worker_api_key=worker_key)
+    redis_server = None
+    if args.kv_remote == "redis":
+        from kvbaton.kv.store.redis_server import DEFAULT_MAXMEMORY_BYTES, RedisServer, RedisServerError
+
+        gib = args.kv_remote_maxmemory_gib
+        # A random password: only the workers (which get it in their environment) can use it.
+        redis_server = RedisServer(DEFAULT_MAXMEMORY_BYTES if gib is None else int(gib * 2**30),
+                                   password=secrets.token_hex(16))
+        try:
+            redis_server.start()
+        except RedisServerError as e:
+            print(f"kvbaton: error: --kv-remote redis: {e}", file=sys.stderr, flush=True)
+            return 1
+        remote_env[_remote_password_env()] = redis_server.password or ""
+        print(f"kvbaton serve: shared remote KV tier: redis-server on {redis_server.url} "
+              f"({redis_server.maxmemory_bytes / 2**30:g} GiB, {redis_server.policy})", flush=True)
+    remote_url = redis_server.url if redis_server is not None else remote_env.pop(_REMOTE_URL_ENV, None)
+    if remote_url:
+        specs = [WorkerSpec(spec.role, (*spec.args, "--kv-remote-url", remote_url)) for spec in specs]
+    cluster = LocalCluster(specs, kv_secret=args.kv_secret, worker_api_key=worker_key, env=remote_env)
     threads = specs[0].args[specs[0].args.index("--threads") + 1]
     tier = f" and a {host_bytes / 2**30:.2f} GiB host KV tier" if host_bytes else ""
     print(f"kvbaton serve: starting {prefill} prefill, {decode} decode and {colocated} colocated "
@@ -525,6 +582,37 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except (RuntimeError, ValueError, OSError) as e:
         print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+_REMOTE_URL_ENV = "_url"  # a key of _check_serve_remote's answer, never exported
+
+
+def _check_serve_remote(parser: argparse.ArgumentParser, args: argparse.Namespace, host_bytes: int) -> dict[str, str]:
+    """serve's remote-tier flags: what the workers' environment needs (the password of a
+    ``--kv-remote-url``, which then leaves the URL the workers get on their command lines),
+    with the URL itself under ``_REMOTE_URL_ENV``; {} without a remote tier."""
+    from kvbaton.kv.store.remote_url import parse_remote_url
+
+    if args.kv_remote_maxmemory_gib is not None:
+        if args.kv_remote != "redis":
+            parser.error("--kv-remote-maxmemory-gib: needs --kv-remote redis (serve sizes only the server it starts)")
+        if args.kv_remote_maxmemory_gib * 2**30 < 1 << 20:
+            parser.error(f"--kv-remote-maxmemory-gib: must be at least 1 MiB, got {args.kv_remote_maxmemory_gib:g}")
+    if args.kv_remote and args.kv_remote_url:
+        parser.error("--kv-remote-url: give either --kv-remote redis (serve starts a server) or "
+                     "--kv-remote-url (an existing one), not both")
+    if args.kv_remote and not host_bytes:
+        parser.error("--kv-host-cache-gib: the remote tier needs a host tier (blocks reach the server from it)")
+    if args.kv_remote or not args.kv_remote_url:
+        return {}
+    url = parse_remote_url(args.kv_remote_url)
+    env = {_REMOTE_URL_ENV: url.without_password()}
+    if url.password:
+        env[_remote_password_env()] = url.password
+    return env
 
 
 def build_parser() -> argparse.ArgumentParser:

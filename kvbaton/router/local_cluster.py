@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit
@@ -168,13 +168,14 @@ class LocalCluster:
         start_timeout_s: float = 600.0, stop_timeout_s: float = 15.0,
         restart_backoff_s: tuple[float, float] = (1.0, 30.0), healthy_after_s: float = 60.0,
         announce: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
-        worker_api_key: str | None = None,
+        worker_api_key: str | None = None, env: Mapping[str, str] | None = None,
     ) -> None:
         if not specs:
             raise ValueError("a local cluster needs at least one worker")
         self.specs = list(specs)
         self.kv_secret = kv_secret or secrets.token_hex(16)
         self.worker_api_key = worker_api_key  # the workers' --api-key, passed in their environment
+        self.extra_env = dict(env or {})  # more of it (the remote KV tier's password)
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.restart_backoff_s = restart_backoff_s
@@ -191,7 +192,7 @@ class LocalCluster:
     def run(self, serve: Callable[[list[tuple[str, str]]], int]) -> int:
         """Start every worker, call ``serve([(role, url), ...])`` (blocking) while a thread
         restarts workers that die, then stop them all."""
-        self._env = {**os.environ, KV_SECRET_ENV: self.kv_secret, PARENT_PID_ENV: str(os.getpid())}
+        self._env = {**os.environ, **self.extra_env, KV_SECRET_ENV: self.kv_secret, PARENT_PID_ENV: str(os.getpid())}
         if self.worker_api_key:
             self._env[WORKER_API_KEY_ENV] = self.worker_api_key
         try:
