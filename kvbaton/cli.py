@@ -430,6 +430,10 @@ def _run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser, role:
                           announce_fd=getattr(args, "announce_fd", None))
     except KeyboardInterrupt:  # Ctrl-C while the model was still loading
         return 130
+    except ConfigError as e:  # found once the engine is built (a server refused the password, say)
+        flag = _flag_of(parser, e.field)
+        print(f"kvbaton: error: {flag + ': ' + e.reason if flag else e}", file=sys.stderr, flush=True)
+        return 1
     except (ValueError, OSError) as e:
         print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
         return 1

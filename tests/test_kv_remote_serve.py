@@ -122,3 +122,15 @@ def test_bad_remote_flags_are_usage_errors_naming_the_flag(argv: list[str], flag
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err and ":pw@" not in err
+
+
+def test_a_worker_whose_server_refuses_the_password_exits_with_an_error_naming_the_flag(redis_binary: str) -> None:
+    from kvbaton.kv.store.redis_server import RedisServer
+
+    with RedisServer(password="right-one", binary=redis_binary) as server:
+        r = subprocess.run([sys.executable, "-m", "kvbaton.cli", "worker", "--model", "tiny-random",
+                            "--port", "0", "--kv-remote-url", server.url.replace("redis://", "redis://:wrong-one@")],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "--kv-remote-url: the Redis server" in r.stderr and "refused the password" in r.stderr
+    assert "wrong-one" not in r.stderr and "Traceback" not in r.stderr
