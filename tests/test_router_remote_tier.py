@@ -7,8 +7,6 @@ cached, and the set survives what happens to the worker that filled it. Plus the
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pytest
 
@@ -24,17 +22,13 @@ from kvbaton.router.config import (
 from kvbaton.router.kv_feed import KVIndexFeed
 from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.placement import place
-from kvbaton.router.policies import KVAwarePolicy, PolicyOptions, RoutingRequest, make_policy
+from kvbaton.router.policies import KVAwarePolicy, PolicyOptions, make_policy
 from kvbaton.router.pool import WorkerPool
+from test_router_tier_credit import BS, PROMPT_BLOCKS, H, View, req
 from worker_support import metric, parse_metrics
 
-BS = 16
-PROMPT_BLOCKS = 16
 REMOTE = DEFAULT_KV_MEDIUM_CREDIT[REMOTE_MEDIUM]
 
-
-def H(i: int) -> bytes:
-    return i.to_bytes(16, "big")
 
 
 class FakeClock:
@@ -43,29 +37,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@dataclass
-class View:
-    url: str
-    active_blocks: int = 0
-    active_requests: int = 0
-    role: str = "both"
-    in_flight_requests: int = 0
-    in_flight_tokens: int = 0
-    model_fingerprint: str | None = "fp"
-
-    @property
-    def worker_id(self) -> str:
-        return self.url
-
-    def shared_active_blocks(self, block_hashes: Sequence[bytes]) -> int:
-        return 0
-
-
-def req(blocks: int = PROMPT_BLOCKS, extra_tokens: int = 5) -> RoutingRequest:
-    n = blocks * BS + extra_tokens
-    return RoutingRequest("r", tuple(range(n)), tuple(H(i) for i in range(blocks)), BS, None, 8)
 
 
 def stored(first: int, n: int, medium: str | None = "GPU") -> BlockStored:

@@ -392,16 +392,8 @@ class KVOffload:
         for t, plan, positions in load.parts:
             part_bad = [h for h in plan.hashes if h in bad] if job.error is None else []
             t.dir.complete_load(plan, ok=job.error is None and not load.abandoned, bad=part_bad)
-            st = self.stats[t.name]
             used = sum(1 for p in positions if p < good_run)
-            if load.abandoned or job.error is not None or part_bad:
-                st.failed_loads += 1
-            if used and not load.abandoned:
-                st.loads += 1
-                st.load_bytes += used * self.block_bytes
-                if first:
-                    st.hit_tokens += used * self.pool.block_size
-                st.observe_load(elapsed)
+            self._count_load(self.stats[t.name], load, used, first, job.error is not None or bool(part_bad), elapsed)
             self._flush_events(t)
         if load.remote is not None:
             self._finish_remote_load(load, job, good_run, first)
@@ -420,6 +412,17 @@ class KVOffload:
             req.skip_tiers = True  # compute the rest rather than retry a tier that failed
         self.scheduler.kv_arrived(req, load.blocks[:keep], keep * bs)
 
+    def _count_load(self, st: TierStats, load: _Load, used: int, first: bool, failed: bool, elapsed: float) -> None:
+        """One tier's part of a finished load: ``used`` of its blocks were kept."""
+        if load.abandoned or failed:
+            st.failed_loads += 1
+        if used and not load.abandoned:
+            st.loads += 1
+            st.load_bytes += used * self.block_bytes
+            if first:
+                st.hit_tokens += used * self.pool.block_size
+            st.observe_load(elapsed)
+
     def _finish_remote_load(self, load: _Load, job: Job, good_run: int, first: bool) -> None:
         assert self.remote is not None and load.remote is not None
         remote, st = self.remote, self.stats[self.remote.name]
@@ -433,14 +436,7 @@ class KVOffload:
         gone = [h for h, s in load.remote.status.items() if s != "ok"]
         remote.stats.missing += sum(1 for s in load.remote.status.values() if s == "missing")
         remote.stats.bad_values += sum(1 for s in load.remote.status.values() if s == "bad")
-        if load.abandoned or job.error is not None or gone:
-            st.failed_loads += 1
-        if used and not load.abandoned:
-            st.loads += 1
-            st.load_bytes += used * self.block_bytes
-            if first:
-                st.hit_tokens += used * self.pool.block_size
-            st.observe_load(self.clock() - load.started)
+        self._count_load(st, load, used, first, job.error is not None or bool(gone), self.clock() - load.started)
         now = self.clock()
         for p in load.remote_positions[:used]:
             self._know_remote(load.hashes[p], now)
