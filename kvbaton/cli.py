@@ -669,8 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(s, common=False)
     s.set_defaults(func=_cmd_serve, parser=s)
     from kvbaton.bench.cli import add_bench_parser
+    from kvbaton.sim.cli import add_sim_parsers
 
     add_bench_parser(sub)
+    add_sim_parsers(sub)
     return parser
 
 

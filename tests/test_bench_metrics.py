@@ -156,7 +156,7 @@ def test_knee_sentence_says_when_added_concurrency_stops_paying():
 
 
 def test_usage_cached_token_rate_counts_only_requests_that_reported_it() -> None:
-    from kvbaton.bench.runner import _usage_cached_rate
+    from kvbaton.bench.runner import usage_cached_rate
 
     recs = [
         RequestRecord("a", 0, ok=True, prompt_tokens=100, cached_tokens=50),
@@ -164,5 +164,5 @@ def test_usage_cached_token_rate_counts_only_requests_that_reported_it() -> None
         RequestRecord("c", 0, ok=True, prompt_tokens=1000, cached_tokens=None),  # not reported
         RequestRecord("d", 0, ok=False, error="boom", prompt_tokens=0, cached_tokens=0),
     ]
-    assert _usage_cached_rate(recs) == 300 / 400
-    assert _usage_cached_rate(recs[2:]) is None
+    assert usage_cached_rate(recs) == 300 / 400
+    assert usage_cached_rate(recs[2:]) is None

@@ -100,6 +100,11 @@ def _add_common(p: argparse.ArgumentParser, with_base_url: bool = True) -> None:
     srv.add_argument("--temperature", type=NONNEG_FLOAT, default=0.0)
     srv.add_argument("--request-timeout", type=POS_FLOAT, default=300.0,
                      help="seconds of silence from the server before a request fails (default %(default)s)")
+    add_workload_args(p)
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload, load and output flags (``kvbaton bench`` and ``kvbaton sim`` share them)."""
     wl = p.add_argument_group("workload")
     wl.add_argument("--workload", default="random", choices=WORKLOAD_NAMES)
     wl.add_argument("--num-prompts", type=POS_INT, default=1000,
@@ -160,7 +165,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return bench
 
 
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The BenchConfig of parsed bench (or sim) flags; usage errors name the flag."""
     from kvbaton.bench.runner import BenchConfig
 
     options: dict[str, Any] = {k.replace("-", "_"): _option_value(v) for k, v in args.workload_opt}
@@ -180,10 +186,12 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     except ValueError as e:
         parser.error(str(e))
     return BenchConfig(
-        base_url=getattr(args, "base_url", "http://127.0.0.1:8000"), endpoint_type=args.endpoint_type,
-        model=args.model, api_key=args.api_key, temperature=args.temperature, workload=args.workload,
+        base_url=getattr(args, "base_url", "http://127.0.0.1:8000"),
+        endpoint_type=getattr(args, "endpoint_type", "completions"), model=getattr(args, "model", None),
+        api_key=getattr(args, "api_key", None), temperature=getattr(args, "temperature", 0.0), workload=args.workload,
         workload_options=options, num_prompts=args.num_prompts, seed=args.seed, tokenizer=args.tokenizer,
-        load=load, slo=args.slo, request_timeout_s=args.request_timeout, progress=not args.no_progress,
+        load=load, slo=args.slo, request_timeout_s=getattr(args, "request_timeout", 300.0),
+        progress=not args.no_progress,
     )
 
 
@@ -191,7 +199,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from kvbaton.bench.report import format_result, write_json
     from kvbaton.bench.runner import run_bench
 
-    res = run_bench(_config(args, parser))
+    res = run_bench(bench_config(args, parser))
     print(format_result(res), flush=True)
     if args.result_file:
         print(f"result: {write_json(res, args.result_file)}", flush=True)
@@ -204,7 +212,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from kvbaton.bench.report import format_sweep, plot_sweep, write_json
     from kvbaton.bench.runner import run_sweep
 
-    sweep = run_sweep(_config(args, parser), args.concurrency)
+    sweep = run_sweep(bench_config(args, parser), args.concurrency)
     print(format_sweep(sweep), flush=True)
     result = Path(args.result_file or args.result_default)
     print(f"result: {write_json(sweep, result)}", flush=True)
@@ -219,7 +227,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     names = [n for n, _ in args.target]
     if len(set(names)) != len(names):
         parser.error(f"--target names must be distinct, got {names}")
-    cmp = run_compare(_config(args, parser), args.target, rounds=args.rounds)
+    cmp = run_compare(bench_config(args, parser), args.target, rounds=args.rounds)
     print(format_compare(cmp), flush=True)
     if args.result_file:
         print(f"result: {write_json(cmp, args.result_file)}", flush=True)

@@ -154,7 +154,7 @@ def _hit_rate(delta: tuple[float, float] | None) -> float | None:
     return None if delta is None or delta[0] <= 0 else delta[1] / delta[0]
 
 
-def _usage_cached_rate(records: Sequence[RequestRecord]) -> float | None:
+def usage_cached_rate(records: Sequence[RequestRecord]) -> float | None:
     """Prompt tokens the server reported as cached (``usage.prompt_tokens_details``) over all
     prompt tokens of the requests that reported it: the hit rate seen by clients, which works
     behind a router that has no prefix-cache counters of its own."""
@@ -183,7 +183,7 @@ def _result(cfg: BenchConfig, endpoint: Endpoint, load: LoadConfig, seed: int,
     out.update(summarize(records, duration_s, cfg.slo))
     out.update({
         "prefix_cache_hit_rate": _hit_rate(cache),
-        "usage_cached_token_rate": _usage_cached_rate(records),
+        "usage_cached_token_rate": usage_cached_rate(records),
         "per_tag": per_tag(records),
         "slo": dict(cfg.slo) if cfg.slo else None,
         "workload": {"name": cfg.workload, "options": dict(cfg.workload_options)},

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from kvbaton.kv.event_stream import KVEventBatch
@@ -60,14 +60,14 @@ class KVIndexFeed(PrefixOverlap):
     def __init__(self, metrics: RouterMetrics | None = None, prediction_ttl_s: float = 2.0,
                  replay_timeout_s: float = 1.0, medium_credit: Mapping[str, float] | None = None,
                  unknown_medium_credit: float = UNKNOWN_KV_MEDIUM_CREDIT, kv_secret: str | None = None,
-                 remote_ttl_s: float = DEFAULT_REMOTE_TTL_S) -> None:
+                 remote_ttl_s: float = DEFAULT_REMOTE_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
         credit = dict(DEFAULT_KV_MEDIUM_CREDIT if medium_credit is None else medium_credit)
         check_medium_credit(credit)
         if not 0.0 <= unknown_medium_credit <= 1.0:
             raise ValueError(f"unknown_medium_credit must be in [0, 1], got {unknown_medium_credit}")
         self.medium_credit: Mapping[str, float] = MappingProxyType(credit)
         self.unknown_medium_credit = unknown_medium_credit
-        self.index = KVIndex(remote_ttl_s=remote_ttl_s)
+        self.index = KVIndex(clock, remote_ttl_s=remote_ttl_s)  # clock: a simulator's virtual one
         self.metrics = metrics
         self.prediction_ttl_s = prediction_ttl_s
         self._replay_timeout_s = replay_timeout_s
@@ -125,6 +125,11 @@ class KVIndexFeed(PrefixOverlap):
             self._subscriber.remove_worker(url)
         self._followed.pop(url, None)
         self.index.remove_worker(url)
+
+    def adopt(self, url: str) -> None:
+        """Count ``url`` as followed though no stream is subscribed: its events reach
+        ``index.apply`` directly (the simulator's workers, in the same process)."""
+        self._followed[url] = (url, WorkerEndpoints(f"sim://{url}", f"sim://{url}"))
 
     def following(self, url: str) -> bool:
         return url in self._followed

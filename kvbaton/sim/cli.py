@@ -1,0 +1,172 @@
+"""``kvbaton profile`` and ``kvbaton sim`` (flags; the logic is in :mod:`kvbaton.sim`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+from kvbaton.cli_args import HelpFormatter, add_log_level_arg
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``profile`` and ``sim`` on the top-level CLI."""
+    from kvbaton.bench.cli import add_workload_args
+    from kvbaton.router.config import DEFAULT_DISAGG_MIN_TOKENS, DEFAULT_POLICY
+    from kvbaton.router.policies import POLICIES
+
+    p = sub.add_parser("profile", help="measure the engine's step times for the simulator's cost model",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file or HF directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (as the workers use)")
+    p.add_argument("--max-num-batched-tokens", type=_pos_int, default=2048,
+                   help="the profiling engine's token budget (at least the largest prefill of the grid)")
+    p.add_argument("--repeats", type=_pos_int, default=3, help="measurements per grid point (the median is kept)")
+    p.add_argument("--quick", action="store_true", help="a small grid (seconds; for smoke tests)")
+    p.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    add_log_level_arg(p)
+    p.set_defaults(func=_cmd_profile, parser=p)
+
+    s = sub.add_parser("sim", help="simulate a cluster serving a bench workload (the real scheduler and "
+                       "router on a virtual clock)", formatter_class=HelpFormatter)
+    t = s.add_argument_group("cluster (as kvbaton serve)")
+    t.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1; 0 with --colocated)")
+    t.add_argument("--decode", type=int, default=None, help="decode workers (default 1; 0 with --colocated)")
+    t.add_argument("--colocated", type=int, default=None, help="workers that do both")
+    names = ", ".join(sorted(POLICIES))
+    t.add_argument("--policy", default=None, help=f"placement policy for both legs ({names})")
+    t.add_argument("--prefill-policy", default=None, help=f"default {DEFAULT_POLICY}")
+    t.add_argument("--decode-policy", default=None, help=f"default {DEFAULT_POLICY}")
+    t.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS,
+                   help="prefill remotely only when at least this many prompt tokens are uncached")
+    e = s.add_argument_group("engine (per worker)")
+    e.add_argument("--num-kv-blocks", type=_pos_int, default=None,
+                   help="device KV blocks per worker (default: the profile's, else 4096)")
+    e.add_argument("--block-size", type=_pos_int, default=16)
+    e.add_argument("--max-num-seqs", type=_pos_int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=_pos_int, default=1024)
+    e.add_argument("--long-prefill-token-threshold", type=int, default=0)
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--max-model-len", type=_pos_int, default=8192)
+    c = s.add_argument_group("cost")
+    c.add_argument("--cost-model", required=True, metavar="PROFILE.json|analytic:HW[:MODEL]",
+                   help="a `kvbaton profile` file, or the roofline model of hardware HW (h100, h200, ...)")
+    c.add_argument("--link-gbps", type=_nonneg_float, default=80.0,
+                   help="prefill -> decode KV link, Gbit/s (default 80: the loopback transfer plane)")
+    c.add_argument("--link-latency-ms", type=_nonneg_float, default=0.5)
+    c.add_argument("--request-overhead-ms", type=_nonneg_float, default=None,
+                   help="per request: HTTP, tokenizing, routing (default: the profile's, else 0)")
+    c.add_argument("--step-overhead-ms", type=_nonneg_float, default=None,
+                   help="per engine step: the worker loop (default: the profile's, else 0)")
+    add_workload_args(s)
+    s.set_defaults(func=_cmd_sim, parser=s)
+
+
+def _cmd_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvbaton.engine.config import EngineConfig
+    from kvbaton.engine.engine import LLMEngine
+    from kvbaton.errors import ConfigError
+    from kvbaton.sim.profile import profile_engine, write_profile
+
+    try:
+        cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+                           num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens,
+                           enable_chunked_prefill=True)  # KV sized as a default worker's
+    except ConfigError as e:
+        parser.error(f"{e.flag}: {e.reason}")
+    print(f"kvbaton profile: loading {args.model} ...", file=sys.stderr, flush=True)
+    engine = LLMEngine(cfg)
+    prof = profile_engine(engine, repeats=args.repeats, quick=args.quick,
+                          progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    path = write_profile(prof, args.out)
+    fit = prof["fit"]
+    print(f"profile: {path} ({fit['points']} points; fit error median {fit['median_rel_error'] * 100:.1f}%, "
+          f"max {fit['max_rel_error'] * 100:.1f}%)", flush=True)
+    return 0
+
+
+def _topology(args: argparse.Namespace) -> tuple[int, int, int]:
+    colocated = args.colocated or 0
+    default = 0 if colocated else 1
+    prefill = default if args.prefill is None else args.prefill
+    decode = default if args.decode is None else args.decode
+    return prefill, decode, colocated
+
+
+def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvbaton.bench.cli import bench_config
+    from kvbaton.bench.report import format_result, write_json
+    from kvbaton.bench.runner import load_bench_tokenizer, make_bench_workload, workload_sessions
+    from kvbaton.router.config import DEFAULT_POLICY
+    from kvbaton.sim.cluster import SimConfig, SimEngine
+    from kvbaton.sim.cost import CostModelError, load_cost_model
+    from kvbaton.sim.run import result_json, simulate
+
+    try:
+        cost = load_cost_model(args.cost_model)
+    except CostModelError as e:
+        parser.error(f"--cost-model: {e}")
+    meta: dict[str, Any] = getattr(cost, "meta", {})
+    prefill, decode, colocated = _topology(args)
+    try:
+        engine = SimEngine(num_kv_blocks=args.num_kv_blocks or int(meta.get("num_kv_blocks") or 4096),
+                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           long_prefill_token_threshold=args.long_prefill_token_threshold,
+                           enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len)
+        ms = 1e-3
+        config = SimConfig(
+            prefill=prefill, decode=decode, colocated=colocated, engine=engine,
+            decode_policy=args.decode_policy or args.policy or DEFAULT_POLICY,
+            prefill_policy=args.prefill_policy or args.policy or DEFAULT_POLICY,
+            disagg_min_tokens=args.disagg_min_tokens, link_bytes_s=args.link_gbps * 1e9 / 8,
+            link_latency_s=args.link_latency_ms * ms,
+            request_overhead_s=(args.request_overhead_ms if args.request_overhead_ms is not None
+                                else float(meta.get("request_overhead_ms") or 0.0)) * ms,
+            step_overhead_s=(args.step_overhead_ms if args.step_overhead_ms is not None
+                             else float(meta.get("step_overhead_ms") or 0.0)) * ms,
+            seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    cfg = bench_config(args, parser)
+    try:
+        tokenizer = load_bench_tokenizer(cfg)
+        sessions = workload_sessions(make_bench_workload(cfg, tokenizer=tokenizer))
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        res = simulate(config, cost, sessions, tokenizer, cfg.load)
+    except ValueError as e:
+        print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    out = result_json(res, cfg.load, cfg.workload, dict(cfg.workload_options), cfg.seed, cfg.num_prompts,
+                      dict(cfg.slo) if cfg.slo else None)
+    print(format_result(out), flush=True)
+    print(f"simulated {res.duration_s:.1f} s in {res.wall_s:.1f} s ({res.speed:.1f}x real time)", flush=True)
+    if args.result_file:
+        print(f"result: {write_json(out, args.result_file)}", flush=True)
+    return 0 if out["completed"] else 1

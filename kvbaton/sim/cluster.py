@@ -1,0 +1,399 @@
+"""A simulated cluster: the real engine bookkeeping and the real router on a virtual clock.
+
+Each simulated worker is a real :class:`~kvbaton.engine.block_pool.BlockPool` and
+:class:`~kvbaton.engine.scheduler.Scheduler` (plus the real :class:`~kvbaton.engine.kv_handoff.KVHandoff`
+and lease table for disaggregated requests); only the model runner is replaced, by a
+:class:`~kvbaton.sim.cost.CostModel` that says how long the step the scheduler made takes.
+Stop decisions use the engine's own :func:`~kvbaton.engine.stop.check_stop`. The router side is
+the real placement function (:func:`~kvbaton.router.placement.place`), the real policies by
+name, the real :class:`~kvbaton.router.kv_feed.KVIndexFeed` fed by every pool's KV events, and
+the router's own per-worker load accounting (:class:`~kvbaton.router.pool.Worker`,
+:class:`~kvbaton.router.pool.InFlight`). So a change to any of them shows up in both the served
+and the simulated result, with no forked copy.
+
+What is modelled beyond the step times: a KV transfer from a prefill worker to a decode worker
+takes ``bytes / link bandwidth + latency`` (only the blocks the decode worker lacks move); a
+fixed ``request_overhead_s`` before a request reaches its worker (HTTP, tokenizing, routing)
+and ``step_overhead_s`` between steps (the worker loop). Generated tokens are placeholders:
+requests run to their ``max_tokens`` (the bench sends ``ignore_eos``), and the next turn of a
+multi-turn session carries the previous prompt and answer tokens, so prefix reuse has the real
+structure. What is not: tiers below the device, network contention between transfers, and
+failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import itertools
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbaton.engine.block_pool import BlockPool
+from kvbaton.engine.kv_handoff import KVHandoff
+from kvbaton.engine.leases import LeaseTable
+from kvbaton.engine.request import Request
+from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
+from kvbaton.engine.stop import check_stop
+from kvbaton.kv.events import KVEvent
+from kvbaton.kv.hashing import hash_block_chain, root_hash
+from kvbaton.limits import check_request_fits
+from kvbaton.router.config import DEFAULT_DISAGG_MIN_TOKENS, DEFAULT_KV_MEDIUM_CREDIT, DEFAULT_POLICY
+from kvbaton.router.kv_feed import KVIndexFeed
+from kvbaton.router.placement import place
+from kvbaton.router.policies import PlacementPolicy, PolicyOptions, RoutingRequest, make_policy
+from kvbaton.router.pool import InFlight, Worker
+from kvbaton.sampling_params import SamplingParams
+from kvbaton.sim.cost import CostModel, StepShape
+
+SIM_FINGERPRINT = "kvbaton-sim"
+LEASE_TTL_S = 30.0
+PLACEHOLDER_VOCAB = 32000
+
+
+@dataclass(frozen=True)
+class SimEngine:
+    """One simulated worker's engine settings (the ``EngineConfig`` fields the scheduler uses)."""
+
+    num_kv_blocks: int = 4096
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    share_inflight_prefill: bool = True
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A simulated cluster: topology, engine, router and link."""
+
+    prefill: int = 0
+    decode: int = 0
+    colocated: int = 1
+    engine: SimEngine = SimEngine()
+    decode_policy: str = DEFAULT_POLICY
+    prefill_policy: str = DEFAULT_POLICY
+    policy_options: PolicyOptions = PolicyOptions()
+    disagg_min_tokens: int = DEFAULT_DISAGG_MIN_TOKENS
+    medium_credit: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_KV_MEDIUM_CREDIT))
+    link_bytes_s: float = 10e9  # one loopback TCP transfer plane on the CPU machine is ~1-3 GB/s
+    link_latency_s: float = 0.0005
+    kv_bytes_per_token: int | None = None  # None: the cost model's
+    request_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.colocated) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if self.decode + self.colocated < 1:
+            raise ValueError("a cluster needs at least one decode or colocated worker")
+        if not self.link_bytes_s > 0 or self.link_latency_s < 0:
+            raise ValueError("the link needs a bandwidth > 0 and a latency >= 0")
+        if self.request_overhead_s < 0 or self.step_overhead_s < 0:
+            raise ValueError("overheads must be >= 0")
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill + self.decode + self.colocated
+
+
+@dataclass
+class SimRequest:
+    """One request offered to the cluster: its prompt tokens, output length, arrival."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    arrival_s: float
+    cache_salt: str | None = None
+    tags: tuple[str, ...] = ()
+    # Filled by the simulation:
+    first_token_s: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_s: float | None = None
+    cached_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    decode_worker: str | None = None
+    prefill_worker: str | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_s is not None or self.error is not None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SimWorker:
+    """One simulated worker: the real pool, scheduler and handoff, stepped by the cost model."""
+
+    def __init__(self, url: str, role: str, engine: SimEngine, cost: CostModel, sim: SimCluster) -> None:
+        self.url = url
+        self.role = role
+        self.sim = sim
+        self.cost = cost
+        self.engine = engine
+        self.view = Worker(url=url, declared_role=role, role=role, worker_id=url, model_name="sim",
+                           model_fingerprint=SIM_FINGERPRINT, block_size=engine.block_size,
+                           transfer_address=("sim", 0), max_model_len=engine.max_model_len,
+                           discovered=True, healthy=True)
+        self._events: list[KVEvent] = []
+        self._seq = 0
+        self.pool = BlockPool(engine.num_kv_blocks, engine.block_size, engine.enable_prefix_caching,
+                              event_sink=self._events.append)
+        self.scheduler = Scheduler(self.pool, engine.max_num_seqs, engine.max_num_batched_tokens,
+                                   engine.enable_chunked_prefill, engine.share_inflight_prefill,
+                                   engine.long_prefill_token_threshold)
+        self.leases = LeaseTable(LEASE_TTL_S, clock=sim.clock)
+        self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
+        self.busy = False
+        self.steps = 0
+        self.busy_s = 0.0
+        self._reqs: dict[str, tuple[SimRequest, Callable[[SimRequest, Request], None] | None]] = {}
+        self.flush_events()  # the pool's stream starts empty: seq 0 for the index
+
+    def flush_events(self) -> None:
+        events, self._events = self._events, []
+        self.sim.feed.index.apply(self.url, self._seq, events)
+        self._seq += 1
+
+    def add(self, sreq: SimRequest, req: Request, on_finish: Callable[[SimRequest, Request], None] | None = None,
+            with_kv: bool = False) -> None:
+        """Queue ``req`` (``with_kv``: already queued by an import's commit)."""
+        self._reqs[req.request_id] = (sreq, on_finish)
+        if not with_kv:
+            self.scheduler.add(req)
+        self.flush_events()
+        self.kick()
+
+    def kick(self) -> None:
+        """Start a step now if idle and there is work (the worker loop)."""
+        if self.busy or not self.scheduler.has_unfinished():
+            return
+        self.handoff.collect_leases()
+        out = self.scheduler.schedule()
+        self.flush_events()
+        if not out.scheduled:
+            return  # nothing fits now: a finishing request or an ending lease kicks again
+        parts = tuple((s.num_new_tokens, s.start) for s in out.scheduled)
+        dt = self.cost.step_time(StepShape(parts)) + self.sim.config.step_overhead_s
+        self.busy = True
+        self.steps += 1
+        self.busy_s += dt
+        self.sim.at(self.sim.clock.now + dt, lambda: self._step_done(out))
+
+    def _step_done(self, out: SchedulerOutput) -> None:
+        now = self.sim.clock.now
+        for s in out.scheduled:
+            self.scheduler.commit_computed(s)
+        for s in out.scheduled:
+            if not s.samples:
+                continue
+            req = s.request
+            sreq, on_finish = self._reqs[req.request_id]
+            tok = self.sim.token_for(req)
+            req.token_ids.append(tok)
+            if req.lease_ttl_s is None:
+                if sreq.first_token_s is None:
+                    sreq.first_token_s = now
+                    sreq.cached_tokens = max(0, req.num_cached_tokens)
+                sreq.token_times.append(now)
+                sreq.output_token_ids.append(tok)
+            end = check_stop(req.params, tok, req.num_output_tokens, req.num_tokens, self.engine.max_model_len, ())
+            if end is None:
+                continue
+            kept = self.scheduler.finish(req, end.reason, end.stop_reason, keep_blocks=req.lease_ttl_s is not None)
+            del self._reqs[req.request_id]
+            if req.lease_ttl_s is None:
+                sreq.finish_s = now
+            if on_finish is not None:
+                if kept is not None:
+                    self.sim.leased[req.request_id] = self.handoff.lease_out(req, kept, req.lease_ttl_s or LEASE_TTL_S)
+                on_finish(sreq, req)
+        self.flush_events()
+        self.busy = False
+        self.kick()
+
+
+class SimCluster:
+    """The simulated cluster (see the module docstring). ``run(requests)`` plays requests with
+    fixed arrival times; :func:`kvbaton.sim.run.simulate` adds sessions and concurrency."""
+
+    def __init__(self, config: SimConfig, cost: CostModel) -> None:
+        self.config = config
+        self.cost = cost
+        self.clock = _Clock()
+        kvb = config.kv_bytes_per_token or cost.kv_bytes_per_token()
+        if kvb is None:
+            raise ValueError("the KV bytes per token are unknown: give kv_bytes_per_token (the cost model has none)")
+        self.kv_bytes_per_token = kvb
+        self.feed = KVIndexFeed(medium_credit=config.medium_credit, clock=self.clock)
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._tick = itertools.count()
+        self.leased: dict[str, Any] = {}
+        self.workers: list[SimWorker] = []
+        for role, n in (("prefill", config.prefill), ("decode", config.decode), ("both", config.colocated)):
+            for i in range(n):
+                w = SimWorker(f"sim://{role}-{i}", role, config.engine, cost, self)
+                self.feed.adopt(w.url)
+                self.workers.append(w)
+        opts = config.policy_options
+        if opts.seed is None:  # random tie-breaks too must repeat for the same seed
+            opts = dataclasses.replace(opts, seed=config.seed)
+        self.decode_policy: PlacementPolicy = make_policy(config.decode_policy, self.feed, opts)
+        self.prefill_policy: PlacementPolicy = make_policy(config.prefill_policy, self.feed, opts)
+        self.transfers = 0
+        self.transfer_bytes = 0
+
+    # ---- the event loop ----------------------------------------------------------------
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (t, next(self._tick), fn))
+
+    def run_until_idle(self, limit_s: float = math.inf) -> None:
+        while self._heap:
+            t, _, fn = heapq.heappop(self._heap)
+            if t > limit_s:
+                heapq.heappush(self._heap, (t, next(self._tick), fn))
+                return
+            self.clock.now = max(self.clock.now, t)
+            fn()
+
+    def token_for(self, req: Request) -> int:
+        """A placeholder generated token: deterministic per request and position (its value
+        matters only as part of the next turn's prefix)."""
+        return zlib.crc32(f"{req.request_id}:{len(req.token_ids)}".encode()) % PLACEHOLDER_VOCAB
+
+    # ---- routing -----------------------------------------------------------------------
+
+    def submit(self, sreq: SimRequest, on_done: Callable[[SimRequest], None] | None = None) -> None:
+        """Route ``sreq`` now (its arrival) and run it; ``on_done`` when its last token is out."""
+        bs = self.config.engine.block_size
+        eng = self.config.engine
+        try:  # what a worker answers 400 to
+            check_request_fits(len(sreq.prompt_token_ids), sreq.max_tokens, eng.max_model_len, eng.num_kv_blocks, bs)
+        except ValueError as e:
+            sreq.error = str(e)
+            if on_done is not None:
+                on_done(sreq)
+            return
+        root = root_hash(SIM_FINGERPRINT, sreq.cache_salt)
+        hashes = tuple(hash_block_chain(root, sreq.prompt_token_ids, bs))
+        routing = RoutingRequest(sreq.request_id, tuple(sreq.prompt_token_ids), hashes, bs, sreq.cache_salt,
+                                 sreq.max_tokens)
+        decoders = [w.view for w in self.workers if w.view.can_decode]
+        prefillers = [w.view for w in self.workers if w.view.can_prefill]
+        p = place(routing, decoders, prefillers, self.feed, self.decode_policy, self.prefill_policy,
+                  self.config.disagg_min_tokens, self.config.prefill > 0)
+        # As the orchestrator does: both legs are told to the overlap provider at once.
+        self.feed.routed(routing, p.decoder)
+        if p.prefiller is not None:
+            self.feed.routed(routing, p.prefiller)
+        by_url = {w.url: w for w in self.workers}
+        decoder = by_url[p.decoder.url]
+        sreq.decode_worker = decoder.url
+        decode_leg = InFlight(p.decoder, len(sreq.prompt_token_ids) + sreq.max_tokens,
+                              -(-(len(sreq.prompt_token_ids) + sreq.max_tokens) // bs), hashes)
+        params = SamplingParams(max_tokens=sreq.max_tokens, temperature=0, ignore_eos=True)
+
+        def finished(s: SimRequest, r: Request) -> None:
+            decode_leg.done()
+            if on_done is not None:
+                on_done(s)
+
+        def run_here() -> None:
+            req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+            decoder.add(sreq, req, finished)
+
+        start = self.clock.now + self.config.request_overhead_s
+        if p.prefiller is None:
+            self.at(start, run_here)
+            return
+        prefiller = by_url[p.prefiller.url]
+        sreq.prefill_worker = prefiller.url
+        prefill_leg = InFlight(p.prefiller, len(sreq.prompt_token_ids), -(-len(sreq.prompt_token_ids) // bs), hashes)
+
+        def prefilled(s: SimRequest, r: Request) -> None:
+            prefill_leg.done()
+            lease = self.leased.pop(r.request_id)
+            first = r.token_ids[-1]
+            plan = decoder.handoff.reserve(sreq.request_id, list(sreq.prompt_token_ids), root, sreq.cache_salt,
+                                           hashes)
+            if plan is None:  # the decode worker cannot hold it now: it computes the prompt itself
+                prefiller.leases.release(lease.lease_id)
+                prefiller.kick()
+                run_here()
+                return
+            nbytes = len(plan.fetch_indexes) * bs * self.kv_bytes_per_token
+            self.transfers += 1
+            self.transfer_bytes += nbytes
+            dt = nbytes / self.config.link_bytes_s + self.config.link_latency_s
+
+            def arrived() -> None:
+                prefiller.leases.release(lease.lease_id)
+                prefiller.kick()
+                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+                req.token_ids.append(first)
+                decoder.handoff.commit(sreq.request_id, req)
+                sreq.output_token_ids.append(first)
+                decoder.add(sreq, req, finished, with_kv=True)
+
+            self.at(self.clock.now + dt, arrived)
+
+        def run_prefill() -> None:
+            req = Request(sreq.request_id, list(sreq.prompt_token_ids), SamplingParams(max_tokens=1, temperature=0,
+                                                                                        ignore_eos=True), root, bs)
+            req.lease_ttl_s = LEASE_TTL_S
+            prefiller.add(sreq, req, prefilled)
+
+        self.at(start, run_prefill)
+
+    def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
+        """Play ``requests`` at their arrival times to the end; returns them, filled in."""
+        for r in requests:
+            self.at(r.arrival_s, functools.partial(self.submit, r))
+        self.run_until_idle()
+        self.finish()
+        return list(requests)
+
+    def finish(self) -> None:
+        """After the last event: requests that never ran (too big for a pool) fail with a
+        message, and every worker's block accounting must be whole."""
+        for w in self.workers:
+            for rid, (sreq, on_finish) in list(w._reqs.items()):
+                if not sreq.done:
+                    sreq.error = f"{w.url} could never schedule it ({len(sreq.prompt_token_ids)} prompt tokens)"
+                    req = w.scheduler.requests.get(rid)
+                    del w._reqs[rid]
+                    if req is not None:
+                        w.scheduler.abort(rid)
+                        if on_finish is not None:
+                            on_finish(sreq, req)
+        self.check()
+
+    def check(self) -> None:
+        """Every worker's block accounting is whole (the engine's own integrity check)."""
+        for w in self.workers:
+            refs = w.scheduler.block_refs()
+            for b, n in w.handoff.block_refs().items():
+                refs[b] = refs.get(b, 0) + n
+            w.pool.check_integrity(refs)

@@ -1,0 +1,162 @@
+"""Cost models: what one engine step costs, from the shape of the batch the real scheduler made.
+
+A :class:`StepShape` is what a ``SchedulerOutput`` says about a step's work: for each request,
+how many tokens it computes this step and how many tokens of context it already had. A
+:class:`CostModel` turns that into seconds. Two kinds share the interface:
+
+- **profiled** (:class:`LinearCostModel` from a ``kvbaton profile`` JSON): step times measured
+  on the machine at hand over a grid of prefill and decode batches, fitted to the features
+  below by least squares;
+- **analytic** (:mod:`kvbaton.sim.analytic`): a roofline from a model config and a hardware
+  table.
+
+Features of a step (``StepShape.features``), each a cost the runner really pays:
+
+- ``steps``: 1 (per-step overhead: scheduling, the Python around the forward pass, sampling);
+- ``seqs``: requests in the batch (per-sequence bookkeeping, sampling, block tables);
+- ``tokens``: tokens computed (the GEMMs: linear in tokens once the batch is large enough);
+- ``prefill_attn``: sum over prefilling requests of new x (context + new / 2) (causal
+  attention of the new tokens over the cached context and themselves);
+- ``decode_ctx``: sum of the context lengths of the decoding requests (reading their KV).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FEATURES = ("steps", "seqs", "tokens", "prefill_attn", "decode_ctx")
+PROFILE_VERSION = 1
+
+
+class CostModelError(ValueError):
+    """A cost model (or its profile file) is malformed or does not fit the request made of it."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One step's work: ``(new tokens, context before them)`` per request in the batch. A
+    request computing one token on top of a context is decoding; more is (chunked) prefill."""
+
+    parts: tuple[tuple[int, int], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for n, _ in self.parts)
+
+    def features(self) -> dict[str, float]:
+        prefill_attn = 0.0
+        decode_ctx = 0.0
+        for new, ctx in self.parts:
+            if new == 1:
+                decode_ctx += ctx + 1
+            else:
+                prefill_attn += new * (ctx + new / 2)
+        return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(self.num_tokens),
+                "prefill_attn": prefill_attn, "decode_ctx": decode_ctx}
+
+
+class CostModel(ABC):
+    """Seconds one engine step takes for a batch of a given shape (the simulator's stand-in for
+    the model runner). Implementations must be pure and deterministic: the same shape always
+    costs the same, so a simulation with the same seed gives the same result."""
+
+    name: str = "cost model"
+
+    @abstractmethod
+    def step_time(self, step: StepShape) -> float:
+        """Seconds for ``step`` (> 0)."""
+
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of KV one token holds (what a transfer moves), if the model says; None: unknown."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for the result JSON."""
+        return {"name": self.name}
+
+
+class LinearCostModel(CostModel):
+    """``step_time = sum(coef[f] * feature[f])`` over :data:`FEATURES` (missing coefficients are
+    0), at least ``min_step_s``."""
+
+    def __init__(self, coefficients: Mapping[str, float], name: str = "linear", min_step_s: float = 1e-6,
+                 kv_bytes_per_token: int | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        unknown = set(coefficients) - set(FEATURES)
+        if unknown:
+            raise CostModelError(f"unknown cost features {sorted(unknown)}; known: {', '.join(FEATURES)}")
+        for k, v in coefficients.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CostModelError(f"coefficient {k!r} must be a finite number, got {v!r}")
+        self.coefficients = {f: float(coefficients.get(f, 0.0)) for f in FEATURES}
+        self.name = name
+        self.min_step_s = min_step_s
+        self._kv_bytes_per_token = kv_bytes_per_token
+        self.meta = dict(meta or {})
+
+    def step_time(self, step: StepShape) -> float:
+        x = step.features()
+        return max(self.min_step_s, sum(self.coefficients[f] * x[f] for f in FEATURES))
+
+    def kv_bytes_per_token(self) -> int | None:
+        return self._kv_bytes_per_token
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "coefficients": dict(self.coefficients), **self.meta}
+
+
+def fit_linear(points: Sequence[tuple[StepShape, float]]) -> dict[str, float]:
+    """Least-squares coefficients of :data:`FEATURES` for measured ``(shape, seconds)`` points,
+    weighted by 1 / seconds (relative error matters: a 5 ms decode step and a 2 s prefill both),
+    with no coefficient below 0 (a negative cost is never physical: such a feature is dropped and
+    the fit redone)."""
+    import numpy as np
+
+    if len(points) < len(FEATURES):
+        raise CostModelError(f"a profile needs at least {len(FEATURES)} points, got {len(points)}")
+    active = list(FEATURES)
+    while True:
+        a = np.array([[p.features()[f] / t for f in active] for p, t in points])
+        b = np.ones(len(points))
+        coef, *_ = np.linalg.lstsq(a, b, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            return {f: float(max(0.0, c)) for f, c in zip(active, coef)}
+        active.pop(int(np.argmin(coef)))
+
+
+def load_cost_model(spec: str) -> CostModel:
+    """A cost model from ``--cost-model``: a profile JSON path, or ``analytic:HARDWARE[:MODEL]``."""
+    if spec.startswith("analytic:"):
+        from kvbaton.sim.analytic import analytic_cost_model
+
+        return analytic_cost_model(spec[len("analytic:"):])
+    return load_profile(spec)
+
+
+def load_profile(path: str | Path) -> LinearCostModel:
+    """The cost model of a ``kvbaton profile`` JSON (CostModelError naming what is wrong)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise CostModelError(f"cannot read the profile {p}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise CostModelError(f"the profile {p} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != "kvbaton-profile":
+        raise CostModelError(f"{p} is not a kvbaton profile (no \"kind\": \"kvbaton-profile\")")
+    if data.get("version") != PROFILE_VERSION:
+        raise CostModelError(f"{p}: profile version {data.get('version')!r}, this kvbaton reads {PROFILE_VERSION}")
+    coef = data.get("coefficients")
+    if not isinstance(coef, dict):
+        raise CostModelError(f"{p}: no \"coefficients\" object")
+    kvb = data.get("kv_bytes_per_token")
+    if kvb is not None and (not isinstance(kvb, int) or kvb <= 0):
+        raise CostModelError(f"{p}: kv_bytes_per_token must be a positive integer, got {kvb!r}")
+    meta = {k: data[k] for k in ("model", "device", "threads", "dtype", "block_size", "num_kv_blocks",
+                                 "request_overhead_ms", "step_overhead_ms") if k in data}
+    return LinearCostModel(coef, name=f"profile:{p.name}", kv_bytes_per_token=kvb, meta=meta)
