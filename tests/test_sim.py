@@ -199,3 +199,39 @@ def test_bad_sim_flags_are_usage_errors_naming_the_flag(argv: list[str], flag: s
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
+
+
+# ---- kvbaton plan ----------------------------------------------------------------------------
+
+
+def test_plan_search_finds_the_rate_where_the_slo_breaks(tok: Any) -> None:
+    from kvbaton.sim.plan import Layout, layouts, search
+
+    assert [str(x) for x in layouts(3)] == ["3 colocated", "1P2D", "2P1D"]
+    ss = sessions(tok, "random", n=30, input_len=128, output_len=16)
+    base = SimConfig(disagg_min_tokens=1 << 30)
+    one = search(Layout(colocated=1), base, COST, ss, tok, {"ttft": 200.0}, 0.9, min_rate=1.0)
+    two = search(Layout(colocated=2), base, COST, ss, tok, {"ttft": 200.0}, 0.9, min_rate=1.0)
+    assert one.best is not None and one.best.attainment >= 0.9
+    # Past the answer the SLO fails: some probe above it missed.
+    assert any(p.rate > one.goodput and p.attainment < 0.9 for p in one.probes)
+    assert two.goodput > one.goodput  # twice the workers carry more
+
+
+def test_plan_cli_ranks_layouts_and_says_when_no_slo_is_met(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({"kind": "kvbaton-profile", "version": 1, "kv_bytes_per_token": 512,
+                                "coefficients": COST.coefficients}))
+    common = ["plan", "--cost-model", str(prof), "--workload", "random", "--num-prompts", "20", "--tokenizer",
+              "tiny-random", "--input-len", "64", "--output-len", "8", "--no-progress"]
+    plot = tmp_path / "pareto.png"
+    assert main([*common, "--workers", "2", "--slo", "ttft=500", "--plot-file", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "2 colocated" in out and "1P1D" in out and "best:" in out and plot.stat().st_size > 0
+    assert main([*common, "--workers", "2", "--slo", "ttft=0.001"]) == 1
+    assert "no configuration meets the SLO; the closest is" in capsys.readouterr().out
+    assert main([*common, "--target-rate", "5", "--max-workers", "3", "--slo", "ttft=500"]) == 0
+    assert "smallest cluster for 5 sessions/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*common, "--slo", "ttft=500"])  # neither --workers nor --target-rate
+    assert "--workers" in capsys.readouterr().err

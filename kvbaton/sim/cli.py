@@ -20,6 +20,20 @@ def _pos_int(text: str) -> int:
     return v
 
 
+def _pos_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _percent(text: str) -> float:
+    v = _nonneg_float(text)
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text!r}")
+    return v
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -63,7 +77,32 @@ def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--decode-policy", default=None, help=f"default {DEFAULT_POLICY}")
     t.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS,
                    help="prefill remotely only when at least this many prompt tokens are uncached")
-    e = s.add_argument_group("engine (per worker)")
+    _add_engine_cost_args(s)
+    add_workload_args(s)
+    s.set_defaults(func=_cmd_sim, parser=s)
+
+    pl = sub.add_parser("plan", help="find the cluster layout (colocated or xPyD) that carries the most "
+                        "traffic under an SLO, by simulation", formatter_class=HelpFormatter)
+    g = pl.add_argument_group("search")
+    g.add_argument("--workers", type=_pos_int, default=None,
+                   help="rank every layout of this many workers (colocated and each xPyD split)")
+    g.add_argument("--target-rate", type=_pos_float, default=None, metavar="R",
+                   help="find the smallest cluster (up to --max-workers) whose best layout carries R sessions/s")
+    g.add_argument("--max-workers", type=_pos_int, default=8)
+    g.add_argument("--attainment", type=_percent, default=90.0, metavar="PCT",
+                   help="share of requests that must meet every SLO bound")
+    g.add_argument("--policy", default=None, help=f"placement policy for both legs ({names})")
+    g.add_argument("--disagg-min-tokens", type=int, default=DEFAULT_DISAGG_MIN_TOKENS)
+    g.add_argument("--min-rate", type=_pos_float, default=0.05, help="first rate tried (sessions/s)")
+    g.add_argument("--plot-file", default=None, help="Pareto plot PNG (tokens/s per worker vs per user)")
+    _add_engine_cost_args(pl)
+    add_workload_args(pl)
+    pl.set_defaults(func=_cmd_plan, parser=pl)
+
+
+def _add_engine_cost_args(p: argparse.ArgumentParser) -> None:
+    """The simulated workers' engine flags and the cost model's (``sim`` and ``plan``)."""
+    e = p.add_argument_group("engine (per worker)")
     e.add_argument("--num-kv-blocks", type=_pos_int, default=None,
                    help="device KV blocks per worker (default: the profile's, else 4096)")
     e.add_argument("--block-size", type=_pos_int, default=16)
@@ -72,7 +111,7 @@ def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--long-prefill-token-threshold", type=int, default=0)
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--max-model-len", type=_pos_int, default=8192)
-    c = s.add_argument_group("cost")
+    c = p.add_argument_group("cost")
     c.add_argument("--cost-model", required=True, metavar="PROFILE.json|analytic:HW[:MODEL]",
                    help="a `kvbaton profile` file, or the roofline model of hardware HW (h100, h200, ...)")
     c.add_argument("--link-gbps", type=_nonneg_float, default=80.0,
@@ -82,8 +121,6 @@ def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
                    help="per request: HTTP, tokenizing, routing (default: the profile's, else 0)")
     c.add_argument("--step-overhead-ms", type=_nonneg_float, default=None,
                    help="per engine step: the worker loop (default: the profile's, else 0)")
-    add_workload_args(s)
-    s.set_defaults(func=_cmd_sim, parser=s)
 
 
 def _cmd_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -117,23 +154,23 @@ def _topology(args: argparse.Namespace) -> tuple[int, int, int]:
     return prefill, decode, colocated
 
 
-def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kvbaton.bench.cli import bench_config
-    from kvbaton.bench.report import format_result, write_json
-    from kvbaton.bench.runner import load_bench_tokenizer, make_bench_workload, workload_sessions
+def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser, prefill: int, decode: int,
+             colocated: int) -> tuple[Any, Any]:
+    """The cost model and the SimConfig the flags describe (usage errors name the flag)."""
     from kvbaton.router.config import DEFAULT_POLICY
     from kvbaton.sim.cluster import SimConfig, SimEngine
     from kvbaton.sim.cost import CostModelError, load_cost_model
-    from kvbaton.sim.run import result_json, simulate
 
     try:
         cost = load_cost_model(args.cost_model)
     except CostModelError as e:
         parser.error(f"--cost-model: {e}")
     meta: dict[str, Any] = getattr(cost, "meta", {})
-    prefill, decode, colocated = _topology(args)
     try:
-        engine = SimEngine(num_kv_blocks=args.num_kv_blocks or int(meta.get("num_kv_blocks") or 4096),
+        # Default pool: the profiled worker's, or what the accelerator's memory holds after the weights.
+        max_kv = getattr(cost, "max_kv_tokens", None)
+        default_blocks = int(meta.get("num_kv_blocks") or (max_kv() // args.block_size if max_kv else 4096))
+        engine = SimEngine(num_kv_blocks=args.num_kv_blocks or default_blocks,
                            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                            max_num_batched_tokens=args.max_num_batched_tokens,
                            long_prefill_token_threshold=args.long_prefill_token_threshold,
@@ -141,8 +178,8 @@ def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ms = 1e-3
         config = SimConfig(
             prefill=prefill, decode=decode, colocated=colocated, engine=engine,
-            decode_policy=args.decode_policy or args.policy or DEFAULT_POLICY,
-            prefill_policy=args.prefill_policy or args.policy or DEFAULT_POLICY,
+            decode_policy=getattr(args, "decode_policy", None) or args.policy or DEFAULT_POLICY,
+            prefill_policy=getattr(args, "prefill_policy", None) or args.policy or DEFAULT_POLICY,
             disagg_min_tokens=args.disagg_min_tokens, link_bytes_s=args.link_gbps * 1e9 / 8,
             link_latency_s=args.link_latency_ms * ms,
             request_overhead_s=(args.request_overhead_ms if args.request_overhead_ms is not None
@@ -152,12 +189,29 @@ def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed)
     except ValueError as e:
         parser.error(str(e))
+    return cost, config
+
+
+def _workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Any, Any, list[Any]]:
+    """(bench config, tokenizer, sessions) of the workload flags."""
+    from kvbaton.bench.cli import bench_config
+    from kvbaton.bench.runner import load_bench_tokenizer, make_bench_workload, workload_sessions
+
     cfg = bench_config(args, parser)
     try:
         tokenizer = load_bench_tokenizer(cfg)
         sessions = workload_sessions(make_bench_workload(cfg, tokenizer=tokenizer))
     except ValueError as e:
         parser.error(str(e))
+    return cfg, tokenizer, sessions
+
+
+def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvbaton.bench.report import format_result, write_json
+    from kvbaton.sim.run import result_json, simulate
+
+    cost, config = _cluster(args, parser, *_topology(args))
+    cfg, tokenizer, sessions = _workload(args, parser)
     try:
         res = simulate(config, cost, sessions, tokenizer, cfg.load)
     except ValueError as e:
@@ -170,3 +224,71 @@ def _cmd_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.result_file:
         print(f"result: {write_json(out, args.result_file)}", flush=True)
     return 0 if out["completed"] else 1
+
+
+def _cmd_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvbaton.sim.plan import closest, format_table, layouts, pareto, plot_pareto, search
+
+    if (args.workers is None) == (args.target_rate is None):
+        parser.error("--workers: give either --workers N (rank the layouts of N workers) or --target-rate R")
+    if not args.slo:
+        parser.error("--slo: plan needs an SLO, e.g. --slo ttft=2000,tpot=200")
+    cost, base = _cluster(args, parser, 0, 0, 1)
+    cfg, tokenizer, sessions = _workload(args, parser)
+    slo = dict(args.slo)
+    target = args.attainment / 100
+    from tqdm import tqdm
+
+    bar = tqdm(desc="simulations", unit="sim", disable=args.no_progress, file=sys.stderr)
+
+    def rank(n: int) -> list[Any]:
+        return [search(lay, base, cost, sessions, tokenizer, slo, target, min_rate=args.min_rate,
+                       on_probe=lambda p: bar.update(1)) for lay in layouts(n)]
+
+    try:
+        if args.workers is not None:
+            results = rank(args.workers)
+        else:
+            results = []
+            for n in range(1, args.max_workers + 1):
+                results = rank(n)
+                if max(r.goodput for r in results) >= args.target_rate:
+                    break
+    except ValueError as e:
+        bar.close()
+        print(f"kvbaton: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    bar.close()
+    print(format_table(results, slo, target), flush=True)
+    best = max(results, key=lambda r: r.goodput_per_worker)
+    if best.best is None:
+        near = closest(results)
+        where = (f"{near.layout} at {near.rate:.3g} sessions/s meets it for {near.attainment * 100:.0f}% of requests"
+                 if near is not None else "none ran")
+        print(f"no configuration meets the SLO; the closest is {where}", flush=True)
+        return 1
+    if args.target_rate is not None:
+        if best.goodput < args.target_rate:
+            print(f"no cluster of up to {args.max_workers} workers carries {args.target_rate:g} sessions/s; the "
+                  f"largest ({best.layout}) carries {best.goodput:.3g}", flush=True)
+            return 1
+        fit = max((r for r in results if r.goodput >= args.target_rate), key=lambda r: r.goodput_per_worker)
+        print(f"smallest cluster for {args.target_rate:g} sessions/s: {fit.layout} "
+              f"({fit.layout.workers} workers, carries {fit.goodput:.3g})", flush=True)
+    else:
+        print(f"best: {best.layout} ({best.goodput:.3g} sessions/s, {best.goodput_per_worker:.3g} per worker)",
+              flush=True)
+    front = pareto([p for r in results for p in r.probes])
+    print(f"Pareto front: {len(front)} of {sum(len(r.probes) for r in results)} simulations", flush=True)
+    if args.plot_file:
+        print(f"plot: {plot_pareto(results, args.plot_file)}", flush=True)
+    if args.result_file:
+        import json
+
+        rows = [{"layout": str(r.layout), "goodput": r.goodput, "goodput_per_worker": r.goodput_per_worker,
+                 "best": None if r.best is None else vars(r.best) | {"layout": str(r.layout)},
+                 "probes": [vars(p) | {"layout": str(p.layout)} for p in r.probes]} for r in results]
+        with open(args.result_file, "w") as f:
+            json.dump({"slo": slo, "attainment": target, "layouts": rows}, f, indent=1, default=str)
+        print(f"result: {args.result_file}", flush=True)
+    return 0

@@ -168,6 +168,7 @@ class SimWorker:
         self.busy = False
         self.steps = 0
         self.busy_s = 0.0
+        self.peak_blocks = 0  # most blocks in use after a scheduling (the KV memory a layout needs)
         self._reqs: dict[str, tuple[SimRequest, Callable[[SimRequest, Request], None] | None]] = {}
         self.flush_events()  # the pool's stream starts empty: seq 0 for the index
 
@@ -191,6 +192,7 @@ class SimWorker:
             return
         self.handoff.collect_leases()
         out = self.scheduler.schedule()
+        self.peak_blocks = max(self.peak_blocks, self.pool.num_used_blocks)
         self.flush_events()
         if not out.scheduled:
             return  # nothing fits now: a finishing request or an ending lease kicks again
