@@ -170,9 +170,13 @@ class SimWorker:
         self.busy_s = 0.0
         self.peak_blocks = 0  # most blocks in use after a scheduling (the KV memory a layout needs)
         self._reqs: dict[str, tuple[SimRequest, Callable[[SimRequest, Request], None] | None]] = {}
-        self.flush_events()  # the pool's stream starts empty: seq 0 for the index
+        self.flush_events(force=True)  # the pool's stream starts empty: seq 0 for the index
 
-    def flush_events(self) -> None:
+    def flush_events(self, force: bool = False) -> None:
+        """Hand the pool's events since the last flush to the router's index, as one batch of
+        the worker's stream (most steps publish none: nothing to hand)."""
+        if not self._events and not force:
+            return
         events, self._events = self._events, []
         self.sim.feed.index.apply(self.url, self._seq, events)
         self._seq += 1

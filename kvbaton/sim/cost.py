@@ -100,8 +100,19 @@ class LinearCostModel(CostModel):
         self.meta = dict(meta or {})
 
     def step_time(self, step: StepShape) -> float:
-        x = step.features()
-        return max(self.min_step_s, sum(self.coefficients[f] * x[f] for f in FEATURES))
+        c = self.coefficients
+        # StepShape.features inlined: this runs once per simulated step.
+        prefill_attn = decode_ctx = 0.0
+        tokens = 0
+        for new, ctx in step.parts:
+            tokens += new
+            if new == 1:
+                decode_ctx += ctx + 1
+            else:
+                prefill_attn += new * (ctx + new / 2)
+        t = (c["steps"] + c["seqs"] * len(step.parts) + c["tokens"] * tokens + c["prefill_attn"] * prefill_attn
+             + c["decode_ctx"] * decode_ctx)
+        return max(self.min_step_s, t)
 
     def kv_bytes_per_token(self) -> int | None:
         return self._kv_bytes_per_token

@@ -61,7 +61,18 @@ class _Driver:
             ids = self._encoded[text] = list(self.tokenizer.encode(text, add_special_tokens=False))
         return ids
 
+    def pretokenize(self) -> None:
+        """Encode every text the sessions will send in one batch call (the tokenizer's Rust
+        side runs it on all cores: per-prompt calls cost more than the simulation itself)."""
+        texts = list(dict.fromkeys(t for s in self.sessions for k, turn in enumerate(s.turns)
+                                   for t in ([s.prefix + turn.user] if k == 0 else [turn.user])))
+        if not texts:
+            return
+        batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self._encoded.update(zip(texts, (list(ids) for ids in batch)))
+
     def start(self) -> None:
+        self.pretokenize()
         offsets = arrival_offsets(self.sessions, self.load.request_rate, self.load.burstiness,
                                   self.load.time_scale, self.load.seed)
         for i, t in enumerate(offsets):

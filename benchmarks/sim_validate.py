@@ -1,0 +1,181 @@
+"""The simulator against the real cluster, on the same requests, on this machine.
+
+For each case: run `kvbaton serve` with the case's topology and flags, drive it with
+`kvbaton bench run` (one server at a time), then run `kvbaton sim` with the same topology,
+engine flags, workload, seed and load, with a cost model profiled on this machine
+(`kvbaton profile`, one profile per torch thread count the cases use). Report, per metric, the
+simulated value, the real one and the relative error; check the targets (every mean/median
+within 10%, the median error over all cells <= 5%, p90/p99 within 20%) and whether the simulator
+ranks the cases of each comparison group in the same order as the real runs.
+
+The per-request overhead the simulator adds (HTTP, router, tokenizing) and the per-step worker
+loop overhead are measured here, not tuned: ``--calibrate`` runs the first case and sets them
+from the difference between its real and simulated TTFT and TPOT at low load, and every other
+case is then a held-out prediction.
+
+    python benchmarks/sim_validate.py --out docs/results/sim_validation_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from topology_compare import serve  # noqa: E402
+
+ENGINE = ["--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "512"]
+# name, group (cases compared for ranking), serve topology flags, workload flags, load flags
+CASES: list[tuple[str, str, list[str], list[str], list[str]]] = [
+    ("colocated x1", "topology", ["--colocated", "1", "--threads-per-worker", "2"],
+     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+     ["--max-concurrency", "4"]),
+    ("colocated x2", "topology", ["--colocated", "2", "--threads-per-worker", "1", "--disagg-min-tokens", "100000"],
+     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+     ["--max-concurrency", "4"]),
+    ("1P1D", "topology", ["--prefill", "1", "--decode", "1", "--threads-per-worker", "1"],
+     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+     ["--max-concurrency", "4"]),
+    ("2P2D", "topology", ["--prefill", "2", "--decode", "2", "--threads-per-worker", "1"],
+     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+     ["--max-concurrency", "4"]),
+    ("shared-prefix round_robin", "policy", ["--colocated", "2", "--threads-per-worker", "1", "--policy", "round_robin",
+                                             "--disagg-min-tokens", "100000"],
+     ["--workload", "shared-prefix", "--num-prompts", "32", "--workload-opt", "num_prefixes=4",
+      "--workload-opt", "prefix_len=384", "--workload-opt", "question_len=32", "--workload-opt", "output_len=16"],
+     ["--max-concurrency", "4"]),
+    ("shared-prefix kv_aware", "policy", ["--colocated", "2", "--threads-per-worker", "1", "--policy", "kv_aware",
+                                          "--disagg-min-tokens", "100000"],
+     ["--workload", "shared-prefix", "--num-prompts", "32", "--workload-opt", "num_prefixes=4",
+      "--workload-opt", "prefix_len=384", "--workload-opt", "question_len=32", "--workload-opt", "output_len=16"],
+     ["--max-concurrency", "4"]),
+    ("mixed 0.5/s", "rate", ["--colocated", "1", "--threads-per-worker", "2"],
+     ["--workload", "mixed", "--num-prompts", "30"], ["--request-rate", "0.5"]),
+    ("mixed 1.5/s", "rate", ["--colocated", "1", "--threads-per-worker", "2"],
+     ["--workload", "mixed", "--num-prompts", "30"], ["--request-rate", "1.5"]),
+    ("mooncake trace", "trace", ["--colocated", "1", "--threads-per-worker", "2"],
+     ["--workload", "trace", "--num-prompts", "30"], ["--time-scale", "0.3"]),
+]
+METRICS = [  # (result key, kind): kind "central" (10% target) or "tail" (20%)
+    ("mean_ttft_ms", "central"), ("median_ttft_ms", "central"), ("p90_ttft_ms", "tail"),
+    ("mean_tpot_ms", "central"), ("p99_tpot_ms", "tail"), ("output_throughput", "central"),
+    ("prefix_cache_hit_rate", "central"),
+]
+
+
+def _run(cmd: list[str]) -> None:
+    print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def profile(threads: int, out: Path, repeats: int) -> Path:
+    if not out.exists():
+        _run([sys.executable, "-m", "kvbaton.cli", "profile", "--threads", str(threads), "--repeats", str(repeats),
+              "--out", str(out)])
+    return out
+
+
+def threads_of(flags: list[str]) -> int:
+    return int(flags[flags.index("--threads-per-worker") + 1])
+
+
+def real(name: str, topo: list[str], workload: list[str], load: list[str], tmp: Path) -> dict[str, Any]:
+    out = tmp / f"real-{name.replace(' ', '_').replace('/', '_')}.json"
+    # No host tier: the simulator models the device pool only.
+    with serve(name, [*topo, *ENGINE, "--kv-host-cache-gib", "0"]) as url:
+        _run([sys.executable, "-m", "kvbaton.cli", "bench", "run", "--base-url", url, *workload, *load,
+              "--no-progress", "--result-file", str(out)])
+    return dict(json.loads(out.read_text()))
+
+
+def simulated(name: str, topo: list[str], workload: list[str], load: list[str], prof: Path, tmp: Path,
+              overhead: tuple[float, float]) -> dict[str, Any]:
+    out = tmp / f"sim-{name.replace(' ', '_').replace('/', '_')}.json"
+    skip = {topo.index("--threads-per-worker"), topo.index("--threads-per-worker") + 1}
+    topo = [f for i, f in enumerate(topo) if i not in skip]  # sim has no threads: the profile has them
+    _run([sys.executable, "-m", "kvbaton.cli", "sim", "--cost-model", str(prof), *topo, *ENGINE, *workload, *load,
+          "--request-overhead-ms", f"{overhead[0]:.3f}", "--step-overhead-ms", f"{overhead[1]:.3f}",
+          "--no-progress", "--result-file", str(out)])
+    return dict(json.loads(out.read_text()))
+
+
+def rel_err(sim: float | None, real_v: float | None) -> float | None:
+    if sim is None or real_v is None or real_v == 0:
+        return None
+    return abs(sim - real_v) / abs(real_v)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
+    ap.add_argument("--profile-dir", default=None, help="reuse profiles here (profile-t<threads>.json)")
+    ap.add_argument("--no-calibrate", action="store_true", help="no per-request / per-step overheads")
+    a = ap.parse_args()
+    cases = [c for c in CASES if a.cases is None or c[0] in a.cases.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="kvbaton-simval-"))
+    pdir = Path(a.profile_dir) if a.profile_dir else tmp
+    pdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    threads = sorted({threads_of(c[2]) for c in cases})
+    profiles = {t: profile(t, pdir / f"profile-t{t}.json", a.repeats) for t in threads}
+    rows: list[dict[str, Any]] = []
+    overhead = (0.0, 0.0)
+    for i, (name, group, topo, workload, load) in enumerate(cases):
+        r = real(name, topo, workload, load, tmp)
+        prof = profiles[threads_of(topo)]
+        if i == 0 and not a.no_calibrate:
+            # Calibration on the first case: what the serving path adds beyond the engine steps.
+            s0 = simulated(name, topo, workload, load, prof, tmp, (0.0, 0.0))
+            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s0["median_ttft_ms"] or 0))
+            step_ms = max(0.0, (r["median_tpot_ms"] or 0) - (s0["median_tpot_ms"] or 0))
+            overhead = (req_ms, step_ms)
+            print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms", file=sys.stderr)
+        s = simulated(name, topo, workload, load, prof, tmp, overhead)
+        cells = {k: {"sim": s.get(k), "real": r.get(k), "rel_error": rel_err(s.get(k), r.get(k)), "kind": kind}
+                 for k, kind in METRICS}
+        rows.append({"case": name, "group": group, "calibration": i == 0 and not a.no_calibrate,
+                     "serve": topo, "workload": workload, "load": load, "cells": cells,
+                     "sim_speed": s["sim"]["speed"], "real_duration_s": r["duration"]})
+        brief = {k: (v["sim"], v["real"]) for k, v in cells.items()}
+        print(json.dumps({name: brief}), file=sys.stderr, flush=True)
+    held = [row for row in rows if not row["calibration"]]
+    errs = [c["rel_error"] for row in held for c in row["cells"].values() if c["rel_error"] is not None]
+    central = [c["rel_error"] for row in held for c in row["cells"].values()
+               if c["kind"] == "central" and c["rel_error"] is not None]
+    tail = [c["rel_error"] for row in held for c in row["cells"].values()
+            if c["kind"] == "tail" and c["rel_error"] is not None]
+    ranking = {}
+    for group in sorted({row["group"] for row in rows}):
+        members = [row for row in rows if row["group"] == group]
+        if len(members) < 2:
+            continue
+        key = "mean_ttft_ms"
+        order_real = [m["case"] for m in sorted(members, key=lambda m: m["cells"][key]["real"] or 0)]
+        order_sim = [m["case"] for m in sorted(members, key=lambda m: m["cells"][key]["sim"] or 0)]
+        ranking[group] = {"by": key, "real": order_real, "sim": order_sim, "same": order_real == order_sim}
+    summary = {
+        "median_rel_error": statistics.median(errs) if errs else None,
+        "central_within_10pct": sum(e <= 0.10 for e in central), "central_cells": len(central),
+        "tail_within_20pct": sum(e <= 0.20 for e in tail), "tail_cells": len(tail),
+        "ranking": ranking, "overhead_ms": {"request": overhead[0], "step": overhead[1]},
+        "wall_s": time.time() - started,
+    }
+    Path(a.out).write_text(json.dumps({"cases": rows, "summary": summary, "engine": ENGINE,
+                                       "profiles": {str(t): json.loads(p.read_text()) for t, p in profiles.items()}},
+                                      indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
