@@ -235,3 +235,19 @@ def test_plan_cli_ranks_layouts_and_says_when_no_slo_is_met(tmp_path: Path, caps
     with pytest.raises(SystemExit):
         main([*common, "--slo", "ttft=500"])  # neither --workers nor --target-rate
     assert "--workers" in capsys.readouterr().err
+
+
+def test_bench_table_puts_a_simulated_run_beside_another(tmp_path: Path, tok: Any,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    files = []
+    for n in (1, 2):
+        lc = LoadConfig(max_concurrency=4)
+        res = result_json(simulate(SimConfig(colocated=n), COST, sessions(tok, n=8), tok, lc), lc, "x", {}, 0, 8)
+        files.append(tmp_path / f"s{n}.json")
+        files[-1].write_text(json.dumps(res))
+    assert main(["bench", "table", f"one={files[0]}", f"two={files[1]}"]) == 0
+    out = capsys.readouterr().out
+    assert "one" in out and "two" in out and "mean_ttft_ms" in out and "1.00x" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "table", f"x={tmp_path / 'missing.json'}"])
+    assert "cannot read a result JSON" in capsys.readouterr().err

@@ -162,7 +162,33 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     cmp.add_argument("--rounds", type=POS_INT, default=4,
                      help="the workload is split into this many rounds, run ABBA-interleaved (default %(default)s)")
     cmp.set_defaults(func=run_bench_command, bench_func=_cmd_compare, parser=cmp)
+    tab = sub.add_parser("table", help="saved result files side by side (real runs, simulated runs)",
+                         formatter_class=HelpFormatter)
+    tab.add_argument("results", nargs="+", type=_key_value, metavar="NAME=FILE",
+                     help="a result JSON of `kvbaton bench run` or `kvbaton sim` (the first is the baseline)")
+    add_log_level_arg(tab)
+    tab.set_defaults(func=_cmd_table, parser=tab)
     return bench
+
+
+def _cmd_table(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from kvbaton.bench.report import format_compare
+    from kvbaton.bench.runner import compare_ratios
+
+    targets = []
+    for name, path in args.results:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"{name}={path}: cannot read a result JSON: {e}")
+        if not isinstance(res, dict) or "completed" not in res:
+            parser.error(f"{name}={path}: not a result of `kvbaton bench run` or `kvbaton sim`")
+        targets.append({**res, "name": name})
+    print(format_compare({"targets": targets, "ratios": compare_ratios(targets)}), flush=True)
+    return 0
 
 
 def bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):

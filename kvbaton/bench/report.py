@@ -102,8 +102,11 @@ def format_compare(cmp: Mapping[str, Any]) -> str:
     names = [t["name"] for t in targets]
     width = max(12, *(len(n) + 2 for n in names))
     head = f"{'metric':<24}" + "".join(f"{n:>{width}}{'ratio':>8}" for n in names)
-    order = " | ".join(",".join(o) for o in cmp["order"])
-    lines = [f"{cmp['rounds']} interleaved rounds, in order: {order}", head, "-" * len(head)]
+    if cmp.get("rounds"):
+        order = " | ".join(",".join(o) for o in cmp["order"])
+        lines = [f"{cmp['rounds']} interleaved rounds, in order: {order}", head, "-" * len(head)]
+    else:  # saved results side by side (`kvbaton bench table`)
+        lines = [head, "-" * len(head)]
     for key in ("completed", "failed", *COMPARE_METRICS):
         cells = ""
         for t in targets:
