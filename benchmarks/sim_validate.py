@@ -135,9 +135,12 @@ def main() -> int:
         prof = profiles[threads_of(topo)]
         if i == 0 and not a.no_calibrate:
             # Calibration on the first case: what the serving path adds beyond the engine steps.
+            # The step overhead first, from TPOT (steps only); then, with it in place, the
+            # per-request overhead from what TTFT still lacks.
             s0 = simulated(name, topo, workload, load, prof, tmp, (0.0, 0.0))
-            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s0["median_ttft_ms"] or 0))
             step_ms = max(0.0, (r["median_tpot_ms"] or 0) - (s0["median_tpot_ms"] or 0))
+            s1 = simulated(name, topo, workload, load, prof, tmp, (0.0, step_ms))
+            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s1["median_ttft_ms"] or 0))
             overhead = (req_ms, step_ms)
             print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms", file=sys.stderr)
         s = simulated(name, topo, workload, load, prof, tmp, overhead)
