@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvbaton.errors import ConfigError
 from kvbaton.kv.store.policies import POLICIES
+from kvbaton.kv.store.remote_url import check_namespace, parse_remote_url
 
 # Mirrors kvbaton.engine.offload.OFFLOAD_MODES (that module imports torch; this one must not).
 OFFLOAD_MODES = ("write-back", "write-through")
@@ -120,15 +121,11 @@ class EngineConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")
         if self.kv_remote_url is not None:
-            from kvbaton.kv.store.remote_url import parse_remote_url
-
             parse_remote_url(self.kv_remote_url)
             if not self.kv_host_cache_bytes:
                 raise ConfigError("kv_remote_url", "needs a host tier (kv_host_cache_bytes > 0): blocks reach "
                                   "the remote tier from it")
-        if not self.kv_remote_namespace or any(c.isspace() for c in self.kv_remote_namespace):
-            raise ConfigError("kv_remote_namespace",
-                              f"must be non-empty with no spaces, got {self.kv_remote_namespace!r}")
+        check_namespace(self.kv_remote_namespace)
         if self.kv_remote_min_hits < 1:
             raise ConfigError("kv_remote_min_hits", "must be >= 1")
 

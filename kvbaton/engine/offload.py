@@ -181,11 +181,12 @@ class KVOffload:
         self.mover = BlockMover(self.rows)
         self._io_done = threading.Event()
         self.io = io or TierIO(on_complete=self._io_done.set)  # tests pass one they step by hand
-        self.filter = ReuseFilter(min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
+        seen = max(1024, 4 * sum(t.capacity_blocks for t in tiers))  # hashes the reuse filters remember
+        self.filter = ReuseFilter(min_hits, capacity=seen)
         self.stats = {t.name: TierStats() for t in self.tiers}
         self.remote = remote
         self.remote_io: TierIO | None = None
-        self.remote_filter = ReuseFilter(remote_min_hits, capacity=max(1024, 4 * sum(t.capacity_blocks for t in tiers)))
+        self.remote_filter = ReuseFilter(remote_min_hits, capacity=seen)
         if remote is not None:
             if not isinstance(self.top, HostTier):
                 raise ValueError("the remote tier is written from the host tier: it needs one")
@@ -485,7 +486,7 @@ class KVOffload:
                 if self.remote_filter.threshold > 1:
                     # Blocks already on the host tier that this use makes qualify: the host
                     # store that normally sends them on happened before they did.
-                    self._write_remote([h for h in hashes if self.top.dir.is_ready(h)])
+                    self._write_remote(hashes)
 
     def _wanted(self, blk: Block) -> bool:
         h = blk.block_hash
@@ -563,8 +564,8 @@ class KVOffload:
             self._write_remote(rec.plan.hashes)
 
     def _write_remote(self, hashes: list[BlockHash]) -> None:
-        """Copy blocks the host tier just stored on to the remote tier, unless this worker put
-        (or loaded) them there lately or the reuse filter says no. Never waits: while the
+        """Copy those of ``hashes`` the host tier holds on to the remote tier, unless this worker
+        put (or loaded) them there lately or the reuse filter says no. Never waits: while the
         server is down, or too many writes are queued, they are dropped (and counted)."""
         remote, src = self.remote, self.top
         assert remote is not None and self.remote_io is not None and isinstance(src, HostTier)

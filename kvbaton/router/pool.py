@@ -145,6 +145,12 @@ class Worker:
         }
 
 
+def charge(worker: Worker, tokens: int, block_size: int | None, block_hashes: Sequence[BlockHash] = ()) -> InFlight:
+    """Charge a leg of ``tokens`` to ``worker`` (its blocks at ``block_size``; none when the
+    cluster's block size is unknown) until ``done()``: the router's rule, the simulator's too."""
+    return InFlight(worker, tokens, -(-tokens // block_size) if block_size else 0, block_hashes if block_size else ())
+
+
 class InFlight:
     """Work charged to a worker until ``done()`` (idempotent)."""
 
@@ -248,8 +254,7 @@ class WorkerPool:
     def begin(self, worker: Worker, tokens: int, block_hashes: Sequence[BlockHash] = ()) -> InFlight:
         """Charge a leg of ``tokens`` (its KV: prompt, plus max_tokens for decode legs; the
         prompt's full blocks are ``block_hashes``) to ``worker`` until ``done()``."""
-        bs = self.cluster.block_size
-        return InFlight(worker, tokens, -(-tokens // bs) if bs else 0, block_hashes if bs else ())
+        return charge(worker, tokens, self.cluster.block_size, block_hashes)
 
     def mark_down(self, worker: Worker, reason: str) -> None:
         """Leave ``worker`` out of placement until its next successful health poll."""

@@ -31,10 +31,9 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvbaton.engine.block_pool import BlockPool
-from kvbaton.engine.kv_handoff import KVHandoff
+from kvbaton.engine.kv_handoff import KVHandoff, LeaseInfo
 from kvbaton.engine.leases import LeaseTable
 from kvbaton.engine.request import Request
 from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
@@ -46,7 +45,7 @@ from kvbaton.router.config import DEFAULT_DISAGG_MIN_TOKENS, DEFAULT_KV_MEDIUM_C
 from kvbaton.router.kv_feed import KVIndexFeed
 from kvbaton.router.placement import place
 from kvbaton.router.policies import PlacementPolicy, PolicyOptions, RoutingRequest, make_policy
-from kvbaton.router.pool import InFlight, Worker
+from kvbaton.router.pool import Worker, charge
 from kvbaton.sampling_params import SamplingParams
 from kvbaton.sim.cost import CostModel, StepShape
 
@@ -255,7 +254,7 @@ class SimCluster:
         self.feed = KVIndexFeed(medium_credit=config.medium_credit, clock=self.clock)
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._tick = itertools.count()
-        self.leased: dict[str, Any] = {}
+        self.leased: dict[str, LeaseInfo] = {}  # prefill-only request -> its lease, until handed over
         self.workers: list[SimWorker] = []
         for role, n in (("prefill", config.prefill), ("decode", config.decode), ("both", config.colocated)):
             for i in range(n):
@@ -317,8 +316,7 @@ class SimCluster:
         by_url = {w.url: w for w in self.workers}
         decoder = by_url[p.decoder.url]
         sreq.decode_worker = decoder.url
-        decode_leg = InFlight(p.decoder, len(sreq.prompt_token_ids) + sreq.max_tokens,
-                              -(-(len(sreq.prompt_token_ids) + sreq.max_tokens) // bs), hashes)
+        decode_leg = charge(p.decoder, len(sreq.prompt_token_ids) + sreq.max_tokens, bs, hashes)
         params = SamplingParams(max_tokens=sreq.max_tokens, temperature=0, ignore_eos=True)
 
         def finished(s: SimRequest, r: Request) -> None:
@@ -336,7 +334,7 @@ class SimCluster:
             return
         prefiller = by_url[p.prefiller.url]
         sreq.prefill_worker = prefiller.url
-        prefill_leg = InFlight(p.prefiller, len(sreq.prompt_token_ids), -(-len(sreq.prompt_token_ids) // bs), hashes)
+        prefill_leg = charge(p.prefiller, len(sreq.prompt_token_ids), bs, hashes)
 
         def prefilled(s: SimRequest, r: Request) -> None:
             prefill_leg.done()

@@ -47,7 +47,7 @@ from kvbaton.kv.events import REMOTE_MEDIUM
 from kvbaton.kv.hashing import BlockHash
 from kvbaton.kv.store.base import BlockMeta, LoadPlan, TierError
 from kvbaton.kv.store.blockfmt import BlockFormat
-from kvbaton.kv.store.remote_url import REMOTE_PASSWORD_ENV, parse_remote_url
+from kvbaton.kv.store.remote_url import REMOTE_PASSWORD_ENV, check_namespace, parse_remote_url
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class RemoteTier:
 
         if ttl_s <= 0:
             raise ConfigError("kv_remote_ttl_s", "must be > 0: every key of a shared store needs a TTL")
-        if not namespace or any(c.isspace() for c in namespace):
-            raise ConfigError("kv_remote_namespace", f"must be non-empty with no spaces, got {namespace!r}")
+        check_namespace(namespace)
         self.url = parse_remote_url(url)
         self.block_bytes = block_bytes
         self.block_size = block_size
@@ -181,7 +180,7 @@ class RemoteTier:
         self.stats.errors += 1
         self.last_error = str(error)
         now = self.clock()
-        if self.up or self._down_since is None:  # a new outage (or unreachable from the start)
+        if self._down_since is None:  # a new outage (or unreachable from the start)
             self.stats.outages += 1
             log.warning("KV remote tier %s unreachable (%s): serving from the local tiers, retrying",
                         self.url.redacted, error)

@@ -12,6 +12,12 @@ REMOTE_PASSWORD_ENV = "KVBATON_KV_REMOTE_PASSWORD"
 REMOTE_SCHEMES = ("redis", "rediss")
 
 
+def check_namespace(namespace: str) -> None:
+    """ConfigError unless ``namespace`` (``--kv-remote-namespace``) can prefix keys."""
+    if not namespace or any(c.isspace() for c in namespace):
+        raise ConfigError("kv_remote_namespace", f"must be non-empty with no spaces, got {namespace!r}")
+
+
 @dataclass(frozen=True)
 class RemoteURL:
     """A parsed ``--kv-remote-url``: where the server is, and the password if the URL had one."""
