@@ -261,6 +261,10 @@ class SimCluster:
                 w = SimWorker(f"sim://{role}-{i}", role, config.engine, cost, self)
                 self.feed.adopt(w.url)
                 self.workers.append(w)
+        # Simulated workers never go down: the candidate lists are fixed.
+        self._by_url = {w.url: w for w in self.workers}
+        self._decoders = [w.view for w in self.workers if w.view.can_decode]
+        self._prefillers = [w.view for w in self.workers if w.view.can_prefill]
         opts = config.policy_options
         if opts.seed is None:  # random tie-breaks too must repeat for the same seed
             opts = dataclasses.replace(opts, seed=config.seed)
@@ -305,16 +309,13 @@ class SimCluster:
         hashes = tuple(hash_block_chain(root, sreq.prompt_token_ids, bs))
         routing = RoutingRequest(sreq.request_id, tuple(sreq.prompt_token_ids), hashes, bs, sreq.cache_salt,
                                  sreq.max_tokens)
-        decoders = [w.view for w in self.workers if w.view.can_decode]
-        prefillers = [w.view for w in self.workers if w.view.can_prefill]
-        p = place(routing, decoders, prefillers, self.feed, self.decode_policy, self.prefill_policy,
+        p = place(routing, self._decoders, self._prefillers, self.feed, self.decode_policy, self.prefill_policy,
                   self.config.disagg_min_tokens, self.config.prefill > 0)
         # As the orchestrator does: both legs are told to the overlap provider at once.
         self.feed.routed(routing, p.decoder)
         if p.prefiller is not None:
             self.feed.routed(routing, p.prefiller)
-        by_url = {w.url: w for w in self.workers}
-        decoder = by_url[p.decoder.url]
+        decoder = self._by_url[p.decoder.url]
         sreq.decode_worker = decoder.url
         decode_leg = charge(p.decoder, len(sreq.prompt_token_ids) + sreq.max_tokens, bs, hashes)
         params = SamplingParams(max_tokens=sreq.max_tokens, temperature=0, ignore_eos=True)
@@ -332,7 +333,7 @@ class SimCluster:
         if p.prefiller is None:
             self.at(start, run_here)
             return
-        prefiller = by_url[p.prefiller.url]
+        prefiller = self._by_url[p.prefiller.url]
         sreq.prefill_worker = prefiller.url
         prefill_leg = charge(p.prefiller, len(sreq.prompt_token_ids), bs, hashes)
 
