@@ -8,10 +8,11 @@ simulated value, the real one and the relative error; check the targets (every m
 within 10%, the median error over all cells <= 5%, p90/p99 within 20%) and whether the simulator
 ranks the cases of each comparison group in the same order as the real runs.
 
-The per-request overhead the simulator adds (HTTP, router, tokenizing) and the per-step worker
-loop overhead are measured here, not tuned: ``--calibrate`` runs the first case and sets them
-from the difference between its real and simulated TTFT and TPOT at low load, and every other
-case is then a held-out prediction.
+What serving adds to the profiled steps is measured on the first case, not tuned per case: its
+workers' step traces (``--step-trace``) give the host's contention and the worker loop's cost
+between steps (``kvbaton profile --from-steps --base``), and the difference between its real
+and simulated median TTFT the per-request overhead (HTTP, router, tokenizing). Every other case
+is then a held-out prediction.
 
     python benchmarks/sim_validate.py --out docs/results/sim_validation_cpu.json
 """
@@ -34,35 +35,32 @@ from topology_compare import serve  # noqa: E402
 
 ENGINE = ["--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "512"]
 # name, group (cases compared for ranking), serve topology flags, workload flags, load flags
+# Every worker has one torch thread, so one profile serves all cases and a busy worker holds
+# one of the machine's cores. The first case calibrates (see the module docstring).
+CO = ["--threads-per-worker", "1", "--disagg-min-tokens", "1000000"]  # colocated: no internal disaggregation
+RANDOM = ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"]
+# Eight 1024-token prefixes: all of them fill a worker's 512-block pool, half of them do not, so
+# the policy decides the hit rate (with fewer, both policies end up caching everything).
+SHARED = ["--workload", "shared-prefix", "--num-prompts", "32", "--workload-opt", "num_prefixes=8",
+          "--workload-opt", "prefix_len=1024", "--workload-opt", "question_len=32", "--workload-opt", "output_len=16"]
+# Long prompts of 1536 tokens (6 s of prefill on one thread) beside short ones; the trace's
+# arrivals stretched 10x: loads these workers carry, near their capacity at the higher rate.
+MIXED = ["--workload", "mixed", "--num-prompts", "24", "--workload-opt", "long_input_len=1536"]
 CASES: list[tuple[str, str, list[str], list[str], list[str]]] = [
-    ("colocated x1", "topology", ["--colocated", "1", "--threads-per-worker", "2"],
-     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+    ("colocated x2", "topology", ["--colocated", "2", *CO], RANDOM, ["--max-concurrency", "4"]),
+    ("colocated x1", "topology", ["--colocated", "1", *CO], RANDOM, ["--max-concurrency", "4"]),
+    ("1P1D", "topology", ["--prefill", "1", "--decode", "1", "--threads-per-worker", "1"], RANDOM,
      ["--max-concurrency", "4"]),
-    ("colocated x2", "topology", ["--colocated", "2", "--threads-per-worker", "1", "--disagg-min-tokens", "100000"],
-     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+    ("2P2D", "topology", ["--prefill", "2", "--decode", "2", "--threads-per-worker", "1"], RANDOM,
      ["--max-concurrency", "4"]),
-    ("1P1D", "topology", ["--prefill", "1", "--decode", "1", "--threads-per-worker", "1"],
-     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+    ("shared-prefix round_robin", "policy", ["--colocated", "2", *CO, "--policy", "round_robin"], SHARED,
      ["--max-concurrency", "4"]),
-    ("2P2D", "topology", ["--prefill", "2", "--decode", "2", "--threads-per-worker", "1"],
-     ["--workload", "random", "--input-len", "256", "--output-len", "32", "--num-prompts", "40"],
+    ("shared-prefix kv_aware", "policy", ["--colocated", "2", *CO, "--policy", "kv_aware"], SHARED,
      ["--max-concurrency", "4"]),
-    ("shared-prefix round_robin", "policy", ["--colocated", "2", "--threads-per-worker", "1", "--policy", "round_robin",
-                                             "--disagg-min-tokens", "100000"],
-     ["--workload", "shared-prefix", "--num-prompts", "32", "--workload-opt", "num_prefixes=4",
-      "--workload-opt", "prefix_len=384", "--workload-opt", "question_len=32", "--workload-opt", "output_len=16"],
-     ["--max-concurrency", "4"]),
-    ("shared-prefix kv_aware", "policy", ["--colocated", "2", "--threads-per-worker", "1", "--policy", "kv_aware",
-                                          "--disagg-min-tokens", "100000"],
-     ["--workload", "shared-prefix", "--num-prompts", "32", "--workload-opt", "num_prefixes=4",
-      "--workload-opt", "prefix_len=384", "--workload-opt", "question_len=32", "--workload-opt", "output_len=16"],
-     ["--max-concurrency", "4"]),
-    ("mixed 0.5/s", "rate", ["--colocated", "1", "--threads-per-worker", "2"],
-     ["--workload", "mixed", "--num-prompts", "30"], ["--request-rate", "0.5"]),
-    ("mixed 1.5/s", "rate", ["--colocated", "1", "--threads-per-worker", "2"],
-     ["--workload", "mixed", "--num-prompts", "30"], ["--request-rate", "1.5"]),
-    ("mooncake trace", "trace", ["--colocated", "1", "--threads-per-worker", "2"],
-     ["--workload", "trace", "--num-prompts", "30"], ["--time-scale", "0.3"]),
+    ("mixed 0.3/s", "rate", ["--colocated", "2", *CO], MIXED, ["--request-rate", "0.3"]),
+    ("mixed 0.8/s", "rate", ["--colocated", "2", *CO], MIXED, ["--request-rate", "0.8"]),
+    ("mooncake trace", "trace", ["--colocated", "2", *CO], ["--workload", "trace", "--num-prompts", "20"],
+     ["--time-scale", "10"]),
 ]
 METRICS = [  # (result key, kind): kind "central" (10% target) or "tail" (20%)
     ("mean_ttft_ms", "central"), ("median_ttft_ms", "central"), ("p90_ttft_ms", "tail"),
@@ -87,23 +85,31 @@ def threads_of(flags: list[str]) -> int:
     return int(flags[flags.index("--threads-per-worker") + 1])
 
 
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("/", "_")
+
+
 def real(name: str, topo: list[str], workload: list[str], load: list[str], tmp: Path) -> dict[str, Any]:
-    out = tmp / f"real-{name.replace(' ', '_').replace('/', '_')}.json"
+    """The served run; its workers' step traces land in tmp/steps-<case>/."""
+    out = tmp / f"real-{_slug(name)}.json"
     # No host tier: the simulator models the device pool only.
-    with serve(name, [*topo, *ENGINE, "--kv-host-cache-gib", "0"]) as url:
+    steps = str(tmp / f"steps-{_slug(name)}")
+    with serve(name, [*topo, *ENGINE, "--kv-host-cache-gib", "0", "--step-trace", steps]) as url:
         _run([sys.executable, "-m", "kvbaton.cli", "bench", "run", "--base-url", url, *workload, *load,
               "--no-progress", "--result-file", str(out)])
     return dict(json.loads(out.read_text()))
 
 
 def simulated(name: str, topo: list[str], workload: list[str], load: list[str], prof: Path, tmp: Path,
-              overhead: tuple[float, float]) -> dict[str, Any]:
-    out = tmp / f"sim-{name.replace(' ', '_').replace('/', '_')}.json"
+              overhead: tuple[float, float] | None) -> dict[str, Any]:
+    """The simulated run (``overhead``: request and step overheads in ms; None: the profile's)."""
+    out = tmp / f"sim-{_slug(name)}.json"
     skip = {topo.index("--threads-per-worker"), topo.index("--threads-per-worker") + 1}
     topo = [f for i, f in enumerate(topo) if i not in skip]  # sim has no threads: the profile has them
+    flags = [] if overhead is None else ["--request-overhead-ms", f"{overhead[0]:.3f}",
+                                         "--step-overhead-ms", f"{overhead[1]:.3f}"]
     _run([sys.executable, "-m", "kvbaton.cli", "sim", "--cost-model", str(prof), *topo, *ENGINE, *workload, *load,
-          "--request-overhead-ms", f"{overhead[0]:.3f}", "--step-overhead-ms", f"{overhead[1]:.3f}",
-          "--no-progress", "--result-file", str(out)])
+          *flags, "--no-progress", "--result-file", str(out)])
     return dict(json.loads(out.read_text()))
 
 
@@ -129,20 +135,28 @@ def main() -> int:
     threads = sorted({threads_of(c[2]) for c in cases})
     profiles = {t: profile(t, pdir / f"profile-t{t}.json", a.repeats) for t in threads}
     rows: list[dict[str, Any]] = []
-    overhead = (0.0, 0.0)
+    overhead: tuple[float, float] | None = None
+    calibrated: dict[str, Any] = {}
     for i, (name, group, topo, workload, load) in enumerate(cases):
         r = real(name, topo, workload, load, tmp)
         prof = profiles[threads_of(topo)]
         if i == 0 and not a.no_calibrate:
-            # Calibration on the first case: what the serving path adds beyond the engine steps.
-            # The step overhead first, from TPOT (steps only); then, with it in place, the
-            # per-request overhead from what TTFT still lacks.
-            s0 = simulated(name, topo, workload, load, prof, tmp, (0.0, 0.0))
-            step_ms = max(0.0, (r["median_tpot_ms"] or 0) - (s0["median_tpot_ms"] or 0))
-            s1 = simulated(name, topo, workload, load, prof, tmp, (0.0, step_ms))
-            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s1["median_ttft_ms"] or 0))
+            # Calibration on the first case, from what its served workers recorded: the host's
+            # contention and the worker loop's cost between steps (`kvbaton profile --from-steps
+            # --base`), then the per-request overhead (HTTP, router, tokenizing) from what the
+            # simulated TTFT still lacks at this load.
+            traces = sorted(str(p) for p in (tmp / f"steps-{_slug(name)}").glob("*.jsonl"))
+            cal = pdir / f"profile-t{threads_of(topo)}-served.json"
+            _run([sys.executable, "-m", "kvbaton.cli", "profile", "--from-steps", *traces, "--base", str(prof),
+                  "--out", str(cal)])
+            profiles[threads_of(topo)] = prof = cal
+            calibrated = json.loads(cal.read_text())
+            step_ms = float(calibrated["step_overhead_ms"])
+            s0 = simulated(name, topo, workload, load, prof, tmp, (0.0, step_ms))
+            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s0["median_ttft_ms"] or 0))
             overhead = (req_ms, step_ms)
-            print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms", file=sys.stderr)
+            print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms, host contention "
+                  f"{calibrated['host_contention']}", file=sys.stderr)
         s = simulated(name, topo, workload, load, prof, tmp, overhead)
         cells = {k: {"sim": s.get(k), "real": r.get(k), "rel_error": rel_err(s.get(k), r.get(k)), "kind": kind}
                  for k, kind in METRICS}
@@ -170,7 +184,9 @@ def main() -> int:
         "median_rel_error": statistics.median(errs) if errs else None,
         "central_within_10pct": sum(e <= 0.10 for e in central), "central_cells": len(central),
         "tail_within_20pct": sum(e <= 0.20 for e in tail), "tail_cells": len(tail),
-        "ranking": ranking, "overhead_ms": {"request": overhead[0], "step": overhead[1]},
+        "ranking": ranking,
+        "overhead_ms": None if overhead is None else {"request": overhead[0], "step": overhead[1]},
+        "host_contention": calibrated.get("host_contention"), "contention_fit": calibrated.get("contention_fit"),
         "wall_s": time.time() - started,
     }
     Path(a.out).write_text(json.dumps({"cases": rows, "summary": summary, "engine": ENGINE,

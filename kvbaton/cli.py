@@ -80,6 +80,14 @@ def _add_engine_args(p: argparse.ArgumentParser, command: str = "worker") -> Non
                    help="admit a request at once even when another request is prefilling its "
                         "prefix (both compute it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
+    if command == "serve":
+        p.add_argument("--step-trace", default=None, metavar="DIR",
+                       help="each worker appends one JSON line per engine step to DIR/<role>-<n>.jsonl "
+                            "(its batch and duration; `kvbaton profile --from-steps` fits a cost model to them)")
+    else:
+        p.add_argument("--step-trace", default=None, metavar="FILE",
+                       help="append one JSON line per engine step to FILE (its batch and duration; "
+                            "`kvbaton profile --from-steps` fits a cost model to them)")
     add_log_level_arg(p)
     _add_kv_store_args(p, command)
 
@@ -224,6 +232,7 @@ def _engine_kwargs(args: argparse.Namespace, workers: int = 1) -> dict:
         kv_remote_url=args.kv_remote_url, kv_remote_namespace=args.kv_remote_namespace,
         kv_remote_ttl_s=args.kv_remote_ttl, kv_remote_min_hits=args.kv_remote_min_hits,
         kv_remote_timeout_s=args.kv_remote_timeout,
+        step_trace_path=args.step_trace,
     )
 
 
@@ -484,20 +493,23 @@ def _check_serve_host_memory(parser: argparse.ArgumentParser, per_worker: int, w
                      f"than this machine's {memory / 2**30:.1f} GiB of memory (the size is per worker)")
 
 
-def _with_kv_store_args(specs: Sequence[WorkerSpec], host_bytes: int, disk_dir: str | None) -> list[WorkerSpec]:
-    """Each worker's tier flags: its host tier as a number (repr of bytes / 2**30 is exact, so
-    the worker gets exactly ``host_bytes``), and its own disk directory, named by role and
-    index so a restarted serve finds every worker's blocks again."""
+def _with_per_worker_args(specs: Sequence[WorkerSpec], host_bytes: int, disk_dir: str | None,
+                          step_trace_dir: str | None = None) -> list[WorkerSpec]:
+    """Each worker's own flags: its host tier as a number (repr of bytes / 2**30 is exact, so
+    the worker gets exactly ``host_bytes``), its own disk directory and step trace file, named
+    by role and index so a restarted serve finds every worker's blocks (and trace) again."""
     from kvbaton.router.local_cluster import WorkerSpec
 
     out: list[WorkerSpec] = []
     seen: dict[str, int] = {}
     for spec in specs:
         extra = ["--kv-host-cache-gib", repr(host_bytes / 2**30)]
+        n = seen.get(spec.role, 0)
+        seen[spec.role] = n + 1
         if disk_dir is not None:
-            n = seen.get(spec.role, 0)
-            seen[spec.role] = n + 1
             extra += ["--kv-disk-cache-dir", os.path.join(disk_dir, f"{spec.role}-{n}")]
+        if step_trace_dir is not None:
+            extra += ["--step-trace", os.path.join(step_trace_dir, f"{spec.role}-{n}.jsonl")]
         out.append(WorkerSpec(spec.role, (*spec.args, *extra)))
     return out
 
@@ -535,7 +547,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         _check_kv_store_args(parser, args)
         host_bytes = _host_cache_bytes(args, len(specs))
         _check_serve_host_memory(parser, host_bytes, len(specs))
-        specs = _with_kv_store_args(specs, host_bytes, args.kv_disk_cache_dir)
+        specs = _with_per_worker_args(specs, host_bytes, args.kv_disk_cache_dir, args.step_trace)
         remote_env = _check_serve_remote(parser, args, host_bytes)
         # Validate the engine's and the router's flags before starting anything.
         EngineConfig(model=args.model, max_model_len=args.max_model_len, **_engine_kwargs(args, len(specs)))

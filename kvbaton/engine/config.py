@@ -79,6 +79,9 @@ class EngineConfig:
     kv_remote_ttl_s: float = 3600.0
     kv_remote_min_hits: int = 1
     kv_remote_timeout_s: float = 2.0
+    # A JSON-lines file that gets one line per step that ran work (kvbaton.engine.step_trace):
+    # what the scheduler chose and how long it took, for `kvbaton profile --from-steps`.
+    step_trace_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import Sampler
 from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
+from kvbaton.engine.step_trace import StepRecorder, StepTrace
 from kvbaton.engine.stop import check_stop
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.kv.events import KVEventSink
@@ -95,11 +98,15 @@ class LLMEngine:
         self.handoff = KVHandoff(self.pool, self.scheduler, self.leases)
         self.sampler = Sampler()
         self.num_failed_steps = 0  # steps whose forward pass or sampling raised (_fail_step)
+        self._traced_parts: list[list[int]] = []  # the step trace's record of the running step
         self.runner = ModelRunner(
             self.loaded.model, self.kv_spec, num_blocks, self.device, config.attention_backend,
             shared_kv=config.shared_kv,
         )
         self.offload = self._build_offload() if config.kv_tiers_enabled and config.enable_prefix_caching else None
+        self.step_trace: StepRecorder | None = (
+            StepTrace(config.step_trace_path, self.cost_meta()) if config.step_trace_path else None
+        )
         eos = set(mcfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -308,6 +315,21 @@ class LLMEngine:
         self.sampler.forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
+    def cost_meta(self) -> dict[str, Any]:
+        """What a measured step time depends on besides the batch (the header of a profile and
+        of a step trace): model, device, dtype, threads, block size, pool, KV bytes per token."""
+        cfg = self.config
+        return {
+            "model": cfg.model, "device": str(self.device),
+            "dtype": str(self.runner.kv_cache.dtype).replace("torch.", ""),
+            # The threads torch really uses (the flag may be unset), and the machine's cores: what
+            # a served step shares with the other workers on it.
+            "threads": torch.get_num_threads(), "host_cores": os.cpu_count() or 1,
+            "block_size": cfg.block_size, "num_kv_blocks": self.pool.num_blocks,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "kv_bytes_per_token": int(self.kv_spec.bytes_per_token),
+        }
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -315,6 +337,18 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that gained tokens or ended."""
+        if self.step_trace is None:
+            return self._step()
+        start = time.monotonic()
+        self._traced_parts = []
+        outputs = self._step()
+        if self._traced_parts:
+            self.step_trace.record(start, time.monotonic(), self._traced_parts, self.has_unfinished_requests())
+        else:
+            self.step_trace.idle()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         self.handoff.collect_leases()
         if self.offload is not None:
             self.offload.step_begin()
@@ -332,6 +366,8 @@ class LLMEngine:
                 self.offload.wait_io(0.05)
             return []
         sampling = [s for s in out.scheduled if s.samples]
+        if self.step_trace is not None:  # the batch as it runs: a step moves each start on
+            self._traced_parts = [[s.num_new_tokens, s.start] for s in out.scheduled]
         try:
             logits = self.runner.execute(out)
             result = self.sampler.sample(
@@ -481,7 +517,9 @@ class LLMEngine:
         return sent
 
     def close(self) -> None:
-        """Release what outlives requests: the tiered store's IO thread and media."""
+        """Release what outlives requests: the tiered store's IO thread and media, the step trace."""
         if self.offload is not None:
             self.offload.close()
+        if self.step_trace is not None:
+            self.step_trace.close()
 

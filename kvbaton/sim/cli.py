@@ -61,6 +61,12 @@ def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the profiling engine's token budget (at least the largest prefill of the grid)")
     p.add_argument("--repeats", type=_pos_int, default=3, help="measurements per grid point (the median is kept)")
     p.add_argument("--quick", action="store_true", help="a small grid (seconds; for smoke tests)")
+    p.add_argument("--from-steps", nargs="+", default=None, metavar="TRACE",
+                   help="fit the profile to steps served workers recorded (`--step-trace` of kvbaton "
+                        "worker/serve) instead of measuring a grid: they include what serving adds")
+    p.add_argument("--base", default=None, metavar="PROFILE.json",
+                   help="with --from-steps: keep this grid profile's step costs and measure from the traces "
+                        "(all workers of one serve, recorded together) how much the host's sharing slows them")
     p.add_argument("--out", default="profile.json", help="where to write the profile JSON")
     add_log_level_arg(p)
     p.set_defaults(func=_cmd_profile, parser=p)
@@ -111,6 +117,14 @@ def _add_engine_cost_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--long-prefill-token-threshold", type=int, default=0)
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--max-model-len", type=_pos_int, default=8192)
+    from kvbaton.router.config import RouterConfig
+
+    r = p.add_argument_group("router (as kvbaton serve)")
+    r.add_argument("--request-timeout", type=_pos_float, default=RouterConfig.request_timeout_s, metavar="S",
+                   help="seconds the router waits for a decode leg's first token before it aborts the leg "
+                        "and retries on another decode worker, or answers 504")
+    r.add_argument("--max-retries", type=int, default=RouterConfig.max_retries,
+                   help="other decode workers a request is tried on after a timeout")
     c = p.add_argument_group("cost")
     c.add_argument("--cost-model", required=True, metavar="PROFILE.json|analytic:HW[:MODEL]",
                    help="a `kvbaton profile` file, or the roofline model of hardware HW (h100, h200, ...)")
@@ -121,14 +135,39 @@ def _add_engine_cost_args(p: argparse.ArgumentParser) -> None:
                    help="per request: HTTP, tokenizing, routing (default: the profile's, else 0)")
     c.add_argument("--step-overhead-ms", type=_nonneg_float, default=None,
                    help="per engine step: the worker loop (default: the profile's, else 0)")
+    c.add_argument("--no-host-contention", action="store_true",
+                   help="ignore the profile's host contention (from `kvbaton profile --from-steps --base`): "
+                        "simulate each worker on a machine of its own")
 
 
 def _cmd_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from kvbaton.engine.config import EngineConfig
     from kvbaton.engine.engine import LLMEngine
     from kvbaton.errors import ConfigError
-    from kvbaton.sim.profile import profile_engine, write_profile
+    from kvbaton.sim.cost import CostModelError
+    from kvbaton.sim.profile import profile_engine, profile_from_steps, write_profile
 
+    if args.base is not None and not args.from_steps:
+        parser.error("--base: only with --from-steps (it is the grid the traces are compared with)")
+    if args.from_steps:
+        try:
+            prof = profile_from_steps(args.from_steps, args.base)
+        except CostModelError as e:
+            parser.error(f"--{'base' if args.base and str(args.base) in str(e) else 'from-steps'}: {e}")
+        path = write_profile(prof, args.out)
+        if args.base is None:
+            fit = prof["fit"]
+            how = (f"{fit['points']} served steps; fit error median {fit['median_rel_error'] * 100:.1f}%, "
+                   f"max {fit['max_rel_error'] * 100:.1f}%")
+        else:
+            hc, cf = prof["host_contention"], prof["contention_fit"]
+            how = (f"{args.base}'s step costs; host contention from {cf['steps']} steps: "
+                   f"slowdown {hc['slowdown']:.3f}, "
+                   f"+{hc['per_busy_worker'] * 100:.1f}% per busy neighbour, "
+                   f"{hc['per_stream_token_s'] * 1000:.2f} ms per streamed token, {hc['cores']} cores; "
+                   f"error median {cf['median_rel_error'] * 100:.1f}%")
+        print(f"profile: {path} ({how}; step overhead {prof['step_overhead_ms']:.2f} ms)", flush=True)
+        return 0
     try:
         cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
                            num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -186,6 +225,8 @@ def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser, prefill:
                                 else float(meta.get("request_overhead_ms") or 0.0)) * ms,
             step_overhead_s=(args.step_overhead_ms if args.step_overhead_ms is not None
                              else float(meta.get("step_overhead_ms") or 0.0)) * ms,
+            host_contention=None if args.no_host_contention else cost.host_contention,
+            request_timeout_s=args.request_timeout, max_retries=args.max_retries,
             seed=args.seed)
     except ValueError as e:
         parser.error(str(e))

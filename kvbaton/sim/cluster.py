@@ -14,7 +14,8 @@ and the simulated result, with no forked copy.
 What is modelled beyond the step times: a KV transfer from a prefill worker to a decode worker
 takes ``bytes / link bandwidth + latency`` (only the blocks the decode worker lacks move); a
 fixed ``request_overhead_s`` before a request reaches its worker (HTTP, tokenizing, routing)
-and ``step_overhead_s`` between steps (the worker loop). Generated tokens are placeholders:
+and ``step_overhead_s`` between steps (the worker loop); with ``host_contention``, all workers
+share one host and a step is slower by how many others are busy when it starts. Generated tokens are placeholders:
 requests run to their ``max_tokens`` (the bench sends ``ignore_eos``), and the next turn of a
 multi-turn session carries the previous prompt and answer tokens, so prefix reuse has the real
 structure. What is not: tiers below the device, network contention between transfers, and
@@ -31,6 +32,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from kvbaton.engine.block_pool import BlockPool
 from kvbaton.engine.kv_handoff import KVHandoff, LeaseInfo
@@ -41,13 +43,13 @@ from kvbaton.engine.stop import check_stop
 from kvbaton.kv.events import KVEvent
 from kvbaton.kv.hashing import hash_block_chain, root_hash
 from kvbaton.limits import check_request_fits
-from kvbaton.router.config import DEFAULT_DISAGG_MIN_TOKENS, DEFAULT_KV_MEDIUM_CREDIT, DEFAULT_POLICY
+from kvbaton.router.config import DEFAULT_DISAGG_MIN_TOKENS, DEFAULT_KV_MEDIUM_CREDIT, DEFAULT_POLICY, RouterConfig
 from kvbaton.router.kv_feed import KVIndexFeed
 from kvbaton.router.placement import place
 from kvbaton.router.policies import PlacementPolicy, PolicyOptions, RoutingRequest, make_policy
 from kvbaton.router.pool import Worker, charge
 from kvbaton.sampling_params import SamplingParams
-from kvbaton.sim.cost import CostModel, StepShape
+from kvbaton.sim.cost import CostModel, HostContention, StepShape
 
 SIM_FINGERPRINT = "kvbaton-sim"
 LEASE_TTL_S = 30.0
@@ -92,6 +94,13 @@ class SimConfig:
     kv_bytes_per_token: int | None = None  # None: the cost model's
     request_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    # The router's wait for a decode leg's first token, and how many other decode workers it
+    # then tries (RouterConfig.request_timeout_s, max_retries).
+    request_timeout_s: float = RouterConfig.request_timeout_s
+    max_retries: int = RouterConfig.max_retries
+    # All workers on one host that slows a step by how many others are busy (None: each
+    # worker has its own machine, as GPUs do).
+    host_contention: HostContention | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +112,10 @@ class SimConfig:
             raise ValueError("the link needs a bandwidth > 0 and a latency >= 0")
         if self.request_overhead_s < 0 or self.step_overhead_s < 0:
             raise ValueError("overheads must be >= 0")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"--request-timeout: must be > 0 seconds, got {self.request_timeout_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries: must be >= 0, got {self.max_retries}")
 
     @property
     def num_workers(self) -> int:
@@ -169,6 +182,7 @@ class SimWorker:
         self.busy_s = 0.0
         self.peak_blocks = 0  # most blocks in use after a scheduling (the KV memory a layout needs)
         self._reqs: dict[str, tuple[SimRequest, Callable[[SimRequest, Request], None] | None]] = {}
+        self._aborts: set[str] = set()  # asked for during the running step
         self.flush_events(force=True)  # the pool's stream starts empty: seq 0 for the index
 
     def flush_events(self, force: bool = False) -> None:
@@ -189,6 +203,22 @@ class SimWorker:
         self.flush_events()
         self.kick()
 
+    def abort(self, request_id: str) -> None:
+        """The router closed this request's stream: the worker aborts it between steps (now if
+        idle, else when the running step ends), or cancels its reserved import."""
+        if self.busy:
+            self._aborts.add(request_id)
+            return
+        self._abort_now(request_id)
+        self.kick()
+
+    def _abort_now(self, request_id: str) -> None:
+        """(Never while a step runs: the step would commit a freed request.)"""
+        self._reqs.pop(request_id, None)
+        if self.scheduler.abort(request_id) is None:
+            self.handoff.cancel(request_id)  # still waiting for its KV
+        self.flush_events()
+
     def kick(self) -> None:
         """Start a step now if idle and there is work (the worker loop)."""
         if self.busy or not self.scheduler.has_unfinished():
@@ -200,20 +230,27 @@ class SimWorker:
         if not out.scheduled:
             return  # nothing fits now: a finishing request or an ending lease kicks again
         parts = tuple((s.num_new_tokens, s.start) for s in out.scheduled)
-        dt = self.cost.step_time(StepShape(parts)) + self.sim.config.step_overhead_s
+        # Which requests sample is known only before the step commits (as in LLMEngine.step):
+        # committing moves each start on.
+        sampling = [s.request for s in out.scheduled if s.samples]
+        dt = self.cost.step_time(StepShape(parts))
+        hc = self.sim.config.host_contention
+        if hc is not None:
+            dt = hc.served(dt, sum(1 for n, _ in parts if n == 1), self.sim.num_busy)
+        dt += self.sim.config.step_overhead_s
         self.busy = True
+        self.sim.num_busy += 1
         self.steps += 1
         self.busy_s += dt
-        self.sim.at(self.sim.clock.now + dt, lambda: self._step_done(out))
+        self.sim.at(self.sim.clock.now + dt, lambda: self._step_done(out, sampling))
 
-    def _step_done(self, out: SchedulerOutput) -> None:
+    def _step_done(self, out: SchedulerOutput, sampling: list[Request]) -> None:
         now = self.sim.clock.now
         for s in out.scheduled:
             self.scheduler.commit_computed(s)
-        for s in out.scheduled:
-            if not s.samples:
-                continue
-            req = s.request
+        for req in sampling:
+            if req.request_id in self._aborts:
+                continue  # its client is gone: the token goes nowhere
             sreq, on_finish = self._reqs[req.request_id]
             tok = self.sim.token_for(req)
             req.token_ids.append(tok)
@@ -236,6 +273,10 @@ class SimWorker:
                 on_finish(sreq, req)
         self.flush_events()
         self.busy = False
+        self.sim.num_busy -= 1
+        aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            self._abort_now(rid)
         self.kick()
 
 
@@ -272,6 +313,8 @@ class SimCluster:
         self.prefill_policy: PlacementPolicy = make_policy(config.prefill_policy, self.feed, opts)
         self.transfers = 0
         self.transfer_bytes = 0
+        self.num_busy = 0  # workers in a step now (the host contention's k)
+        self.timeouts = 0  # decode legs the router gave up on (no first token in time)
 
     # ---- the event loop ----------------------------------------------------------------
 
@@ -295,7 +338,9 @@ class SimCluster:
     # ---- routing -----------------------------------------------------------------------
 
     def submit(self, sreq: SimRequest, on_done: Callable[[SimRequest], None] | None = None) -> None:
-        """Route ``sreq`` now (its arrival) and run it; ``on_done`` when its last token is out."""
+        """Route ``sreq`` now (its arrival) and run it; ``on_done`` when its last token is out,
+        or when it failed (refused, or no first token within the router's timeout on any
+        worker it was tried on)."""
         bs = self.config.engine.block_size
         eng = self.config.engine
         try:  # what a worker answers 400 to
@@ -315,23 +360,87 @@ class SimCluster:
         self.feed.routed(routing, p.decoder)
         if p.prefiller is not None:
             self.feed.routed(routing, p.prefiller)
-        decoder = self._by_url[p.decoder.url]
-        sreq.decode_worker = decoder.url
-        decode_leg = charge(p.decoder, len(sreq.prompt_token_ids) + sreq.max_tokens, bs, hashes)
         params = SamplingParams(max_tokens=sreq.max_tokens, temperature=0, ignore_eos=True)
+        tried: list[Worker] = []
+        retries = [self.config.max_retries]
 
-        def finished(s: SimRequest, r: Request) -> None:
-            decode_leg.done()
-            if on_done is not None:
-                on_done(s)
+        def decode_leg(view: Worker, with_first: int | None = None, lease: tuple[SimWorker, LeaseInfo] | None = None
+                       ) -> None:
+            """Send the decode leg to ``view`` now (``with_first``: the prefill's first token, the
+            KV to fetch from ``lease``); the router waits request_timeout_s for its first token,
+            then aborts it there and retries on a decode worker not tried yet (the prompt then
+            computed there), or fails the request as the router's 504 does."""
+            decoder = self._by_url[view.url]
+            tried.append(view)
+            sreq.decode_worker = decoder.url
+            leg = charge(view, len(sreq.prompt_token_ids) + sreq.max_tokens, bs, hashes)
+            state = {"open": True}
 
-        def run_here() -> None:
-            req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
-            decoder.add(sreq, req, finished)
+            def finished(s: SimRequest, r: Request) -> None:
+                if state["open"]:
+                    state["open"] = False
+                    leg.done()
+                    if on_done is not None:
+                        on_done(s)
+
+            def timed_out() -> None:
+                if not state["open"] or sreq.first_token_s is not None:
+                    return
+                state["open"] = False
+                leg.done()
+                if lease is not None:
+                    lease[0].leases.release(lease[1].lease_id)
+                    lease[0].kick()
+                decoder.abort(sreq.request_id)
+                self.timeouts += 1
+                others = [w for w in self._decoders if w not in tried]
+                if retries[0] > 0 and others:
+                    retries[0] -= 1
+                    # A policy returns one of the candidates it was given.
+                    decode_leg(cast(Worker, self.decode_policy.choose(routing, others, "decode")))
+                    return
+                sreq.error = (f"HTTP 504: decode worker {decoder.url} timed out (no first token in "
+                              f"{self.config.request_timeout_s:g} s)")
+                if on_done is not None:
+                    on_done(sreq)
+
+            self.at(self.clock.now + self.config.request_timeout_s, timed_out)
+            if lease is None:
+                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+                decoder.add(sreq, req, finished)
+                return
+            prefiller, info = lease
+            plan = decoder.handoff.reserve(sreq.request_id, list(sreq.prompt_token_ids), root, sreq.cache_salt,
+                                           hashes)
+            if plan is None:  # the decode worker cannot hold it now: it computes the prompt itself
+                prefiller.leases.release(info.lease_id)
+                prefiller.kick()
+                lease = None
+                decoder.add(sreq, Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs), finished)
+                return
+            nbytes = len(plan.fetch_indexes) * bs * self.kv_bytes_per_token
+            self.transfers += 1
+            self.transfer_bytes += nbytes
+
+            def arrived() -> None:
+                nonlocal lease
+                if not state["open"]:  # the router gave up meanwhile (its abort cancelled the plan)
+                    return
+                prefiller.leases.release(info.lease_id)
+                prefiller.kick()
+                lease = None
+                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+                assert with_first is not None
+                req.token_ids.append(with_first)
+                decoder.handoff.commit(sreq.request_id, req)
+                sreq.output_token_ids.append(with_first)
+                decoder.add(sreq, req, finished, with_kv=True)
+
+            self.at(self.clock.now + nbytes / self.config.link_bytes_s + self.config.link_latency_s, arrived)
 
         start = self.clock.now + self.config.request_overhead_s
         if p.prefiller is None:
-            self.at(start, run_here)
+            self.at(start, lambda: decode_leg(p.decoder))
             return
         prefiller = self._by_url[p.prefiller.url]
         sreq.prefill_worker = prefiller.url
@@ -339,30 +448,7 @@ class SimCluster:
 
         def prefilled(s: SimRequest, r: Request) -> None:
             prefill_leg.done()
-            lease = self.leased.pop(r.request_id)
-            first = r.token_ids[-1]
-            plan = decoder.handoff.reserve(sreq.request_id, list(sreq.prompt_token_ids), root, sreq.cache_salt,
-                                           hashes)
-            if plan is None:  # the decode worker cannot hold it now: it computes the prompt itself
-                prefiller.leases.release(lease.lease_id)
-                prefiller.kick()
-                run_here()
-                return
-            nbytes = len(plan.fetch_indexes) * bs * self.kv_bytes_per_token
-            self.transfers += 1
-            self.transfer_bytes += nbytes
-            dt = nbytes / self.config.link_bytes_s + self.config.link_latency_s
-
-            def arrived() -> None:
-                prefiller.leases.release(lease.lease_id)
-                prefiller.kick()
-                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
-                req.token_ids.append(first)
-                decoder.handoff.commit(sreq.request_id, req)
-                sreq.output_token_ids.append(first)
-                decoder.add(sreq, req, finished, with_kv=True)
-
-            self.at(self.clock.now + dt, arrived)
+            decode_leg(p.decoder, r.token_ids[-1], (prefiller, self.leased.pop(r.request_id)))
 
         def run_prefill() -> None:
             req = Request(sreq.request_id, list(sreq.prompt_token_ids), SamplingParams(max_tokens=1, temperature=0,

@@ -61,12 +61,72 @@ class StepShape:
                 "prefill_attn": prefill_attn, "decode_ctx": decode_ctx}
 
 
+@dataclass(frozen=True)
+class HostContention:
+    """How much slower a served step runs than a profiled one when the workers share a host
+    (``kvbaton serve`` on one machine): a profile times one engine alone, while a served worker
+    shares its process with the HTTP server and its machine with the router, the clients and
+    the other workers. A step the profile prices at ``t`` takes
+
+        (slowdown * t * (1 + per_busy_worker * k) + per_stream_token_s * d) * max(1, (k + 1) * threads / cores)
+
+    where ``k`` is how many other workers are busy when it starts and ``d`` how many of its
+    requests decode (each streams a token): ``slowdown`` is what serving costs every step,
+    ``per_busy_worker`` what each busy neighbour adds through shared memory bandwidth and
+    caches, ``per_stream_token_s`` the server's work per streamed token (it holds the
+    interpreter the engine thread needs), all three fitted from served step traces by ``kvbaton
+    profile --from-steps --base``; the last term is the time-sharing of ``cores`` when the busy
+    workers' threads outnumber them (arithmetic, not fitted)."""
+
+    cores: int
+    threads: int
+    slowdown: float = 1.0
+    per_busy_worker: float = 0.0
+    per_stream_token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cores < 1 or self.threads < 1:
+            raise CostModelError(f"host contention needs cores >= 1 and threads >= 1, got {self.cores}, {self.threads}")
+        for name in ("slowdown", "per_busy_worker", "per_stream_token_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "slowdown" and v == 0):
+                raise CostModelError(f"host contention {name} must be a finite number "
+                                     f"{'> 0' if name == 'slowdown' else '>= 0'}, got {v!r}")
+
+    def share(self, others_busy: float) -> float:
+        """The cores' time-sharing factor with ``others_busy`` other workers busy."""
+        return max(1.0, (others_busy + 1) * self.threads / self.cores)
+
+    def served(self, seconds: float, decodes: int, others_busy: float) -> float:
+        """The served time of a step the profile prices at ``seconds``, with ``decodes``
+        decoding requests, starting while ``others_busy`` other workers are busy."""
+        t = self.slowdown * seconds * (1 + self.per_busy_worker * others_busy) + self.per_stream_token_s * decodes
+        return t * self.share(others_busy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cores": self.cores, "threads": self.threads, "slowdown": self.slowdown,
+                "per_busy_worker": self.per_busy_worker, "per_stream_token_s": self.per_stream_token_s}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HostContention:
+        if not isinstance(data, dict):
+            raise CostModelError("host_contention must be an object")
+        try:
+            return cls(int(data["cores"]), int(data["threads"]), float(data.get("slowdown", 1.0)),
+                       float(data.get("per_busy_worker", 0.0)), float(data.get("per_stream_token_s", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CostModelError(f"host_contention: {e!r} (needs cores, threads, slowdown, per_busy_worker, "
+                                 "per_stream_token_s)") from None
+
+
 class CostModel(ABC):
     """Seconds one engine step takes for a batch of a given shape (the simulator's stand-in for
     the model runner). Implementations must be pure and deterministic: the same shape always
     costs the same, so a simulation with the same seed gives the same result."""
 
     name: str = "cost model"
+    # Set for a profile whose serving conditions were measured (one host shared by the workers).
+    host_contention: HostContention | None = None
 
     @abstractmethod
     def step_time(self, step: StepShape) -> float:
@@ -86,7 +146,8 @@ class LinearCostModel(CostModel):
     0), at least ``min_step_s``."""
 
     def __init__(self, coefficients: Mapping[str, float], name: str = "linear", min_step_s: float = 1e-6,
-                 kv_bytes_per_token: int | None = None, meta: Mapping[str, Any] | None = None) -> None:
+                 kv_bytes_per_token: int | None = None, meta: Mapping[str, Any] | None = None,
+                 host_contention: HostContention | None = None) -> None:
         unknown = set(coefficients) - set(FEATURES)
         if unknown:
             raise CostModelError(f"unknown cost features {sorted(unknown)}; known: {', '.join(FEATURES)}")
@@ -98,6 +159,7 @@ class LinearCostModel(CostModel):
         self.min_step_s = min_step_s
         self._kv_bytes_per_token = kv_bytes_per_token
         self.meta = dict(meta or {})
+        self.host_contention = host_contention
 
     def step_time(self, step: StepShape) -> float:
         c = self.coefficients
@@ -118,7 +180,10 @@ class LinearCostModel(CostModel):
         return self._kv_bytes_per_token
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "coefficients": dict(self.coefficients), **self.meta}
+        d = {"name": self.name, "coefficients": dict(self.coefficients), **self.meta}
+        if self.host_contention is not None:
+            d["host_contention"] = self.host_contention.to_json()
+        return d
 
 
 def fit_linear(points: Sequence[tuple[StepShape, float]]) -> dict[str, float]:
@@ -170,4 +235,8 @@ def load_profile(path: str | Path) -> LinearCostModel:
         raise CostModelError(f"{p}: kv_bytes_per_token must be a positive integer, got {kvb!r}")
     meta = {k: data[k] for k in ("model", "device", "threads", "dtype", "block_size", "num_kv_blocks",
                                  "request_overhead_ms", "step_overhead_ms") if k in data}
-    return LinearCostModel(coef, name=f"profile:{p.name}", kv_bytes_per_token=kvb, meta=meta)
+    try:
+        hc = HostContention.from_json(data["host_contention"]) if data.get("host_contention") else None
+    except CostModelError as e:
+        raise CostModelError(f"{p}: {e}") from None
+    return LinearCostModel(coef, name=f"profile:{p.name}", kv_bytes_per_token=kvb, meta=meta, host_contention=hc)

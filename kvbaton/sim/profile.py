@@ -12,16 +12,32 @@ keeps both, and the fit's error on its own points.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
+import os
 import random
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbaton.engine.scheduler import SchedulerOutput
-from kvbaton.sim.cost import PROFILE_VERSION, LinearCostModel, StepShape, fit_linear
+from kvbaton.engine.step_trace import TRACE_KIND, StepRecorder
+from kvbaton.sim.cost import (
+    FEATURES,
+    PROFILE_VERSION,
+    CostModel,
+    CostModelError,
+    HostContention,
+    LinearCostModel,
+    StepShape,
+    fit_linear,
+    load_profile,
+)
+
+# The header fields of a step trace that a step time depends on (all traces fitted together
+# must agree on them; the pool size and token budget may differ).
+TRACE_META = ("model", "device", "dtype", "threads", "block_size", "kv_bytes_per_token")
 
 PREFILL_TOKENS = (16, 64, 256, 512, 1024)
 PREFILL_CACHED = (0, 512, 1536)
@@ -32,18 +48,6 @@ QUICK: dict[str, Any] = {"prefill_tokens": (16, 256), "prefill_cached": (0, 512)
                          "decode_context": (128,), "mixed": ((4, 64),)}
 
 
-class _Recorder:
-    """Wraps the engine's ``scheduler.schedule`` to keep the output of each step it runs."""
-
-    def __init__(self, schedule: Callable[[], SchedulerOutput]) -> None:
-        self._schedule = schedule
-        self.last: SchedulerOutput | None = None
-
-    def __call__(self) -> SchedulerOutput:
-        self.last = self._schedule()
-        return self.last
-
-
 def profile_engine(engine: Any, repeats: int = 3, quick: bool = False, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``engine`` (an :class:`~kvbaton.engine.engine.LLMEngine` with room for the
@@ -52,8 +56,12 @@ def profile_engine(engine: Any, repeats: int = 3, quick: bool = False, seed: int
 
     grid: dict[str, Any] = QUICK if quick else {"prefill_tokens": PREFILL_TOKENS, "prefill_cached": PREFILL_CACHED,
                                 "decode_batch": DECODE_BATCH, "decode_context": DECODE_CONTEXT, "mixed": MIXED}
-    rec = _Recorder(engine.scheduler.schedule)
-    engine.scheduler.schedule = rec
+    # Detokenize as a serving worker does (text after every step, for streaming): that cost is
+    # inside its steps.
+    engine.incremental_detokenize = True
+    # The engine's own step recorder times each step and says what it ran (as scheduled).
+    rec = StepRecorder()
+    saved, engine.step_trace = engine.step_trace, rec
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     bs = engine.config.block_size
@@ -65,12 +73,12 @@ def profile_engine(engine: Any, repeats: int = 3, quick: bool = False, seed: int
         return [rng.randrange(100, vocab) for _ in range(n)]
 
     def timed_step() -> tuple[tuple[tuple[int, int], ...], float]:
-        t = time.perf_counter()
+        n = len(rec.steps)
         engine.step()
-        dt = time.perf_counter() - t
-        out = rec.last
-        assert out is not None
-        return tuple((s.num_new_tokens, s.start) for s in out.scheduled), dt
+        if len(rec.steps) == n:
+            return (), 0.0
+        step = rec.steps[-1]
+        return tuple((int(a), int(b)) for a, b in step["parts"]), float(step["dt"])
 
     def drain() -> None:
         while engine.has_unfinished_requests():
@@ -133,29 +141,180 @@ def profile_engine(engine: Any, repeats: int = 3, quick: bool = False, seed: int
             engine.abort_request(rid)
         if progress:
             progress(f"mixed {batch} decodes + {p_tokens} prefill: {samples[-1][1] * 1000:.1f} ms")
-    engine.scheduler.schedule = rec._schedule
+    engine.step_trace = saved
     return build_profile(points, engine)
 
 
 def build_profile(points: Sequence[dict[str, Any]], engine: Any) -> dict[str, Any]:
-    """The profile JSON for measured ``points`` of ``engine``: the fitted coefficients and the
-    fit's relative error on the points."""
+    """The profile JSON for measured ``points`` of ``engine``."""
+    return profile_of(points, engine.cost_meta())
+
+
+def profile_of(points: Sequence[dict[str, Any]], meta: Mapping[str, Any],
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The profile JSON for measured ``points`` (``kind``, ``parts``, ``seconds``) of the engine
+    ``meta`` describes (:meth:`~kvbaton.engine.engine.LLMEngine.cost_meta`): the fitted
+    coefficients and the fit's relative error on the points."""
     shapes = [(StepShape(tuple((int(n), int(c)) for n, c in p["parts"])), float(p["seconds"])) for p in points]
     coef = fit_linear(shapes)
     model = LinearCostModel(coef)
     errors = sorted(abs(model.step_time(s) - t) / t for s, t in shapes)
-    cfg = engine.config
     return {
-        "kind": "kvbaton-profile", "version": PROFILE_VERSION,
-        "model": cfg.model, "device": str(engine.device),
-        "dtype": str(engine.runner.kv_cache.dtype).replace("torch.", ""),
-        "threads": cfg.num_threads, "block_size": cfg.block_size,
-        "num_kv_blocks": engine.pool.num_blocks, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        "kv_bytes_per_token": int(engine.kv_spec.bytes_per_token),
+        "kind": "kvbaton-profile", "version": PROFILE_VERSION, **meta, **(extra or {}),
         "coefficients": coef,
         "fit": {"points": len(shapes), "median_rel_error": statistics.median(errors), "max_rel_error": errors[-1]},
         "points": list(points),
     }
+
+
+def read_step_traces(paths: Sequence[str | Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and the steps of step-trace files (:mod:`kvbaton.engine.step_trace`), all of
+    one engine setup: CostModelError naming the file and line of anything malformed, and when
+    the files' headers differ in what a step time depends on."""
+    meta: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = []
+    for path in paths:
+        p = Path(path)
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise CostModelError(f"cannot read the step trace {p}: {e.strerror or e}") from None
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CostModelError(f"{p}:{no}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise CostModelError(f"{p}:{no}: a step trace line is a JSON object")
+            if rec.get("kind") == TRACE_KIND:
+                head = {k: v for k, v in rec.items() if k != "kind"}
+                if meta is None:
+                    meta = head
+                elif any(head.get(k) != meta.get(k) for k in TRACE_META):
+                    diff = sorted(k for k in TRACE_META if head.get(k) != meta.get(k))
+                    raise CostModelError(f"{p}:{no}: this trace's engine differs from the first one's in "
+                                         f"{', '.join(diff)}: profile one setup at a time")
+                continue
+            if meta is None:
+                raise CostModelError(f"{p}:{no}: a step before any header: not a kvbaton step trace")
+            steps.append(_trace_step(rec, f"{p}:{no}"))
+    if meta is None:
+        raise CostModelError("no step trace header in " + ", ".join(str(p) for p in paths))
+    return meta, steps
+
+
+def _trace_step(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    t, dt, gap, parts = rec.get("t"), rec.get("dt"), rec.get("gap"), rec.get("parts")
+    if not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise CostModelError(f"{where}: \"t\" must be a number of seconds, got {t!r}")
+    if not isinstance(dt, (int, float)) or not dt > 0 or not math.isfinite(dt):
+        raise CostModelError(f"{where}: \"dt\" must be a number of seconds > 0, got {dt!r}")
+    if gap is not None and (not isinstance(gap, (int, float)) or not math.isfinite(gap)):
+        raise CostModelError(f"{where}: \"gap\" must be a number of seconds or null, got {gap!r}")
+    if (not isinstance(parts, list) or not parts
+            or not all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
+                       and x[0] >= 1 for x in parts)):
+        raise CostModelError(f"{where}: \"parts\" must be a non-empty list of [new tokens >= 1, context >= 0]")
+    return {"t": float(t), "dt": float(dt), "gap": None if gap is None else max(0.0, float(gap)), "parts": parts}
+
+
+def profile_from_steps(paths: Sequence[str | Path], base: str | Path | None = None) -> dict[str, Any]:
+    """A profile from the steps served workers recorded (``kvbaton profile --from-steps``).
+
+    Without ``base``: each step is a point of the fit, so the step times include what serving
+    adds to a step (the HTTP server's share of the process, the other processes on the
+    machine). With ``base`` (a grid profile of the same engine setup): its coefficients stay,
+    and the served steps measure the :class:`~kvbaton.sim.cost.HostContention` of the host the
+    traces come from (each file one worker of one ``kvbaton serve``, recorded at the same time;
+    see :func:`fit_host_contention`). Either way the worker loop's cost between busy steps
+    becomes ``step_overhead_ms`` (the median ``gap``), which ``kvbaton sim`` uses unless told
+    otherwise."""
+    per_worker = [read_step_traces([p]) for p in paths]
+    meta = per_worker[0][0]
+    for (m, _), p in zip(per_worker, paths):
+        diff = sorted(k for k in TRACE_META if m.get(k) != meta.get(k))
+        if diff:
+            raise CostModelError(f"{p}: this trace's engine differs from {paths[0]}'s in {', '.join(diff)}: "
+                                 "profile one setup at a time")
+    steps = [s for _, ss in per_worker for s in ss]
+    if len(steps) < len(FEATURES):
+        raise CostModelError(f"the step traces hold {len(steps)} steps; a fit needs at least {len(FEATURES)}")
+    gaps = [s["gap"] for s in steps if s["gap"] is not None]
+    extra: dict[str, Any] = {"source": "step-trace", "traces": [str(p) for p in paths],
+                             "step_overhead_ms": statistics.median(gaps) * 1000 if gaps else 0.0}
+    if base is None:
+        points = [{"kind": "served", "parts": s["parts"], "seconds": s["dt"]} for s in steps]
+        return profile_of(points, meta, extra)
+    model = load_profile(base)
+    data = json.loads(Path(base).read_text())
+    diff = sorted(k for k in ("model", "device", "dtype", "threads", "block_size", "kv_bytes_per_token")
+                  if data.get(k) != meta.get(k))
+    if diff:
+        raise CostModelError(f"the base profile {base} differs from the traces' engine in {', '.join(diff)}")
+    cores = int(meta.get("host_cores") or data.get("host_cores") or os.cpu_count() or 1)
+    hc, fit = fit_host_contention(model, [ss for _, ss in per_worker], cores, int(meta.get("threads") or 1))
+    out = {k: v for k, v in data.items() if k not in ("traces", "source", "host_contention", "contention_fit")}
+    out.update(extra, source="grid + step-trace", base=str(base), host_cores=cores,
+               host_contention=hc.to_json(), contention_fit=fit)
+    return out
+
+
+def fit_host_contention(model: CostModel, workers: Sequence[Sequence[dict[str, Any]]], cores: int,
+                        threads: int) -> tuple[HostContention, dict[str, Any]]:
+    """The :class:`~kvbaton.sim.cost.HostContention` of served steps (``workers``: each worker's
+    steps, on one clock) against ``model``'s predictions ``t``. For each step, ``k`` is how many
+    other workers were busy during it (the overlap of their steps, as a fraction of this one's)
+    and ``d`` how many of its requests decode; ``r`` is served time / time-sharing.
+
+    Medians, so that a step stretched by a garbage collection moves nothing, and each term from
+    its own kind of step, so that the terms cannot trade off against each other:
+    ``slowdown`` is the median ``r / t`` of the steps that compute a prompt and ran alone
+    (k < 0.25; 1 when there are none), ``per_busy_worker`` from those that ran beside others
+    (k >= 0.75; 0 when there are none), and ``per_stream_token_s`` the median of what the
+    decode-only steps take beyond that, per request (never below 0); each with the other
+    kind's term taken out, in two rounds."""
+    spans = [[(s["t"], s["t"] + s["dt"]) for s in ss] for ss in workers]
+    rows: list[tuple[float, float, int, float, bool]] = []  # (t, k, d, r, computes a prompt)
+    for w, ss in enumerate(workers):
+        for s in ss:
+            a, b = s["t"], s["t"] + s["dt"]
+            k = 0.0
+            for v, other in enumerate(spans):
+                if v == w:
+                    continue
+                i = max(0, bisect.bisect_left(other, (a, a)) - 1)  # the step before may still run at a
+                while i < len(other) and other[i][0] < b:
+                    o0, o1 = other[i]
+                    k += max(0.0, min(b, o1) - max(a, o0)) / (b - a)
+                    i += 1
+            parts = tuple((int(n), int(c)) for n, c in s["parts"])
+            t = model.step_time(StepShape(parts))
+            d = sum(1 for n, _ in parts if n == 1)
+            rows.append((t, k, d, s["dt"] / max(1.0, (k + 1) * threads / cores), d < len(parts)))
+    # Steps that compute a prompt (t is mostly the prefill) tell the multiplicative terms; steps
+    # that only decode tell the per-token one. Each kind's estimate removes the other's term, so
+    # two rounds settle them (the first round takes no per-token cost).
+    prefill = [(t, k, d, r) for t, k, d, r, p in rows if p]
+    decode = [(t, k, d, r) for t, k, d, r, p in rows if not p]
+    slowdown, per_busy, per_token = 1.0, 0.0, 0.0
+    for _ in range(2):
+        alone = [(r - per_token * d) / t for t, k, d, r in prefill if k < 0.25]
+        beside = [(k, (r - per_token * d) / t) for t, k, d, r in prefill if k >= 0.75]
+        slowdown = max(1e-3, statistics.median(alone)) if alone else 1.0
+        per_busy = 0.0
+        if beside:
+            mean_k = statistics.fmean(k for k, _ in beside)
+            per_busy = max(0.0, (statistics.median(x for _, x in beside) / slowdown - 1) / mean_k)
+        extra = [(r - slowdown * t * (1 + per_busy * k)) / d for t, k, d, r in decode]
+        per_token = max(0.0, statistics.median(extra)) if extra else 0.0
+    hc = HostContention(cores, threads, slowdown, per_busy, per_token)
+    errors = sorted(abs(hc.served(t, d, k) / hc.share(k) - r) / r for t, k, d, r, _ in rows)
+    fit = {"steps": len(rows), "prefill_alone": len(alone), "prefill_beside": len(beside),
+           "decode_only": len(decode), "median_rel_error": statistics.median(errors),
+           "p90_rel_error": errors[int(0.9 * (len(errors) - 1))]}
+    return hc, fit
 
 
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:

@@ -172,7 +172,7 @@ def result_json(res: SimResult, load: LoadConfig, workload: str, options: dict[s
             "engine": dict(vars(cfg.engine)),
             "link": {"bytes_per_s": cfg.link_bytes_s, "latency_s": cfg.link_latency_s},
             "kv_bytes_per_token": c.kv_bytes_per_token,
-            "transfers": c.transfers, "transfer_bytes": c.transfer_bytes,
+            "transfers": c.transfers, "transfer_bytes": c.transfer_bytes, "timeouts": c.timeouts,
             "simulated_s": res.duration_s, "wall_s": res.wall_s, "speed": res.speed,
             "workers": {w.url: {"steps": w.steps, "busy_s": w.busy_s,
                                 "utilisation": w.busy_s / res.duration_s if res.duration_s else None}
