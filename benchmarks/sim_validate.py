@@ -10,9 +10,11 @@ ranks the cases of each comparison group in the same order as the real runs.
 
 What serving adds to the profiled steps is measured on the first case, not tuned per case: its
 workers' step traces (``--step-trace``) give the host's contention and the worker loop's cost
-between steps (``kvbaton profile --from-steps --base``), and the difference between its real
-and simulated median TTFT the per-request overhead (HTTP, router, tokenizing). Every other case
-is then a held-out prediction.
+between steps (``kvbaton profile --from-steps --base``), and ten short requests sent one at a
+time before its traffic (the idle probe) give the per-request overhead (HTTP, router,
+tokenizing): their real median TTFT less the simulated one. No case's latencies are fitted;
+every case other than the first is a held-out prediction, and the first one's latencies are
+predicted too (only its step traces were used).
 
     python benchmarks/sim_validate.py --out docs/results/sim_validation_cpu.json
 """
@@ -89,12 +91,26 @@ def _slug(name: str) -> str:
     return name.replace(" ", "_").replace("/", "_")
 
 
-def real(name: str, topo: list[str], workload: list[str], load: list[str], tmp: Path) -> dict[str, Any]:
-    """The served run; its workers' step traces land in tmp/steps-<case>/."""
+# The idle-path probe: short requests one at a time, whose TTFT is the serving path's own
+# latency (HTTP, router, tokenizing) plus one small prefill step.
+PROBE = (["--workload", "random", "--input-len", "16", "--output-len", "2", "--num-prompts", "10"],
+         ["--max-concurrency", "1"])
+
+
+def real(name: str, topo: list[str], workload: list[str], load: list[str], tmp: Path,
+         probe: bool = False) -> dict[str, Any]:
+    """The served run; its workers' step traces land in tmp/steps-<case>/. ``probe``: first
+    send the PROBE requests to a cluster of their own (their result in tmp/real-probe.json;
+    their steps are not the case's)."""
     out = tmp / f"real-{_slug(name)}.json"
     # No host tier: the simulator models the device pool only.
+    flags = [*topo, *ENGINE, "--kv-host-cache-gib", "0"]
+    if probe:
+        with serve(f"{name} probe", flags) as url:
+            _run([sys.executable, "-m", "kvbaton.cli", "bench", "run", "--base-url", url, *PROBE[0], *PROBE[1],
+                  "--no-progress", "--result-file", str(tmp / "real-probe.json")])
     steps = str(tmp / f"steps-{_slug(name)}")
-    with serve(name, [*topo, *ENGINE, "--kv-host-cache-gib", "0", "--step-trace", steps]) as url:
+    with serve(name, [*flags, "--step-trace", steps]) as url:
         _run([sys.executable, "-m", "kvbaton.cli", "bench", "run", "--base-url", url, *workload, *load,
               "--no-progress", "--result-file", str(out)])
     return dict(json.loads(out.read_text()))
@@ -138,13 +154,14 @@ def main() -> int:
     overhead: tuple[float, float] | None = None
     calibrated: dict[str, Any] = {}
     for i, (name, group, topo, workload, load) in enumerate(cases):
-        r = real(name, topo, workload, load, tmp)
+        calibrating = i == 0 and not a.no_calibrate
+        r = real(name, topo, workload, load, tmp, probe=calibrating)
         prof = profiles[threads_of(topo)]
-        if i == 0 and not a.no_calibrate:
+        if calibrating:
             # Calibration on the first case, from what its served workers recorded: the host's
             # contention and the worker loop's cost between steps (`kvbaton profile --from-steps
-            # --base`), then the per-request overhead (HTTP, router, tokenizing) from what the
-            # simulated TTFT still lacks at this load.
+            # --base`), then the per-request overhead (HTTP, router, tokenizing) from the idle
+            # probe: its real TTFT less the simulated one. The case's own latencies are not used.
             traces = sorted(str(p) for p in (tmp / f"steps-{_slug(name)}").glob("*.jsonl"))
             cal = pdir / f"profile-t{threads_of(topo)}-served.json"
             _run([sys.executable, "-m", "kvbaton.cli", "profile", "--from-steps", *traces, "--base", str(prof),
@@ -152,8 +169,9 @@ def main() -> int:
             profiles[threads_of(topo)] = prof = cal
             calibrated = json.loads(cal.read_text())
             step_ms = float(calibrated["step_overhead_ms"])
-            s0 = simulated(name, topo, workload, load, prof, tmp, (0.0, step_ms))
-            req_ms = max(0.0, (r["median_ttft_ms"] or 0) - (s0["median_ttft_ms"] or 0))
+            probe_real = json.loads((tmp / "real-probe.json").read_text())
+            s0 = simulated("probe", topo, *PROBE, prof, tmp, (0.0, step_ms))
+            req_ms = max(0.0, (probe_real["median_ttft_ms"] or 0) - (s0["median_ttft_ms"] or 0))
             overhead = (req_ms, step_ms)
             print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms, host contention "
                   f"{calibrated['host_contention']}", file=sys.stderr)
@@ -180,8 +198,10 @@ def main() -> int:
         order_real = [m["case"] for m in sorted(members, key=lambda m: m["cells"][key]["real"] or 0)]
         order_sim = [m["case"] for m in sorted(members, key=lambda m: m["cells"][key]["sim"] or 0)]
         ranking[group] = {"by": key, "real": order_real, "sim": order_sim, "same": order_real == order_sim}
+    every = [c["rel_error"] for row in rows for c in row["cells"].values() if c["rel_error"] is not None]
     summary = {
         "median_rel_error": statistics.median(errs) if errs else None,
+        "median_rel_error_with_calibration_case": statistics.median(every) if every else None,
         "central_within_10pct": sum(e <= 0.10 for e in central), "central_cells": len(central),
         "tail_within_20pct": sum(e <= 0.20 for e in tail), "tail_cells": len(tail),
         "ranking": ranking,

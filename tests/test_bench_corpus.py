@@ -133,3 +133,16 @@ def test_head_text_is_a_token_prefix(tok):
     head = head_text(tok, text, 120)
     assert text.startswith(head) and count_tokens(tok, head) == 120
     assert head_text(tok, text, 10_000) == text
+
+
+@pytest.mark.parametrize("which", ["bytes", "bpe"])
+def test_sample_many_gives_the_texts_sample_at_gives(tok, which):
+    from kvbaton.bench.workloads import load_tokenizer
+
+    t = tok if which == "bytes" else load_tokenizer("tiny-random")  # BPE: merges make first tries miss
+    sampler = TextSampler(t, "prose")
+    rng = random.Random(7)
+    windows = [(rng.randrange(len(sampler.stream)), rng.choice([1, 7, 64, 300])) for _ in range(40)]
+    assert sampler.sample_many(windows) == [sampler.sample_at(s, n) for s, n in windows]
+    with pytest.raises(ValueError, match="at least 1"):
+        sampler.sample_many([(0, 0)])

@@ -260,3 +260,22 @@ def test_bad_trace_files_raise_with_file_and_line(tok, tmp_path):
 def test_options_table_lists_every_workload():
     assert set(OPTIONS) == set(WORKLOAD_NAMES) == set(SMALL)
     assert OPTIONS["random"]["input_len"] == 1024 and OPTIONS["trace"]["block_size"] == 512
+
+
+def test_random_sessions_are_those_one_sample_per_session_would_give(tok):
+    """The batched cut (TextSampler.sample_many) changes no prompt: the same seed gives the
+    texts that drawing and sampling session by session gives."""
+    import hashlib
+    import random
+
+    from kvbaton.bench.workloads import draw_length
+
+    w = make_workload("random", tokenizer=tok, seed=4, num_sessions=30, input_len=80, output_len=5, range_ratio=0.5)
+    digest = hashlib.sha256(b"random:4").digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    expected = []
+    for _ in range(30):
+        n_in = draw_length(rng, 80, 0.5)
+        n_out = draw_length(rng, 5, 0.5)
+        expected.append((w.sampler("any", rng).sample(n_in, rng), n_out))
+    assert [(s.turns[0].user, s.turns[0].max_tokens) for s in w.sessions()] == expected

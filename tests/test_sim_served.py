@@ -93,11 +93,11 @@ def _served_workers(hc: HostContention) -> list[list[dict[str, Any]]]:
 
 
 def test_fit_host_contention_recovers_the_contention_it_was_made_with() -> None:
-    true = HostContention(cores=4, threads=1, slowdown=1.1, per_busy_worker=0.2, per_stream_token_s=0.003)
+    true = HostContention(cores=4, threads=1, slowdown=1.1, per_busy_worker=0.2, stream_step_s=0.003)
     hc, fit = fit_host_contention(COST, _served_workers(true), 4, 1)
     assert hc.slowdown == pytest.approx(1.1, rel=0.02)
     assert hc.per_busy_worker == pytest.approx(0.2, rel=0.1)
-    assert hc.per_stream_token_s == pytest.approx(0.003, rel=0.1)
+    assert hc.stream_step_s == pytest.approx(0.003, rel=0.1)
     assert fit["prefill_alone"] > 0 and fit["prefill_beside"] > 0 and fit["decode_only"] > 0
 
 
@@ -110,7 +110,7 @@ def test_time_sharing_of_the_cores_is_arithmetic() -> None:
 def test_profile_from_steps_with_a_base_and_the_simulator_uses_its_contention(tmp_path: Path, tok: Any,
                                                                               capsys: pytest.CaptureFixture[str]
                                                                               ) -> None:
-    true = HostContention(cores=2, threads=1, slowdown=1.2, per_busy_worker=0.1, per_stream_token_s=0.002)
+    true = HostContention(cores=2, threads=1, slowdown=1.2, per_busy_worker=0.1, stream_step_s=0.002)
     traces = [_write(tmp_path / f"w{i}.jsonl", steps) for i, steps in enumerate(_served_workers(true))]
     base = tmp_path / "grid.json"
     grid = profile_of([{"kind": "x", "parts": [[n, 0]], "seconds": COST.step_time(StepShape(((n, 0),)))}

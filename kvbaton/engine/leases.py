@@ -119,6 +119,8 @@ class LeaseTable:
     def collect(self) -> list[Lease]:
         """Remove and return leases that ended (released or past their deadline) and that no
         transfer is reading; the caller frees their blocks. Engine thread only."""
+        if not self._leases:  # the common case, every step: no lock, no clock (leases are added on this thread)
+            return []
         now = self._clock()
         out: list[Lease] = []
         with self._lock:

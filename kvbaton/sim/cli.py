@@ -164,7 +164,7 @@ def _cmd_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             how = (f"{args.base}'s step costs; host contention from {cf['steps']} steps: "
                    f"slowdown {hc['slowdown']:.3f}, "
                    f"+{hc['per_busy_worker'] * 100:.1f}% per busy neighbour, "
-                   f"{hc['per_stream_token_s'] * 1000:.2f} ms per streamed token, {hc['cores']} cores; "
+                   f"{hc['stream_step_s'] * 1000:.2f} ms per streaming step, {hc['cores']} cores; "
                    f"error median {cf['median_rel_error'] * 100:.1f}%")
         print(f"profile: {path} ({how}; step overhead {prof['step_overhead_ms']:.2f} ms)", flush=True)
         return 0

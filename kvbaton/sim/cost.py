@@ -68,26 +68,28 @@ class HostContention:
     shares its process with the HTTP server and its machine with the router, the clients and
     the other workers. A step the profile prices at ``t`` takes
 
-        (slowdown * t * (1 + per_busy_worker * k) + per_stream_token_s * d) * max(1, (k + 1) * threads / cores)
+        (slowdown * t * (1 + per_busy_worker * k) + stream_step_s * [it decodes])
+            * max(1, (k + 1) * threads / cores)
 
-    where ``k`` is how many other workers are busy when it starts and ``d`` how many of its
-    requests decode (each streams a token): ``slowdown`` is what serving costs every step,
-    ``per_busy_worker`` what each busy neighbour adds through shared memory bandwidth and
-    caches, ``per_stream_token_s`` the server's work per streamed token (it holds the
-    interpreter the engine thread needs), all three fitted from served step traces by ``kvbaton
-    profile --from-steps --base``; the last term is the time-sharing of ``cores`` when the busy
-    workers' threads outnumber them (arithmetic, not fitted)."""
+    where ``k`` is how many other workers are busy when it starts: ``slowdown`` is what serving
+    costs every step, ``per_busy_worker`` what each busy neighbour adds through shared memory
+    bandwidth and caches, ``stream_step_s`` what a step that streams tokens costs on top (the
+    server wakes once per step to send them, holding the interpreter the engine thread needs;
+    measured on CPU it hardly grows with the tokens: about 35-45 ms a step for 2 to 8 of them),
+    all three fitted from served step traces by ``kvbaton profile --from-steps --base``; the
+    last term is the time-sharing of ``cores`` when the busy workers' threads outnumber them
+    (arithmetic, not fitted)."""
 
     cores: int
     threads: int
     slowdown: float = 1.0
     per_busy_worker: float = 0.0
-    per_stream_token_s: float = 0.0
+    stream_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cores < 1 or self.threads < 1:
             raise CostModelError(f"host contention needs cores >= 1 and threads >= 1, got {self.cores}, {self.threads}")
-        for name in ("slowdown", "per_busy_worker", "per_stream_token_s"):
+        for name in ("slowdown", "per_busy_worker", "stream_step_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "slowdown" and v == 0):
                 raise CostModelError(f"host contention {name} must be a finite number "
@@ -100,12 +102,14 @@ class HostContention:
     def served(self, seconds: float, decodes: int, others_busy: float) -> float:
         """The served time of a step the profile prices at ``seconds``, with ``decodes``
         decoding requests, starting while ``others_busy`` other workers are busy."""
-        t = self.slowdown * seconds * (1 + self.per_busy_worker * others_busy) + self.per_stream_token_s * decodes
+        t = self.slowdown * seconds * (1 + self.per_busy_worker * others_busy)
+        if decodes:
+            t += self.stream_step_s
         return t * self.share(others_busy)
 
     def to_json(self) -> dict[str, Any]:
         return {"cores": self.cores, "threads": self.threads, "slowdown": self.slowdown,
-                "per_busy_worker": self.per_busy_worker, "per_stream_token_s": self.per_stream_token_s}
+                "per_busy_worker": self.per_busy_worker, "stream_step_s": self.stream_step_s}
 
     @classmethod
     def from_json(cls, data: Any) -> HostContention:
@@ -113,10 +117,10 @@ class HostContention:
             raise CostModelError("host_contention must be an object")
         try:
             return cls(int(data["cores"]), int(data["threads"]), float(data.get("slowdown", 1.0)),
-                       float(data.get("per_busy_worker", 0.0)), float(data.get("per_stream_token_s", 0.0)))
+                       float(data.get("per_busy_worker", 0.0)), float(data.get("stream_step_s", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise CostModelError(f"host_contention: {e!r} (needs cores, threads, slowdown, per_busy_worker, "
-                                 "per_stream_token_s)") from None
+                                 "stream_step_s)") from None
 
 
 class CostModel(ABC):

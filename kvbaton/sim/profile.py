@@ -272,9 +272,9 @@ def fit_host_contention(model: CostModel, workers: Sequence[Sequence[dict[str, A
     its own kind of step, so that the terms cannot trade off against each other:
     ``slowdown`` is the median ``r / t`` of the steps that compute a prompt and ran alone
     (k < 0.25; 1 when there are none), ``per_busy_worker`` from those that ran beside others
-    (k >= 0.75; 0 when there are none), and ``per_stream_token_s`` the median of what the
-    decode-only steps take beyond that, per request (never below 0); each with the other
-    kind's term taken out, in two rounds."""
+    (k >= 0.75; 0 when there are none), and ``stream_step_s`` the median of what the
+    decode-only steps take beyond that (never below 0); each with the other kind's term taken
+    out, in two rounds."""
     spans = [[(s["t"], s["t"] + s["dt"]) for s in ss] for ss in workers]
     rows: list[tuple[float, float, int, float, bool]] = []  # (t, k, d, r, computes a prompt)
     for w, ss in enumerate(workers):
@@ -294,22 +294,22 @@ def fit_host_contention(model: CostModel, workers: Sequence[Sequence[dict[str, A
             d = sum(1 for n, _ in parts if n == 1)
             rows.append((t, k, d, s["dt"] / max(1.0, (k + 1) * threads / cores), d < len(parts)))
     # Steps that compute a prompt (t is mostly the prefill) tell the multiplicative terms; steps
-    # that only decode tell the per-token one. Each kind's estimate removes the other's term, so
+    # that only decode tell the streaming one. Each kind's estimate removes the other's term, so
     # two rounds settle them (the first round takes no per-token cost).
     prefill = [(t, k, d, r) for t, k, d, r, p in rows if p]
     decode = [(t, k, d, r) for t, k, d, r, p in rows if not p]
-    slowdown, per_busy, per_token = 1.0, 0.0, 0.0
+    slowdown, per_busy, stream = 1.0, 0.0, 0.0
     for _ in range(2):
-        alone = [(r - per_token * d) / t for t, k, d, r in prefill if k < 0.25]
-        beside = [(k, (r - per_token * d) / t) for t, k, d, r in prefill if k >= 0.75]
+        alone = [(r - stream * (d > 0)) / t for t, k, d, r in prefill if k < 0.25]
+        beside = [(k, (r - stream * (d > 0)) / t) for t, k, d, r in prefill if k >= 0.75]
         slowdown = max(1e-3, statistics.median(alone)) if alone else 1.0
         per_busy = 0.0
         if beside:
             mean_k = statistics.fmean(k for k, _ in beside)
             per_busy = max(0.0, (statistics.median(x for _, x in beside) / slowdown - 1) / mean_k)
-        extra = [(r - slowdown * t * (1 + per_busy * k)) / d for t, k, d, r in decode]
-        per_token = max(0.0, statistics.median(extra)) if extra else 0.0
-    hc = HostContention(cores, threads, slowdown, per_busy, per_token)
+        extra = [r - slowdown * t * (1 + per_busy * k) for t, k, d, r in decode]
+        stream = max(0.0, statistics.median(extra)) if extra else 0.0
+    hc = HostContention(cores, threads, slowdown, per_busy, stream)
     errors = sorted(abs(hc.served(t, d, k) / hc.share(k) - r) / r for t, k, d, r, _ in rows)
     fit = {"steps": len(rows), "prefill_alone": len(alone), "prefill_beside": len(beside),
            "decode_only": len(decode), "median_rel_error": statistics.median(errors),
