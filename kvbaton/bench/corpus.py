@@ -199,30 +199,35 @@ class TextSampler:
 
     def _first_try(self, start: int, n: int) -> str | None:
         """The text ``sample_at(start, n)`` tries first (None when it would raise)."""
-        room = max(1, len(self.stream) - n - 64)
+        room = self._room(n)
         if n < 1 or room <= 1:
             return None
-        start %= room
+        return self._cut(self._nonblank(start % room, room), n, False)
+
+    def _room(self, n: int) -> int:
+        """How many starts a window of ``n`` tokens has, with slack for the retries, which may
+        need a few more tokens than asked for."""
+        return max(1, len(self.stream) - n - 64)
+
+    def _nonblank(self, start: int, room: int) -> int:
+        """The first start from ``start`` on that begins a non-blank character."""
         while start < room - 1 and self._blank_at(start):
             start += 1
-        return self._cut(start, n, False)
+        return start
 
     def sample_at(self, start: int, n: int, *, line_end: bool = False) -> str:
         """``n`` tokens of corpus text starting near token ``start`` (wrapped into range)."""
         if n < 1 + line_end:  # the newline of line_end is a token of its own
             raise ValueError(f"token count must be at least {1 + line_end}, got {n}")
-        total = len(self.stream)
-        # Slack for the retries, which may need a few more tokens than asked for.
-        room = max(1, total - n - 64)
+        room = self._room(n)
         if room <= 1:
-            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {total}")
+            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {len(self.stream)}")
         start %= room
         best, best_err = "", None
         # A window whose seams merge differently (a split character, a run of trailing blanks
         # under line_end) may never land on n; the next start usually does.
         for _ in range(self.MAX_STARTS):
-            while start < room - 1 and self._blank_at(start):
-                start += 1
+            start = self._nonblank(start, room)
             k = n
             for _ in range(self.MAX_TRIES):
                 text = self._cut(start, k, line_end)

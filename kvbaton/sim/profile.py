@@ -167,18 +167,20 @@ def profile_of(points: Sequence[dict[str, Any]], meta: Mapping[str, Any],
     }
 
 
-def read_step_traces(paths: Sequence[str | Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The header and the steps of step-trace files (:mod:`kvbaton.engine.step_trace`), all of
-    one engine setup: CostModelError naming the file and line of anything malformed, and when
-    the files' headers differ in what a step time depends on."""
+def read_step_traces(paths: Sequence[str | Path]) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
+    """The header and each file's steps of step-trace files (:mod:`kvbaton.engine.step_trace`),
+    all of one engine setup: CostModelError naming the file and line of anything malformed, and
+    of a header that differs from the first one in what a step time depends on."""
     meta: dict[str, Any] | None = None
-    steps: list[dict[str, Any]] = []
+    per_file: list[list[dict[str, Any]]] = []
     for path in paths:
         p = Path(path)
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise CostModelError(f"cannot read the step trace {p}: {e.strerror or e}") from None
+        steps: list[dict[str, Any]] = []
+        seen_header = False
         for no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -190,19 +192,21 @@ def read_step_traces(paths: Sequence[str | Path]) -> tuple[dict[str, Any], list[
                 raise CostModelError(f"{p}:{no}: a step trace line is a JSON object")
             if rec.get("kind") == TRACE_KIND:
                 head = {k: v for k, v in rec.items() if k != "kind"}
+                seen_header = True
                 if meta is None:
                     meta = head
-                elif any(head.get(k) != meta.get(k) for k in TRACE_META):
-                    diff = sorted(k for k in TRACE_META if head.get(k) != meta.get(k))
+                diff = sorted(k for k in TRACE_META if head.get(k) != meta.get(k))
+                if diff:
                     raise CostModelError(f"{p}:{no}: this trace's engine differs from the first one's in "
                                          f"{', '.join(diff)}: profile one setup at a time")
                 continue
-            if meta is None:
+            if not seen_header:
                 raise CostModelError(f"{p}:{no}: a step before any header: not a kvbaton step trace")
             steps.append(_trace_step(rec, f"{p}:{no}"))
+        per_file.append(steps)
     if meta is None:
         raise CostModelError("no step trace header in " + ", ".join(str(p) for p in paths))
-    return meta, steps
+    return meta, per_file
 
 
 def _trace_step(rec: dict[str, Any], where: str) -> dict[str, Any]:
@@ -231,14 +235,8 @@ def profile_from_steps(paths: Sequence[str | Path], base: str | Path | None = No
     see :func:`fit_host_contention`). Either way the worker loop's cost between busy steps
     becomes ``step_overhead_ms`` (the median ``gap``), which ``kvbaton sim`` uses unless told
     otherwise."""
-    per_worker = [read_step_traces([p]) for p in paths]
-    meta = per_worker[0][0]
-    for (m, _), p in zip(per_worker, paths):
-        diff = sorted(k for k in TRACE_META if m.get(k) != meta.get(k))
-        if diff:
-            raise CostModelError(f"{p}: this trace's engine differs from {paths[0]}'s in {', '.join(diff)}: "
-                                 "profile one setup at a time")
-    steps = [s for _, ss in per_worker for s in ss]
+    meta, per_worker = read_step_traces(paths)
+    steps = [s for ss in per_worker for s in ss]
     if len(steps) < len(FEATURES):
         raise CostModelError(f"the step traces hold {len(steps)} steps; a fit needs at least {len(FEATURES)}")
     gaps = [s["gap"] for s in steps if s["gap"] is not None]
@@ -249,12 +247,11 @@ def profile_from_steps(paths: Sequence[str | Path], base: str | Path | None = No
         return profile_of(points, meta, extra)
     model = load_profile(base)
     data = json.loads(Path(base).read_text())
-    diff = sorted(k for k in ("model", "device", "dtype", "threads", "block_size", "kv_bytes_per_token")
-                  if data.get(k) != meta.get(k))
+    diff = sorted(k for k in TRACE_META if data.get(k) != meta.get(k))
     if diff:
         raise CostModelError(f"the base profile {base} differs from the traces' engine in {', '.join(diff)}")
     cores = int(meta.get("host_cores") or data.get("host_cores") or os.cpu_count() or 1)
-    hc, fit = fit_host_contention(model, [ss for _, ss in per_worker], cores, int(meta.get("threads") or 1))
+    hc, fit = fit_host_contention(model, per_worker, cores, int(meta.get("threads") or 1))
     out = {k: v for k, v in data.items() if k not in ("traces", "source", "host_contention", "contention_fit")}
     out.update(extra, source="grid + step-trace", base=str(base), host_cores=cores,
                host_contention=hc.to_json(), contention_fit=fit)
