@@ -114,6 +114,19 @@ def test_disaggregated_requests_pay_for_the_transfer_on_the_link(tok: Any) -> No
     assert slow["mean_tpot_ms"] == pytest.approx(fast["mean_tpot_ms"], rel=0.15)
 
 
+def test_only_a_prefill_only_leg_leaves_its_blocks_under_a_lease(tok: Any) -> None:
+    ss = sessions(tok, "random", n=8, input_len=256, output_len=8)
+    lc = LoadConfig(max_concurrency=4)
+    whole = simulate(SimConfig(colocated=2, disagg_min_tokens=1 << 30), COST, ss, tok, lc).cluster
+    assert [w.leases.num_created for w in whole.workers] == [0, 0]
+    for cfg in (SimConfig(colocated=2), SimConfig(prefill=1, decode=1, colocated=0)):
+        c = simulate(cfg, COST, ss, tok, lc).cluster
+        created = sum(w.leases.num_created for w in c.workers)
+        assert created == c.transfers > 0  # one lease per handed-over prompt...
+        assert sum(w.leases.num_released for w in c.workers) == created  # ...released by its decoder
+        assert c.leased == {}
+
+
 def test_a_small_pool_preempts_and_still_balances_its_blocks(tok: Any) -> None:
     ss = sessions(tok, "random", n=12, input_len=200, output_len=64)
     res = simulate(SimConfig(colocated=1, engine=SimEngine(num_kv_blocks=40)), COST, ss, tok,

@@ -446,23 +446,26 @@ class AnalyticCostModel(CostModel):
         self._expert_bytes = s.num_moe_layers * s.expert_params * s.dtype_bytes
         self._attn_prefill = s.attn_flops_per_pair(decode=False)
         self._attn_decode = s.attn_flops_per_pair(decode=True)
+        self._flops_per_token = 2.0 * s.active_body_params
+        self._embed_row_bytes = 0 if s.tie_word_embeddings else s.hidden_size * s.dtype_bytes
+        self._s_per_flop = 1.0 / (hw.flops * self.efficiency.mfu)
+        self._s_per_byte = 1.0 / (hw.mem_bw_bytes_s * self.efficiency.mbu)
 
     # the work of a step
 
     def step_flops(self, step: StepShape) -> float:
-        tokens = step.num_tokens
-        f = step.features()
-        return (2.0 * self.shape.active_body_params * tokens + 2.0 * self._lm_head * len(step.parts)
-                + self._attn_prefill * f["prefill_attn"] + self._attn_decode * f["decode_ctx"])
+        w = step.sums
+        return (self._flops_per_token * w.tokens + 2.0 * self._lm_head * len(step.parts)
+                + self._attn_prefill * w.prefill_attn + self._attn_decode * w.decode_ctx)
 
     def step_bytes(self, step: StepShape) -> float:
-        tokens = step.num_tokens
-        weights = self._dense_weight_bytes + self._expert_bytes * self.shape.experts_touched(tokens)
-        if not self.shape.tie_word_embeddings:
-            weights += tokens * self.shape.hidden_size * self.shape.dtype_bytes
-        kv_read = sum(ctx for _, ctx in step.parts) * self._kvb
-        kv_written = tokens * self._kvb
-        return float(weights + kv_read + kv_written)
+        w = step.sums
+        weights = float(self._dense_weight_bytes)
+        if self._expert_bytes:
+            weights += self._expert_bytes * self.shape.experts_touched(w.tokens)
+        # KV read (the context before each part) and written (the new tokens), and for untied
+        # embeddings the step's rows of the input table.
+        return (weights + (w.context + w.tokens) * self._kvb + w.tokens * self._embed_row_bytes)
 
     def roofline(self, step: StepShape, efficiency: Efficiency | None = None) -> Roofline:
         """``step`` against the roofs (with ``efficiency``, default the model's)."""
@@ -476,7 +479,11 @@ class AnalyticCostModel(CostModel):
     # CostModel
 
     def step_time(self, step: StepShape) -> float:
-        return max(1e-9, self.roofline(step).time_s)
+        # roofline() without its record: this runs once per simulated step.
+        e = self.efficiency
+        compute = self.step_flops(step) * self._s_per_flop
+        memory = self.step_bytes(step) * self._s_per_byte
+        return max(1e-9, max(compute, memory) + e.step_overhead_s + e.seq_overhead_s * len(step.parts))
 
     def kv_bytes_per_token(self) -> int:
         return self._kvb

@@ -233,10 +233,11 @@ class SimWorker:
         # Which requests sample is known only before the step commits (as in LLMEngine.step):
         # committing moves each start on.
         sampling = [s.request for s in out.scheduled if s.samples]
-        dt = self.cost.step_time(StepShape(parts))
+        shape = StepShape(parts)
+        dt = self.cost.step_time(shape)
         hc = self.sim.config.host_contention
         if hc is not None:
-            dt = hc.served(dt, sum(1 for n, _ in parts if n == 1), self.sim.num_busy)
+            dt = hc.served(dt, shape.sums.decodes, self.sim.num_busy)
         dt += self.sim.config.step_overhead_s
         self.busy = True
         self.sim.num_busy += 1
@@ -268,7 +269,7 @@ class SimWorker:
             if req.lease_ttl_s is None:
                 sreq.finish_s = now
             if on_finish is not None:
-                if kept is not None:
+                if req.lease_ttl_s is not None:  # a prefill-only leg: its blocks go under a lease
                     self.sim.leased[req.request_id] = self.handoff.lease_out(req, kept, req.lease_ttl_s or LEASE_TTL_S)
                 on_finish(sreq, req)
         self.flush_events()

@@ -22,13 +22,14 @@ Features of a step (``StepShape.features``), each a cost the runner really pays:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 FEATURES = ("steps", "seqs", "tokens", "prefill_attn", "decode_ctx")
 PROFILE_VERSION = 1
@@ -45,20 +46,40 @@ class StepShape:
 
     parts: tuple[tuple[int, int], ...]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for n, _ in self.parts)
-
-    def features(self) -> dict[str, float]:
-        prefill_attn = 0.0
-        decode_ctx = 0.0
+    @functools.cached_property
+    def sums(self) -> StepSums:
+        """The step's totals, in one pass (a simulator prices every step: millions of them)."""
+        tokens = decodes = context = 0
+        prefill_attn = decode_ctx = 0.0
         for new, ctx in self.parts:
+            tokens += new
+            context += ctx
             if new == 1:
+                decodes += 1
                 decode_ctx += ctx + 1
             else:
                 prefill_attn += new * (ctx + new / 2)
-        return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(self.num_tokens),
-                "prefill_attn": prefill_attn, "decode_ctx": decode_ctx}
+        return StepSums(tokens, decodes, context, prefill_attn, decode_ctx)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sums.tokens
+
+    def features(self) -> dict[str, float]:
+        t = self.sums
+        return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(t.tokens),
+                "prefill_attn": t.prefill_attn, "decode_ctx": t.decode_ctx}
+
+
+class StepSums(NamedTuple):
+    """A step's totals: tokens computed, decoding requests (one new token), context tokens
+    before the step, and the two attention features (see the module docstring)."""
+
+    tokens: int
+    decodes: int
+    context: int
+    prefill_attn: float
+    decode_ctx: float
 
 
 @dataclass(frozen=True)
@@ -167,17 +188,9 @@ class LinearCostModel(CostModel):
 
     def step_time(self, step: StepShape) -> float:
         c = self.coefficients
-        # StepShape.features inlined: this runs once per simulated step.
-        prefill_attn = decode_ctx = 0.0
-        tokens = 0
-        for new, ctx in step.parts:
-            tokens += new
-            if new == 1:
-                decode_ctx += ctx + 1
-            else:
-                prefill_attn += new * (ctx + new / 2)
-        t = (c["steps"] + c["seqs"] * len(step.parts) + c["tokens"] * tokens + c["prefill_attn"] * prefill_attn
-             + c["decode_ctx"] * decode_ctx)
+        w = step.sums
+        t = (c["steps"] + c["seqs"] * len(step.parts) + c["tokens"] * w.tokens + c["prefill_attn"] * w.prefill_attn
+             + c["decode_ctx"] * w.decode_ctx)
         return max(self.min_step_s, t)
 
     def kv_bytes_per_token(self) -> int | None:
