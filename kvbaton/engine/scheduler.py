@@ -189,6 +189,8 @@ class Scheduler:
             self._admit_waiting(out, self.max_num_batched_tokens - out.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting:  # most steps: nothing to admit (this runs every step)
+            return
         share = self.share_inflight_prefill and self.waiting and budget > 0
         inflight = self._inflight_blocks() if share else None
         passed: list[Request] = []  # waiting for an in-flight prefix; keep their order

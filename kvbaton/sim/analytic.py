@@ -454,23 +454,26 @@ class AnalyticCostModel(CostModel):
     # the work of a step
 
     def step_flops(self, step: StepShape) -> float:
-        w = step.sums
-        return (self._flops_per_token * w.tokens + 2.0 * self._lm_head * len(step.parts)
-                + self._attn_prefill * w.prefill_attn + self._attn_decode * w.decode_ctx)
+        return self._work(step)[0]
 
     def step_bytes(self, step: StepShape) -> float:
-        w = step.sums
+        return self._work(step)[1]
+
+    def _work(self, step: StepShape) -> tuple[float, float]:
+        """``(FLOPs, bytes moved)`` of ``step``."""
+        flops = (self._flops_per_token * step.tokens + 2.0 * self._lm_head * len(step.parts)
+                 + self._attn_prefill * step.prefill_attn + self._attn_decode * step.decode_ctx)
         weights = float(self._dense_weight_bytes)
         if self._expert_bytes:
-            weights += self._expert_bytes * self.shape.experts_touched(w.tokens)
+            weights += self._expert_bytes * self.shape.experts_touched(step.tokens)
         # KV read (the context before each part) and written (the new tokens), and for untied
         # embeddings the step's rows of the input table.
-        return (weights + (w.context + w.tokens) * self._kvb + w.tokens * self._embed_row_bytes)
+        return flops, weights + (step.context + step.tokens) * self._kvb + step.tokens * self._embed_row_bytes
 
     def roofline(self, step: StepShape, efficiency: Efficiency | None = None) -> Roofline:
         """``step`` against the roofs (with ``efficiency``, default the model's)."""
         e = efficiency or self.efficiency
-        flops, nbytes = self.step_flops(step), self.step_bytes(step)
+        flops, nbytes = self._work(step)
         compute = flops / (self.hw.flops * e.mfu)
         memory = nbytes / (self.hw.mem_bw_bytes_s * e.mbu)
         overhead = e.step_overhead_s + e.seq_overhead_s * len(step.parts)
@@ -481,9 +484,9 @@ class AnalyticCostModel(CostModel):
     def step_time(self, step: StepShape) -> float:
         # roofline() without its record: this runs once per simulated step.
         e = self.efficiency
-        compute = self.step_flops(step) * self._s_per_flop
-        memory = self.step_bytes(step) * self._s_per_byte
-        return max(1e-9, max(compute, memory) + e.step_overhead_s + e.seq_overhead_s * len(step.parts))
+        flops, nbytes = self._work(step)
+        return max(1e-9, max(flops * self._s_per_flop, nbytes * self._s_per_byte) + e.step_overhead_s
+                   + e.seq_overhead_s * len(step.parts))
 
     def kv_bytes_per_token(self) -> int:
         return self._kvb

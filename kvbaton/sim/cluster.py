@@ -225,19 +225,25 @@ class SimWorker:
             return
         self.handoff.collect_leases()
         out = self.scheduler.schedule()
-        self.peak_blocks = max(self.peak_blocks, self.pool.num_used_blocks)
+        used = self.pool.num_used_blocks
+        if used > self.peak_blocks:
+            self.peak_blocks = used
         self.flush_events()
         if not out.scheduled:
             return  # nothing fits now: a finishing request or an ending lease kicks again
-        parts = tuple((s.num_new_tokens, s.start) for s in out.scheduled)
         # Which requests sample is known only before the step commits (as in LLMEngine.step):
-        # committing moves each start on.
-        sampling = [s.request for s in out.scheduled if s.samples]
-        shape = StepShape(parts)
+        # committing moves each start on. (One pass: this runs once per simulated step.)
+        parts = []
+        sampling = []
+        for s in out.scheduled:
+            parts.append((s.num_new_tokens, s.start))
+            if s.samples:
+                sampling.append(s.request)
+        shape = StepShape(tuple(parts))
         dt = self.cost.step_time(shape)
         hc = self.sim.config.host_contention
         if hc is not None:
-            dt = hc.served(dt, shape.sums.decodes, self.sim.num_busy)
+            dt = hc.served(dt, shape.decodes, self.sim.num_busy)
         dt += self.sim.config.step_overhead_s
         self.busy = True
         self.sim.num_busy += 1
@@ -275,9 +281,10 @@ class SimWorker:
         self.flush_events()
         self.busy = False
         self.sim.num_busy -= 1
-        aborts, self._aborts = self._aborts, set()
-        for rid in aborts:
-            self._abort_now(rid)
+        if self._aborts:
+            aborts, self._aborts = self._aborts, set()
+            for rid in aborts:
+                self._abort_now(rid)
         self.kick()
 
 

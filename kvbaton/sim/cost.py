@@ -22,14 +22,13 @@ Features of a step (``StepShape.features``), each a cost the runner really pays:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 FEATURES = ("steps", "seqs", "tokens", "prefill_attn", "decode_ctx")
 PROFILE_VERSION = 1
@@ -39,19 +38,23 @@ class CostModelError(ValueError):
     """A cost model (or its profile file) is malformed or does not fit the request made of it."""
 
 
-@dataclass(frozen=True)
 class StepShape:
     """One step's work: ``(new tokens, context before them)`` per request in the batch. A
-    request computing one token on top of a context is decoding; more is (chunked) prefill."""
+    request computing one token on top of a context is decoding; more is (chunked) prefill.
 
-    parts: tuple[tuple[int, int], ...]
+    Its totals, which every cost model prices, are computed once, here: ``tokens`` computed,
+    ``decodes`` (requests computing one token), ``context`` (tokens before the step, summed),
+    and the two attention features ``prefill_attn`` and ``decode_ctx`` (see the module
+    docstring). A simulator builds and prices one shape per step, millions of them, so this is
+    a plain slotted class (a frozen dataclass with cached totals costs more than the sums);
+    treat it as immutable. Shapes compare by ``parts``."""
 
-    @functools.cached_property
-    def sums(self) -> StepSums:
-        """The step's totals, in one pass (a simulator prices every step: millions of them)."""
+    __slots__ = ("parts", "tokens", "decodes", "context", "prefill_attn", "decode_ctx")
+
+    def __init__(self, parts: tuple[tuple[int, int], ...]) -> None:
         tokens = decodes = context = 0
         prefill_attn = decode_ctx = 0.0
-        for new, ctx in self.parts:
+        for new, ctx in parts:
             tokens += new
             context += ctx
             if new == 1:
@@ -59,27 +62,26 @@ class StepShape:
                 decode_ctx += ctx + 1
             else:
                 prefill_attn += new * (ctx + new / 2)
-        return StepSums(tokens, decodes, context, prefill_attn, decode_ctx)
+        self.parts = parts
+        self.tokens, self.decodes, self.context = tokens, decodes, context
+        self.prefill_attn, self.decode_ctx = prefill_attn, decode_ctx
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepShape) and self.parts == other.parts
+
+    def __hash__(self) -> int:
+        return hash(self.parts)
+
+    def __repr__(self) -> str:
+        return f"StepShape(parts={self.parts!r})"
 
     @property
     def num_tokens(self) -> int:
-        return self.sums.tokens
+        return self.tokens
 
     def features(self) -> dict[str, float]:
-        t = self.sums
-        return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(t.tokens),
-                "prefill_attn": t.prefill_attn, "decode_ctx": t.decode_ctx}
-
-
-class StepSums(NamedTuple):
-    """A step's totals: tokens computed, decoding requests (one new token), context tokens
-    before the step, and the two attention features (see the module docstring)."""
-
-    tokens: int
-    decodes: int
-    context: int
-    prefill_attn: float
-    decode_ctx: float
+        return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(self.tokens),
+                "prefill_attn": self.prefill_attn, "decode_ctx": self.decode_ctx}
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,8 @@ class LinearCostModel(CostModel):
 
     def step_time(self, step: StepShape) -> float:
         c = self.coefficients
-        w = step.sums
-        t = (c["steps"] + c["seqs"] * len(step.parts) + c["tokens"] * w.tokens + c["prefill_attn"] * w.prefill_attn
-             + c["decode_ctx"] * w.decode_ctx)
+        t = (c["steps"] + c["seqs"] * len(step.parts) + c["tokens"] * step.tokens
+             + c["prefill_attn"] * step.prefill_attn + c["decode_ctx"] * step.decode_ctx)
         return max(self.min_step_s, t)
 
     def kv_bytes_per_token(self) -> int | None:
