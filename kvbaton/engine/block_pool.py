@@ -67,6 +67,8 @@ class BlockPool:
         # Token counters for hit-rate metrics (queried vs found in cache).
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # The most blocks in use at once (the KV memory a workload needed; the planner's).
+        self.peak_used_blocks = 0
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -127,6 +129,12 @@ class BlockPool:
             if blk.block_hash is not None:
                 self._evictable.access(bid)
             blk.ref_count += 1
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        used = self.num_used_blocks
+        if used > self.peak_used_blocks:
+            self.peak_used_blocks = used
 
     def acquire(self, hit: Sequence[int], num_new: int) -> list[int] | None:
         """Take references on the cached prefix ``hit`` (from ``find_cached_prefix``) and
@@ -176,6 +184,7 @@ class BlockPool:
                 self.event_sink(BlockRemoved(hashes, medium=self.medium))
         for bid in out:
             self.blocks[bid].ref_count = 1
+        self._note_peak()
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:

@@ -50,7 +50,7 @@ class PrefixLoader(Protocol):
     def loading_hashes(self) -> Set[BlockHash]: ...
 
 
-@dataclass
+@dataclass(slots=True)  # one per request per step: slots make them cheaper to build
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
@@ -66,7 +66,7 @@ class ScheduledRequest:
         return self.start + self.num_new_tokens == self.request.num_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)

@@ -141,6 +141,11 @@ class SimRequest:
     decode_worker: str | None = None
     prefill_worker: str | None = None
     error: str | None = None
+    # Seeds the placeholder tokens (token_for): fixed by the id, so a rerun samples the same.
+    token_seed: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.token_seed = zlib.crc32(self.request_id.encode())
 
     @property
     def done(self) -> bool:
@@ -180,7 +185,6 @@ class SimWorker:
         self.busy = False
         self.steps = 0
         self.busy_s = 0.0
-        self.peak_blocks = 0  # most blocks in use after a scheduling (the KV memory a layout needs)
         self._reqs: dict[str, tuple[SimRequest, Callable[[SimRequest, Request], None] | None]] = {}
         self._aborts: set[str] = set()  # asked for during the running step
         self.flush_events(force=True)  # the pool's stream starts empty: seq 0 for the index
@@ -225,9 +229,6 @@ class SimWorker:
             return
         self.handoff.collect_leases()
         out = self.scheduler.schedule()
-        used = self.pool.num_used_blocks
-        if used > self.peak_blocks:
-            self.peak_blocks = used
         self.flush_events()
         if not out.scheduled:
             return  # nothing fits now: a finishing request or an ending lease kicks again
@@ -259,7 +260,7 @@ class SimWorker:
             if req.request_id in self._aborts:
                 continue  # its client is gone: the token goes nowhere
             sreq, on_finish = self._reqs[req.request_id]
-            tok = self.sim.token_for(req)
+            tok = self.sim.token_for(sreq, req)
             req.token_ids.append(tok)
             if req.lease_ttl_s is None:
                 if sreq.first_token_s is None:
@@ -338,10 +339,10 @@ class SimCluster:
             self.clock.now = max(self.clock.now, t)
             fn()
 
-    def token_for(self, req: Request) -> int:
+    def token_for(self, sreq: SimRequest, req: Request) -> int:
         """A placeholder generated token: deterministic per request and position (its value
         matters only as part of the next turn's prefix)."""
-        return zlib.crc32(f"{req.request_id}:{len(req.token_ids)}".encode()) % PLACEHOLDER_VOCAB
+        return zlib.crc32(len(req.token_ids).to_bytes(4, "little"), sreq.token_seed) % PLACEHOLDER_VOCAB
 
     # ---- routing -----------------------------------------------------------------------
 
@@ -371,6 +372,13 @@ class SimCluster:
         params = SamplingParams(max_tokens=sreq.max_tokens, temperature=0, ignore_eos=True)
         tried: list[Worker] = []
         retries = [self.config.max_retries]
+
+        def new_request(params: SamplingParams) -> Request:
+            """The request a worker builds from the prompt; its block hashes are the ones the
+            router computed (the same function of the same tokens: a worker would get the same)."""
+            req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+            req.block_hashes = list(hashes)
+            return req
 
         def decode_leg(view: Worker, with_first: int | None = None, lease: tuple[SimWorker, LeaseInfo] | None = None
                        ) -> None:
@@ -414,8 +422,7 @@ class SimCluster:
 
             self.at(self.clock.now + self.config.request_timeout_s, timed_out)
             if lease is None:
-                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
-                decoder.add(sreq, req, finished)
+                decoder.add(sreq, new_request(params), finished)
                 return
             prefiller, info = lease
             plan = decoder.handoff.reserve(sreq.request_id, list(sreq.prompt_token_ids), root, sreq.cache_salt,
@@ -424,7 +431,7 @@ class SimCluster:
                 prefiller.leases.release(info.lease_id)
                 prefiller.kick()
                 lease = None
-                decoder.add(sreq, Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs), finished)
+                decoder.add(sreq, new_request(params), finished)
                 return
             nbytes = len(plan.fetch_indexes) * bs * self.kv_bytes_per_token
             self.transfers += 1
@@ -437,7 +444,7 @@ class SimCluster:
                 prefiller.leases.release(info.lease_id)
                 prefiller.kick()
                 lease = None
-                req = Request(sreq.request_id, list(sreq.prompt_token_ids), params, root, bs)
+                req = new_request(params)
                 assert with_first is not None
                 req.token_ids.append(with_first)
                 decoder.handoff.commit(sreq.request_id, req)
@@ -459,8 +466,7 @@ class SimCluster:
             decode_leg(p.decoder, r.token_ids[-1], (prefiller, self.leased.pop(r.request_id)))
 
         def run_prefill() -> None:
-            req = Request(sreq.request_id, list(sreq.prompt_token_ids), SamplingParams(max_tokens=1, temperature=0,
-                                                                                        ignore_eos=True), root, bs)
+            req = new_request(SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
             req.lease_ttl_s = LEASE_TTL_S
             prefiller.add(sreq, req, prefilled)
 

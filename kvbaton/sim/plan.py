@@ -110,7 +110,7 @@ def probe(layout: Layout, base: SimConfig, cost: CostModel, sessions: Sequence[S
     ttfts = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
     tpots = [t * 1000 for r in ok if (t := r.tpot_s) is not None]
     dur = res.duration_s or math.nan
-    peak = max((w.peak_blocks / w.pool.num_blocks for w in res.cluster.workers), default=0.0)
+    peak = max((w.pool.peak_used_blocks / w.pool.num_blocks for w in res.cluster.workers), default=0.0)
     return Probe(layout, rate, good / len(recs) if recs else 0.0, len(ok),
                  sum(r.output_tokens for r in ok) / dur if ok else 0.0,
                  {f"p{q}": _pct(ttfts, q) for q in (50, 90, 99)}, {f"p{q}": _pct(tpots, q) for q in (50, 90, 99)},
