@@ -58,3 +58,12 @@ def test_engine_root_is_deterministic_across_processes():
     assert len(outs) == 1
     plain, salted = outs.pop().split()
     assert plain != salted
+
+
+def test_the_hash_format_is_stable():
+    """Hashes outlive a process (the disk tier's files, a router and workers of other
+    versions): the chain's bytes must never change by accident. Values from the v1 format
+    (sha256 over parent || little-endian u32 tokens || extra keys, cut to 16 bytes)."""
+    root = root_hash("m", "s")
+    assert hash_block_chain(root, list(range(40)), 16)[1].hex() == "d3e14dc379c793714de8fff776dcec8e"
+    assert block_hash(root, [7, 70000, 3], b"lora").hex() == "ed0ab36af30dc3dc37454b1be003b538"
