@@ -279,3 +279,15 @@ def test_random_sessions_are_those_one_sample_per_session_would_give(tok):
         n_out = draw_length(rng, 5, 0.5)
         expected.append((w.sampler("any", rng).sample(n_in, rng), n_out))
     assert [(s.turns[0].user, s.turns[0].max_tokens) for s in w.sessions()] == expected
+
+
+def test_random_prompts_carry_the_ids_their_text_tokenizes_to(smol):
+    """The ids the batch count produced ride with each prompt (the simulator uses them instead
+    of tokenizing again): they are exactly the text's tokens, and a prompt that needed the
+    one-by-one retries carries none rather than a wrong guess."""
+    sessions = make_workload("random", tokenizer=smol, seed=2, num_sessions=40, input_len=60, output_len=4,
+                             range_ratio=0.5).sessions()
+    with_ids = [s.turns[0] for s in sessions if s.turns[0].user_ids is not None]
+    assert len(with_ids) > len(sessions) // 2
+    for t in with_ids:
+        assert list(t.user_ids) == smol(t.user, add_special_tokens=False)["input_ids"]

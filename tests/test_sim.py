@@ -54,6 +54,18 @@ def test_the_same_seed_gives_the_same_result(tok: Any) -> None:
     assert c["ttfts"] != a["ttfts"]
 
 
+def test_prompt_ids_the_workload_gives_simulate_as_the_tokenized_text(tok: Any) -> None:
+    """The random workload hands its prompts' ids along (counted once, not tokenized again):
+    the run is the one the simulator gets by tokenizing the texts itself."""
+    ss = sessions(tok, "random", n=12, input_len=40, output_len=6)
+    assert any(s.turns[0].user_ids is not None for s in ss)
+    bare = [dataclasses.replace(s, turns=tuple(dataclasses.replace(t, user_ids=None) for t in s.turns)) for s in ss]
+    cfg = SimConfig(colocated=2)
+    a, b = sim(tok, cfg, ss, request_rate=6.0), sim(tok, cfg, bare, request_rate=6.0)
+    for key in ("ttfts", "itls", "input_lens", "prefix_cache_hit_rate", "duration"):
+        assert a[key] == b[key], key
+
+
 def test_kv_aware_beats_round_robin_on_shared_prefixes_as_it_does_when_served(tok: Any) -> None:
     # More prefixes than workers: kv_aware spreads them instead of piling a group on one worker.
     ss = sessions(tok, n=32, num_prefixes=8)

@@ -184,7 +184,12 @@ class TextSampler:
         counted in one batch call of the tokenizer (its Rust side, on all cores): most windows
         land on ``n`` at once, and only the rest take the one-by-one retries. For workloads of
         tens of thousands of prompts (a simulated hour), where per-prompt calls dominate."""
-        out: list[str | None] = [None] * len(windows)
+        return [text for text, _ in self.sample_many_with_ids(windows)]
+
+    def sample_many_with_ids(self, windows: Sequence[tuple[int, int]]) -> list[tuple[str, list[int] | None]]:
+        """``sample_many`` with each text's token ids where the batch count produced them (None
+        for a window that needed the retries)."""
+        out: list[tuple[str, list[int]] | None] = [None] * len(windows)
         firsts: list[tuple[int, str]] = []
         for i, (start, n) in enumerate(windows):
             first = self._first_try(start, n)
@@ -194,8 +199,8 @@ class TextSampler:
             counts = self.tokenizer([t for _, t in firsts], add_special_tokens=False)["input_ids"]
             for (i, text), ids in zip(firsts, counts):
                 if len(ids) == windows[i][1]:
-                    out[i] = text
-        return [t if t is not None else self.sample_at(*windows[i]) for i, t in enumerate(out)]
+                    out[i] = (text, ids)
+        return [got if got is not None else (self.sample_at(*windows[i]), None) for i, got in enumerate(out)]
 
     def _first_try(self, start: int, n: int) -> str | None:
         """The text ``sample_at(start, n)`` tries first (None when it would raise)."""

@@ -29,7 +29,8 @@ import math
 import os
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ class Turn:
     user: str  # completions mode: appended to the prompt
     max_tokens: int  # the runner sends ignore_eos so servers that support it generate exactly this
     think_time_s: float = 0.0  # pause after the previous turn's answer before this turn is sent
+    # ``user``'s token ids under the workload's tokenizer, where the workload had them anyway
+    # (the random workload counts every prompt): the simulator then need not tokenize it again.
+    # None: not known. Kept compact (4 bytes a token) and out of comparisons.
+    user_ids: array[int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -229,12 +234,13 @@ class RandomWorkload(_CorpusWorkload):
             n_out = draw_length(rng, o.output_len, o.range_ratio)
             sampler = self.sampler(o.kind, rng)
             draws.append((sampler, rng.randrange(len(sampler.stream)), n_in, n_out))
-        texts: list[str] = [""] * len(draws)
+        cut: list[tuple[str, list[int] | None]] = [("", None)] * len(draws)
         for sampler in {id(d[0]): d[0] for d in draws}.values():
             mine = [i for i, d in enumerate(draws) if d[0] is sampler]
-            for i, text in zip(mine, sampler.sample_many([(draws[i][1], draws[i][2]) for i in mine])):
-                texts[i] = text
-        return [Session(f"random-{i}", (Turn(texts[i], d[3]),)) for i, d in enumerate(draws)]
+            for i, got in zip(mine, sampler.sample_many_with_ids([(draws[i][1], draws[i][2]) for i in mine])):
+                cut[i] = got
+        return [Session(f"random-{i}", (Turn(text, d[3], user_ids=None if ids is None else array("I", ids)),))
+                for i, ((text, ids), d) in enumerate(zip(cut, draws))]
 
 
 class SharedPrefixWorkload(_CorpusWorkload):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,11 +62,20 @@ class _Driver:
             ids = self._encoded[text] = list(self.tokenizer.encode(text, add_special_tokens=False))
         return ids
 
+    @staticmethod
+    def known_ids(s: Session, k: int) -> array[int] | None:
+        """The token ids of turn ``k``'s new text when the workload gave them (the first turn's
+        text is the prefix and the user text together: known only without a prefix)."""
+        t = s.turns[k]
+        return t.user_ids if k or not s.prefix else None
+
     def pretokenize(self) -> None:
-        """Encode every text the sessions will send in one batch call (the tokenizer's Rust
-        side runs it on all cores: per-prompt calls cost more than the simulation itself)."""
-        texts = list(dict.fromkeys(t for s in self.sessions for k, turn in enumerate(s.turns)
-                                   for t in ([s.prefix + turn.user] if k == 0 else [turn.user])))
+        """Encode every text the sessions will send, and whose ids the workload did not give,
+        in one batch call (the tokenizer's Rust side runs it on all cores: per-prompt calls
+        cost more than the simulation itself)."""
+        texts = list(dict.fromkeys(s.prefix + turn.user if k == 0 else turn.user
+                                   for s in self.sessions for k, turn in enumerate(s.turns)
+                                   if self.known_ids(s, k) is None))
         if not texts:
             return
         batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -94,7 +104,11 @@ class _Driver:
     def turn(self, i: int, k: int, context: list[int]) -> None:
         s = self.sessions[i]
         t = s.turns[k]
-        head = self.encode(s.prefix + t.user) if k == 0 else self.encode(t.user)
+        known = self.known_ids(s, k)
+        if known is not None:
+            head = list(known)
+        else:
+            head = self.encode(s.prefix + t.user) if k == 0 else self.encode(t.user)
         prompt = context + head
         sreq = SimRequest(f"{s.session_id}-{k}", prompt, t.max_tokens, self.cluster.clock.now, tags=s.tags)
 
