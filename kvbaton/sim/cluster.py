@@ -229,7 +229,8 @@ class SimWorker:
             return
         self.handoff.collect_leases()
         out = self.scheduler.schedule()
-        self.flush_events()
+        if self._events:  # (checked here: twice a step)
+            self.flush_events()
         if not out.scheduled:
             return  # nothing fits now: a finishing request or an ending lease kicks again
         # Which requests sample is known only before the step commits (as in LLMEngine.step):
@@ -279,7 +280,8 @@ class SimWorker:
                 if req.lease_ttl_s is not None:  # a prefill-only leg: its blocks go under a lease
                     self.sim.leased[req.request_id] = self.handoff.lease_out(req, kept, req.lease_ttl_s or LEASE_TTL_S)
                 on_finish(sreq, req)
-        self.flush_events()
+        if self._events:
+            self.flush_events()
         self.busy = False
         self.sim.num_busy -= 1
         if self._aborts:
@@ -331,12 +333,14 @@ class SimCluster:
         heapq.heappush(self._heap, (t, next(self._tick), fn))
 
     def run_until_idle(self, limit_s: float = math.inf) -> None:
-        while self._heap:
-            t, _, fn = heapq.heappop(self._heap)
+        heap, pop, clock = self._heap, heapq.heappop, self.clock  # locals: one pass per event
+        while heap:
+            t, _, fn = pop(heap)
             if t > limit_s:
-                heapq.heappush(self._heap, (t, next(self._tick), fn))
+                heapq.heappush(heap, (t, next(self._tick), fn))
                 return
-            self.clock.now = max(self.clock.now, t)
+            if t > clock.now:
+                clock.now = t
             fn()
 
     def token_for(self, sreq: SimRequest, req: Request) -> int:
