@@ -139,6 +139,20 @@ def test_only_a_prefill_only_leg_leaves_its_blocks_under_a_lease(tok: Any) -> No
         assert c.leased == {}
 
 
+def test_the_router_index_follows_every_simulated_pool(tok: Any) -> None:
+    """Each simulated worker's KV events reach the router's index, as a served worker's do:
+    at the end the index holds exactly the blocks each pool can find (and the pools' event
+    buffers are empty: nothing piles up unseen)."""
+    c = simulate(SimConfig(colocated=2, engine=SimEngine(num_kv_blocks=96)), COST,
+                 sessions(tok, n=16, prefix_len=256, question_len=64, output_len=16), tok,
+                 LoadConfig(max_concurrency=4)).cluster
+    for w in c.workers:
+        assert w.pool.cached_hashes()  # something was cached (and some of it evicted: 96 blocks)
+        assert c.feed.index.block_count(w.url) == len(w.pool.cached_hashes())
+        assert all((w.url, w.pool.medium) in c.feed.index.holders(h) for h in w.pool.cached_hashes())
+        assert not w._events
+
+
 def test_a_small_pool_preempts_and_still_balances_its_blocks(tok: Any) -> None:
     ss = sessions(tok, "random", n=12, input_len=200, output_len=64)
     res = simulate(SimConfig(colocated=1, engine=SimEngine(num_kv_blocks=40)), COST, ss, tok,

@@ -194,7 +194,10 @@ class SimWorker:
         the worker's stream (most steps publish none: nothing to hand)."""
         if not self._events and not force:
             return
-        events, self._events = self._events, []
+        # The pool's sink appends to this very list: hand over a copy and empty it (swapping in
+        # a new list would leave the sink filling the old one, unseen, forever).
+        events = list(self._events)
+        self._events.clear()
         self.sim.feed.index.apply(self.url, self._seq, events)
         self._seq += 1
 
