@@ -17,6 +17,10 @@ every case other than the first is a held-out prediction, and the first one's la
 predicted too (only its step traces were used).
 
     python benchmarks/sim_validate.py --out docs/results/sim_validation_cpu.json
+
+``--resimulate RESULT`` runs only the simulated side again, against the real runs, profile and
+calibration recorded in an earlier RESULT (after a change to the simulator: the real cluster
+has not changed, and rerunning it would add its own run-to-run spread to the comparison).
 """
 
 from __future__ import annotations
@@ -135,6 +139,40 @@ def rel_err(sim: float | None, real_v: float | None) -> float | None:
     return abs(sim - real_v) / abs(real_v)
 
 
+def _cells(s: dict[str, Any], real_of: Any) -> dict[str, dict[str, Any]]:
+    return {k: {"sim": s.get(k), "real": real_of(k), "rel_error": rel_err(s.get(k), real_of(k)), "kind": kind}
+            for k, kind in METRICS}
+
+
+def resimulate(prev_path: Path, out: Path, cases: set[str] | None) -> int:
+    """The simulated side of every case in ``prev_path`` again (see the module docstring)."""
+    prev = json.loads(prev_path.read_text())
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="kvbaton-simval-"))
+    profiles = {}
+    for t, data in prev["profiles"].items():
+        profiles[int(t)] = tmp / f"profile-t{t}.json"
+        profiles[int(t)].write_text(json.dumps(data))
+    o = prev["summary"]["overhead_ms"]
+    overhead = None if o is None else (float(o["request"]), float(o["step"]))
+    rows = []
+    for row in prev["cases"]:
+        if cases is not None and row["case"] not in cases:
+            continue
+        s = simulated(row["case"], row["serve"], row["workload"], row["load"], profiles[threads_of(row["serve"])],
+                      tmp, overhead)
+        cells = _cells(s, lambda k, row=row: row["cells"][k]["real"])
+        rows.append({**row, "cells": cells, "sim_speed": s["sim"]["speed"]})
+        print(json.dumps({row["case"]: {k: (v["sim"], v["real"]) for k, v in cells.items()}}), file=sys.stderr,
+              flush=True)
+    summary = _summary(rows, overhead, prev["profiles"][str(max(profiles))], started)
+    summary["resimulated_from"] = str(prev_path)
+    out.write_text(json.dumps({"cases": rows, "summary": summary, "engine": prev["engine"],
+                               "profiles": prev["profiles"]}, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -142,7 +180,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
     ap.add_argument("--profile-dir", default=None, help="reuse profiles here (profile-t<threads>.json)")
     ap.add_argument("--no-calibrate", action="store_true", help="no per-request / per-step overheads")
+    ap.add_argument("--resimulate", metavar="RESULT", default=None,
+                    help="simulate again against the real runs recorded in RESULT (no real runs)")
     a = ap.parse_args()
+    if a.resimulate:
+        return resimulate(Path(a.resimulate), Path(a.out), set(a.cases.split(",")) if a.cases else None)
     cases = [c for c in CASES if a.cases is None or c[0] in a.cases.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvbaton-simval-"))
     pdir = Path(a.profile_dir) if a.profile_dir else tmp
@@ -176,13 +218,23 @@ def main() -> int:
             print(f"calibrated: request overhead {req_ms:.1f} ms, step overhead {step_ms:.2f} ms, host contention "
                   f"{calibrated['host_contention']}", file=sys.stderr)
         s = simulated(name, topo, workload, load, prof, tmp, overhead)
-        cells = {k: {"sim": s.get(k), "real": r.get(k), "rel_error": rel_err(s.get(k), r.get(k)), "kind": kind}
-                 for k, kind in METRICS}
+        cells = _cells(s, r.get)
         rows.append({"case": name, "group": group, "calibration": i == 0 and not a.no_calibrate,
                      "serve": topo, "workload": workload, "load": load, "cells": cells,
                      "sim_speed": s["sim"]["speed"], "real_duration_s": r["duration"]})
         brief = {k: (v["sim"], v["real"]) for k, v in cells.items()}
         print(json.dumps({name: brief}), file=sys.stderr, flush=True)
+    summary = _summary(rows, overhead, calibrated, started)
+    Path(a.out).write_text(json.dumps({"cases": rows, "summary": summary, "engine": ENGINE,
+                                       "profiles": {str(t): json.loads(p.read_text()) for t, p in profiles.items()}},
+                                      indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _summary(rows: list[dict[str, Any]], overhead: tuple[float, float] | None, calibrated: dict[str, Any],
+             started: float) -> dict[str, Any]:
+    """The targets' tallies and each group's ranking over ``rows``."""
     held = [row for row in rows if not row["calibration"]]
     errs = [c["rel_error"] for row in held for c in row["cells"].values() if c["rel_error"] is not None]
     central = [c["rel_error"] for row in held for c in row["cells"].values()
@@ -209,11 +261,7 @@ def main() -> int:
         "host_contention": calibrated.get("host_contention"), "contention_fit": calibrated.get("contention_fit"),
         "wall_s": time.time() - started,
     }
-    Path(a.out).write_text(json.dumps({"cases": rows, "summary": summary, "engine": ENGINE,
-                                       "profiles": {str(t): json.loads(p.read_text()) for t, p in profiles.items()}},
-                                      indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
