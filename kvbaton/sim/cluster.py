@@ -246,25 +246,28 @@ class SimWorker:
                 sampling.append(s.request)
         shape = StepShape(tuple(parts))
         dt = self.cost.step_time(shape)
-        hc = self.sim.config.host_contention
+        sim = self.sim
+        hc = sim.config.host_contention
         if hc is not None:
-            dt = hc.served(dt, shape.decodes, self.sim.num_busy)
-        dt += self.sim.config.step_overhead_s
+            dt = hc.served(dt, shape.decodes, sim.num_busy)
+        dt += sim.config.step_overhead_s
         self.busy = True
-        self.sim.num_busy += 1
+        sim.num_busy += 1
         self.steps += 1
         self.busy_s += dt
-        self.sim.at(self.sim.clock.now + dt, lambda: self._step_done(out, sampling))
+        sim.at(sim.clock.now + dt, lambda: self._step_done(out, sampling))
 
     def _step_done(self, out: SchedulerOutput, sampling: list[Request]) -> None:
         now = self.sim.clock.now
+        commit = self.scheduler.commit_computed
         for s in out.scheduled:
-            self.scheduler.commit_computed(s)
+            commit(s)
+        aborts, reqs, token_for = self._aborts, self._reqs, self.sim.token_for
         for req in sampling:
-            if req.request_id in self._aborts:
+            if aborts and req.request_id in aborts:
                 continue  # its client is gone: the token goes nowhere
-            sreq, on_finish = self._reqs[req.request_id]
-            tok = self.sim.token_for(sreq, req)
+            sreq, on_finish = reqs[req.request_id]
+            tok = token_for(sreq, req)
             req.token_ids.append(tok)
             if req.lease_ttl_s is None:
                 if sreq.first_token_s is None:
@@ -349,7 +352,8 @@ class SimCluster:
     def token_for(self, sreq: SimRequest, req: Request) -> int:
         """A placeholder generated token: deterministic per request and position (its value
         matters only as part of the next turn's prefix)."""
-        return zlib.crc32(len(req.token_ids).to_bytes(4, "little"), sreq.token_seed) % PLACEHOLDER_VOCAB
+        # A multiplicative hash of (seed, position): no bytes to build (this runs per token).
+        return ((sreq.token_seed ^ len(req.token_ids)) * 2654435761 & 0xFFFFFFFF) % PLACEHOLDER_VOCAB
 
     # ---- routing -----------------------------------------------------------------------
 
