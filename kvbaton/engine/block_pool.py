@@ -24,7 +24,7 @@ from kvbaton.kv.hashing import BlockHash
 from kvbaton.kv.store.policies import DEFAULT_POLICY, EvictionPolicy, make_policy
 
 
-@dataclass
+@dataclass(slots=True)  # a pool holds tens of thousands: slots keep them small and close
 class Block:
     block_id: int
     ref_count: int = 0
