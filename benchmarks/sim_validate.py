@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def rel_err(sim: float | None, real_v: float | None) -> float | None:
     return abs(sim - real_v) / abs(real_v)
 
 
-def _cells(s: dict[str, Any], real_of: Any) -> dict[str, dict[str, Any]]:
+def _cells(s: dict[str, Any], real_of: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """Each metric's simulated and real value and their relative error."""
     return {k: {"sim": s.get(k), "real": real_of(k), "rel_error": rel_err(s.get(k), real_of(k)), "kind": kind}
             for k, kind in METRICS}
 

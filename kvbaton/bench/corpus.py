@@ -179,16 +179,13 @@ class TextSampler:
         """``n`` tokens of corpus text from a window drawn with ``rng``."""
         return self.sample_at(rng.randrange(len(self.stream)), n, line_end=line_end)
 
-    def sample_many(self, windows: Sequence[tuple[int, int]]) -> list[str]:
+    def sample_many(self, windows: Sequence[tuple[int, int]]) -> list[tuple[str, list[int] | None]]:
         """``[sample_at(start, n) for start, n in windows]``, with the first try of every window
         counted in one batch call of the tokenizer (its Rust side, on all cores): most windows
         land on ``n`` at once, and only the rest take the one-by-one retries. For workloads of
-        tens of thousands of prompts (a simulated hour), where per-prompt calls dominate."""
-        return [text for text, _ in self.sample_many_with_ids(windows)]
-
-    def sample_many_with_ids(self, windows: Sequence[tuple[int, int]]) -> list[tuple[str, list[int] | None]]:
-        """``sample_many`` with each text's token ids where the batch count produced them (None
-        for a window that needed the retries)."""
+        tens of thousands of prompts (a simulated hour), where per-prompt calls dominate. Each
+        text comes with its token ids where the batch count produced them (None for a window
+        that needed the retries)."""
         out: list[tuple[str, list[int]] | None] = [None] * len(windows)
         firsts: list[tuple[int, str]] = []
         for i, (start, n) in enumerate(windows):

@@ -237,7 +237,7 @@ class RandomWorkload(_CorpusWorkload):
         cut: list[tuple[str, list[int] | None]] = [("", None)] * len(draws)
         for sampler in {id(d[0]): d[0] for d in draws}.values():
             mine = [i for i, d in enumerate(draws) if d[0] is sampler]
-            for i, got in zip(mine, sampler.sample_many_with_ids([(draws[i][1], draws[i][2]) for i in mine])):
+            for i, got in zip(mine, sampler.sample_many([(draws[i][1], draws[i][2]) for i in mine])):
                 cut[i] = got
         return [Session(f"random-{i}", (Turn(text, d[3], user_ids=None if ids is None else array("I", ids)),))
                 for i, ((text, ids), d) in enumerate(zip(cut, draws))]

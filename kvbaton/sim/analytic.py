@@ -472,21 +472,26 @@ class AnalyticCostModel(CostModel):
 
     def roofline(self, step: StepShape, efficiency: Efficiency | None = None) -> Roofline:
         """``step`` against the roofs (with ``efficiency``, default the model's)."""
-        e = efficiency or self.efficiency
         flops, nbytes = self._work(step)
-        compute = flops / (self.hw.flops * e.mfu)
-        memory = nbytes / (self.hw.mem_bw_bytes_s * e.mbu)
-        overhead = e.step_overhead_s + e.seq_overhead_s * len(step.parts)
+        compute, memory, overhead = self._seconds(flops, nbytes, len(step.parts), efficiency or self.efficiency)
         return Roofline(flops, nbytes, compute, memory, overhead, max(compute, memory) + overhead)
+
+    def _seconds(self, flops: float, nbytes: float, seqs: int, e: Efficiency) -> tuple[float, float, float]:
+        """``(compute, memory, overhead)`` seconds of a step's work under ``e`` (the model's own
+        efficiency uses its reciprocals computed once: step_time runs once per simulated step)."""
+        if e is self.efficiency:
+            s_per_flop, s_per_byte = self._s_per_flop, self._s_per_byte
+        else:
+            s_per_flop, s_per_byte = 1.0 / (self.hw.flops * e.mfu), 1.0 / (self.hw.mem_bw_bytes_s * e.mbu)
+        return flops * s_per_flop, nbytes * s_per_byte, e.step_overhead_s + e.seq_overhead_s * seqs
 
     # CostModel
 
     def step_time(self, step: StepShape) -> float:
-        # roofline() without its record: this runs once per simulated step.
-        e = self.efficiency
+        # roofline() without its record.
         flops, nbytes = self._work(step)
-        return max(1e-9, max(flops * self._s_per_flop, nbytes * self._s_per_byte) + e.step_overhead_s
-                   + e.seq_overhead_s * len(step.parts))
+        compute, memory, overhead = self._seconds(flops, nbytes, len(step.parts), self.efficiency)
+        return max(1e-9, max(compute, memory) + overhead)
 
     def kv_bytes_per_token(self) -> int:
         return self._kvb

@@ -75,10 +75,6 @@ class StepShape:
     def __repr__(self) -> str:
         return f"StepShape(parts={self.parts!r})"
 
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens
-
     def features(self) -> dict[str, float]:
         return {"steps": 1.0, "seqs": float(len(self.parts)), "tokens": float(self.tokens),
                 "prefill_attn": self.prefill_attn, "decode_ctx": self.decode_ctx}
