@@ -13,7 +13,6 @@ with the bench's tokenizer.
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import time
 from array import array
@@ -28,8 +27,6 @@ from kvbaton.bench.runner import usage_cached_rate
 from kvbaton.bench.workloads import Session
 from kvbaton.sim.cluster import SimCluster, SimConfig, SimRequest
 from kvbaton.sim.cost import CostModel
-
-SIM_GC_THRESHOLD = 100_000  # the cyclic collector's young-generation threshold while simulating
 
 
 @dataclass
@@ -146,17 +143,9 @@ def simulate(config: SimConfig, cost: CostModel, sessions: Sequence[Session], to
     cluster = SimCluster(config, cost)
     driver = _Driver(cluster, sessions, tokenizer, load)
     wall = time.perf_counter()
-    # Every step allocates a few short-lived containers; at the default threshold the cyclic
-    # collector ran 1566 young collections over an 8000-prompt run (2.4 s of its 38). Rarer
-    # young collections find most of those already freed (11 collections, 0.8 s). Restored after.
-    thresholds = gc.get_threshold()
-    gc.set_threshold(max(thresholds[0], SIM_GC_THRESHOLD), *thresholds[1:])
-    try:
-        driver.start()
-        cluster.run_until_idle()
-        cluster.finish()
-    finally:
-        gc.set_threshold(*thresholds)
+    driver.start()
+    cluster.run_until_idle()
+    cluster.finish()
     wall = time.perf_counter() - wall
     records = sorted(driver.records, key=lambda r: (r.start_s, r.session_id, r.turn))
     end = max((r.start_s + (r.e2el_s or 0.0) for r in records), default=0.0)
