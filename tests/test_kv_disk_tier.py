@@ -164,7 +164,12 @@ def test_a_restart_finds_the_blocks_in_mtime_lru_order(tmp_path: Path, make_tier
     assert torch.equal(got, rows[[hashes.index(h) for h in kept[1:]]])
     small.dir.check()
 
-    # A load refreshes the file's mtime, so the next restart sees it as the newest.
+    # A load refreshes the file's mtime, so the next restart sees it as the newest. The files
+    # written or loaded just above carry the same "now" to the kernel's clock tick (a few ms on
+    # some filesystems), so they are first aged to distinct past times: only the load can then
+    # make kept[1] the newest.
+    for k, h in enumerate(kept[1:] + new_hashes):
+        os.utime(small.file_of(h), ns=(base_ns + k * 10**9, base_ns + k * 10**9))
     got, bad = load(small, [kept[1]])
     assert bad == []
     small.close()
