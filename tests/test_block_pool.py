@@ -124,3 +124,29 @@ def test_integrity_check_detects_leak():
     pool.allocate(1)
     with pytest.raises(AssertionError, match="owners hold 0"):
         pool.check_integrity({})
+
+
+def test_a_chain_cached_at_once_is_one_event_per_run_of_new_blocks():
+    # A step's commit registers several blocks of one chain: one BlockStored per run of blocks
+    # that became findable, and a block whose hash another block already owns splits the run
+    # (it stays a private duplicate; the next run's parent is its hash).
+    events: list = []
+    pool = BlockPool(8, 2, event_sink=events.append)
+    toks = [1, 2, 3, 4, 5, 6, 7, 8]
+    hashes = hash_block_chain(ROOT, toks, 2)
+    owner = pool.allocate(1)
+    pool.cache_block(owner[0], hashes[1], toks[2:4], hashes[0])
+    events.clear()
+    ids = pool.allocate(4)
+    pool.cache_blocks(ids, hashes, toks, None)
+    assert [(type(e), e.block_hashes, e.parent_block_hash, e.token_ids) for e in events] == [
+        (BlockStored, [hashes[0]], None, [1, 2]),
+        (BlockStored, [hashes[2], hashes[3]], hashes[1], [5, 6, 7, 8]),
+    ]
+    assert [pool.lookup(h) for h in hashes] == [ids[0], owner[0], ids[2], ids[3]]
+    assert pool.blocks[ids[2]].parent_hash == hashes[1] and pool.blocks[ids[3]].parent_hash == hashes[2]
+    # The index a stream of such events builds is the pool's own view.
+    index = KVIndex()
+    index.apply("w", 0, events)
+    assert index.longest_prefix(hashes[2:]) == {"w": 2}
+    pool.check_integrity({b: 1 for b in owner + ids})

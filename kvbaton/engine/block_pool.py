@@ -4,7 +4,7 @@ A block is free (ref 0, no hash), in use (ref > 0), or evictable (ref 0 but stil
 hash). Allocation takes free blocks first, then evicts evictable ones in the order of the
 pool's eviction policy (``lru`` by default; see :mod:`kvbaton.kv.store.policies`), so cached
 prefixes survive as long as memory allows. Blocks are registered by hash only after their KV
-is written (``cache_block``).
+is written (``cache_blocks``).
 
 Two hooks let the tiered KV store follow the pool without the pool knowing it exists:
 ``on_cached`` sees every block as it becomes findable (write-through offload) and
@@ -208,20 +208,56 @@ class BlockPool:
         token_ids: Sequence[int],
         parent: BlockHash | None,
     ) -> None:
-        """Register a block whose KV has been fully written. A hash already owned by another
-        block keeps its owner (this block then stays a private duplicate)."""
-        if not self.enable_caching or block_hash in self._cached:
+        """Register one block whose KV has been fully written (``cache_blocks`` of one)."""
+        self.cache_blocks((block_id,), (block_hash,), token_ids, parent)
+
+    def cache_blocks(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[BlockHash],
+        token_ids: Sequence[int],
+        parent: BlockHash | None,
+    ) -> None:
+        """Register consecutive blocks of one hash chain whose KV has been fully written:
+        ``block_ids[i]`` holds ``block_hashes[i]`` and the tokens
+        ``token_ids[i * block_size : (i + 1) * block_size]``; the first block's parent is
+        ``parent``. A hash already owned by another block keeps its owner (this block then stays
+        a private duplicate). One ``BlockStored`` per run of newly findable blocks, as vLLM
+        emits one per request and step: a step's commit costs one event, not one per block."""
+        if not self.enable_caching:
             return
-        blk = self.blocks[block_id]
-        blk.block_hash, blk.token_ids, blk.parent_hash = block_hash, tuple(token_ids), parent
-        self._cached[block_hash] = block_id
-        if blk.ref_count == 0:  # registered while free (nothing does this today): evictable now
-            del self._free[block_id]
-            self._evictable.insert(block_id)
+        bs, cached, blocks = self.block_size, self._cached, self.blocks
+        run: list[Block] = []
+        run_hashes: list[BlockHash] = []
+        first = 0  # the run's first position in block_hashes
+        run_parent = prev = parent
+        for i, (bid, h) in enumerate(zip(block_ids, block_hashes)):
+            if h in cached:
+                if run:
+                    self._stored(run, run_hashes, run_parent, token_ids[first * bs : i * bs])
+                    run, run_hashes = [], []
+                first, run_parent = i + 1, h
+            else:
+                blk = blocks[bid]
+                blk.block_hash, blk.token_ids, blk.parent_hash = h, tuple(token_ids[i * bs : (i + 1) * bs]), prev
+                cached[h] = bid
+                if blk.ref_count == 0:  # registered while free (nothing does this today): evictable now
+                    del self._free[bid]
+                    self._evictable.insert(bid)
+                run.append(blk)
+                run_hashes.append(h)
+            prev = h
+        if run:
+            self._stored(run, run_hashes, run_parent, token_ids[first * bs : (first + len(run)) * bs])
+
+    def _stored(self, run: list[Block], hashes: list[BlockHash], parent: BlockHash | None,
+                token_ids: Sequence[int]) -> None:
+        """Publish a run of newly cached blocks: one event, then ``on_cached`` per block."""
         if self.event_sink:
-            self.event_sink(BlockStored([block_hash], parent, list(token_ids), self.block_size, medium=self.medium))
+            self.event_sink(BlockStored(hashes, parent, list(token_ids), self.block_size, medium=self.medium))
         if self.on_cached is not None:
-            self.on_cached(blk)
+            for blk in run:
+                self.on_cached(blk)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""

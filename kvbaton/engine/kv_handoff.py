@@ -143,9 +143,9 @@ class KVHandoff:
         n = len(plan.prompt_token_ids)
         req.block_hashes = list(plan.block_hashes)  # already computed (and checked) by reserve
         hashes = req.full_block_hashes()
-        for b in range(plan.num_local_blocks, n // bs):
-            parent = hashes[b - 1] if b else None
-            self.pool.cache_block(plan.block_ids[b], hashes[b], plan.prompt_token_ids[b * bs : (b + 1) * bs], parent)
+        local, full = plan.num_local_blocks, n // bs
+        self.pool.cache_blocks(plan.block_ids[local:full], hashes[local:full],
+                               plan.prompt_token_ids[local * bs : full * bs], hashes[local - 1] if local else None)
         self.num_imported_blocks += len(plan.block_ids) - plan.num_local_blocks
         self.scheduler.add_with_kv(req, plan.block_ids, n, plan.num_local_blocks * bs)
 

@@ -374,14 +374,12 @@ class Scheduler:
         req = sched.request
         req.num_computed_tokens += sched.num_new_tokens
         full = req.num_computed_tokens // self.block_size
-        if full > req.num_committed_blocks:
+        done = req.num_committed_blocks
+        if full > done:
             hashes = req.full_block_hashes()
             bs = self.block_size
-            for b in range(req.num_committed_blocks, full):
-                parent = hashes[b - 1] if b else None
-                self.pool.cache_block(
-                    req.block_ids[b], hashes[b], req.token_ids[b * bs : (b + 1) * bs], parent
-                )
+            self.pool.cache_blocks(req.block_ids[done:full], hashes[done:full],
+                                   req.token_ids[done * bs : full * bs], hashes[done - 1] if done else None)
             req.num_committed_blocks = full
 
     def block_refs(self) -> dict[int, int]:
