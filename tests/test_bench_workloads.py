@@ -291,3 +291,22 @@ def test_random_prompts_carry_the_ids_their_text_tokenizes_to(smol):
     assert len(with_ids) > len(sessions) // 2
     for t in with_ids:
         assert list(t.user_ids) == smol(t.user, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["random", "mixed"])
+def test_ids_only_sessions_are_the_same_requests_as_token_ids(smol, name):
+    # The simulator's sessions: the same draws, each prompt the corpus stream's own ids of its
+    # window, no text. The text of a window, tokenized alone, is those ids unless its first cut
+    # missed the length and the sampler moved the window (a few in a hundred).
+    w = make_workload(name, tokenizer=smol, seed=0, num_sessions=200, **SMALL[name])
+    text, only = w.sessions(), w.sessions(ids_only=True)
+    assert [(s.session_id, s.tags, [t.max_tokens for t in s.turns]) for s in only] == \
+        [(s.session_id, s.tags, [t.max_tokens for t in s.turns]) for s in text]
+    same = 0
+    for a, b in zip(text, only):
+        (ta,), (tb,) = a.turns, b.turns
+        assert tb.user == "" and tb.user_ids is not None
+        want = ids(smol, ta.user)
+        assert len(tb.user_ids) == len(want)
+        same += list(tb.user_ids) == want
+    assert same >= 190

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,23 @@ class TextSampler:
     def sample(self, n: int, rng: random.Random, *, line_end: bool = False) -> str:
         """``n`` tokens of corpus text from a window drawn with ``rng``."""
         return self.sample_at(rng.randrange(len(self.stream)), n, line_end=line_end)
+
+    def sample_ids(self, n: int, rng: random.Random) -> array[int]:
+        """``ids_at`` of the window ``sample(n, rng)`` would cut (the same draw from ``rng``)."""
+        return self.ids_at(rng.randrange(len(self.stream)), n)
+
+    def ids_at(self, start: int, n: int) -> array[int]:
+        """Exactly ``n`` token ids: the corpus stream's own, over the window ``sample_at(start,
+        n)`` tries first. For a caller that needs ids and no text (the simulator): tokenizing
+        the text costs far more than the simulation, and the window's text, tokenized alone,
+        differs from these at most in a token at its seams."""
+        if n < 1:
+            raise ValueError(f"token count must be at least 1, got {n}")
+        room = self._room(n)
+        if room <= 1:
+            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {len(self.stream)}")
+        start = self._nonblank(start % room, room)
+        return array("I", self.stream.ids[start : start + n])
 
     def sample_many(self, windows: Sequence[tuple[int, int]]) -> list[tuple[str, list[int] | None]]:
         """``[sample_at(start, n) for start, n in windows]``, with the first try of every window

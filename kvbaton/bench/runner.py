@@ -69,11 +69,11 @@ def make_bench_workload(cfg: BenchConfig, seed: int | None = None, tokenizer: An
         raise WorkloadOptionError(str(e)) from None
 
 
-def workload_sessions(workload: Any) -> list:
-    """The workload's sessions; WorkloadOptionError for what only building them finds (e.g. an
-    unreadable or malformed trace file)."""
+def workload_sessions(workload: Any, ids_only: bool = False) -> list:
+    """The workload's sessions (``ids_only``: see ``Workload.sessions``); WorkloadOptionError for
+    what only building them finds (e.g. an unreadable or malformed trace file)."""
     try:
-        return list(workload.sessions())
+        return list(workload.sessions(ids_only=ids_only))
     except (ValueError, OSError) as e:
         raise WorkloadOptionError(str(e)) from None
 

@@ -74,8 +74,12 @@ class Workload(ABC):
     name: str
 
     @abstractmethod
-    def sessions(self) -> list[Session]:
-        """The sessions, in the order they should be offered; identical for the same seed."""
+    def sessions(self, *, ids_only: bool = False) -> list[Session]:
+        """The sessions, in the order they should be offered; identical for the same seed.
+
+        ``ids_only``: the caller needs token ids, not text (the simulator). A workload may then
+        skip making text where that is what costs: a turn comes with ``user_ids`` and an empty
+        ``user``. The draws are the same, so the sessions are the same requests."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ class _CorpusWorkload(Workload):
         self.num_sessions = num_sessions
         self.options = options
         self._samplers: dict[str, TextSampler] = {}
-        self._sessions: list[Session] | None = None
+        self._sessions: dict[bool, list[Session]] = {}  # by ids_only
 
     def sampler(self, kind: str, rng: random.Random) -> TextSampler:
         """The sampler of ``kind``; "any" draws prose or code with ``rng``."""
@@ -209,22 +213,23 @@ class _CorpusWorkload(Workload):
             self._samplers[kind] = TextSampler(self.tokenizer, kind)
         return self._samplers[kind]
 
-    def sessions(self) -> list[Session]:
-        if self._sessions is None:
+    def sessions(self, *, ids_only: bool = False) -> list[Session]:
+        if ids_only not in self._sessions:
             # The name is mixed into the seed so two workloads never draw the same stream.
             digest = hashlib.sha256(f"{self.name}:{self.seed}".encode()).digest()
-            self._sessions = self._build(random.Random(int.from_bytes(digest[:8], "big")))
-        return list(self._sessions)
+            self._sessions[ids_only] = self._build(random.Random(int.from_bytes(digest[:8], "big")), ids_only)
+        return list(self._sessions[ids_only])
 
     @abstractmethod
-    def _build(self, rng: random.Random) -> list[Session]:
-        """Generate the sessions from ``rng`` (called once)."""
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
+        """Generate the sessions from ``rng`` (called once per ``ids_only``; see ``sessions``:
+        a workload whose text is cheap ignores it)."""
 
 
 class RandomWorkload(_CorpusWorkload):
     name = "random"
 
-    def _build(self, rng: random.Random) -> list[Session]:
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
         o: RandomOptions = self.options
         # The rng draws in the order one sample() per session would make them; the texts are
         # then cut per sampler in one batch (TextSampler.sample_many: the same texts, faster).
@@ -234,6 +239,9 @@ class RandomWorkload(_CorpusWorkload):
             n_out = draw_length(rng, o.output_len, o.range_ratio)
             sampler = self.sampler(o.kind, rng)
             draws.append((sampler, rng.randrange(len(sampler.stream)), n_in, n_out))
+        if ids_only:  # counting every text's tokens is what costs (minutes for a simulated hour)
+            return [Session(f"random-{i}", (Turn("", n_out, user_ids=sampler.ids_at(start, n_in)),))
+                    for i, (sampler, start, n_in, n_out) in enumerate(draws)]
         cut: list[tuple[str, list[int] | None]] = [("", None)] * len(draws)
         for sampler in {id(d[0]): d[0] for d in draws}.values():
             mine = [i for i, d in enumerate(draws) if d[0] is sampler]
@@ -246,7 +254,7 @@ class RandomWorkload(_CorpusWorkload):
 class SharedPrefixWorkload(_CorpusWorkload):
     name = "shared-prefix"
 
-    def _build(self, rng: random.Random) -> list[Session]:
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
         o: SharedPrefixOptions = self.options
         prefixes = self._prefixes(rng, o)
         # Even spread over the prefixes, offered in a shuffled order so groups interleave.
@@ -287,7 +295,7 @@ class MultiTurnWorkload(_CorpusWorkload):
             return rng.uniform(0.0, 2 * o.think_time)
         return rng.expovariate(1 / o.think_time) if o.think_time > 0 else 0.0
 
-    def _build(self, rng: random.Random) -> list[Session]:
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
         o: MultiTurnOptions = self.options
         system = (self.sampler(o.kind, rng).sample(o.system_len, rng, line_end=True)
                   if o.system_len else "")
@@ -311,7 +319,7 @@ class MultiTurnWorkload(_CorpusWorkload):
 class MixedWorkload(_CorpusWorkload):
     name = "mixed"
 
-    def _build(self, rng: random.Random) -> list[Session]:
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
         o: MixedOptions = self.options
         n_long = round(self.num_sessions * o.long_fraction)
         is_long = [i < n_long for i in range(self.num_sessions)]
@@ -322,9 +330,10 @@ class MixedWorkload(_CorpusWorkload):
                            else (o.short_input_len, o.short_output_len))
             n_in = draw_length(rng, n_in, o.range_ratio)
             n_out = draw_length(rng, n_out, o.range_ratio)
-            text = self.sampler(o.kind, rng).sample(n_in, rng)
-            out.append(Session(f"mixed-{i}", (Turn(text, n_out),),
-                               tags=("long" if long else "short",)))
+            sampler = self.sampler(o.kind, rng)
+            turn = (Turn("", n_out, user_ids=sampler.sample_ids(n_in, rng)) if ids_only
+                    else Turn(sampler.sample(n_in, rng), n_out))
+            out.append(Session(f"mixed-{i}", (turn,), tags=("long" if long else "short",)))
         return out
 
 
@@ -345,7 +354,7 @@ class TraceWorkload(_CorpusWorkload):
         super().__init__(*args)
         self._full_blocks: dict[int, str] = {}
 
-    def _build(self, rng: random.Random) -> list[Session]:
+    def _build(self, rng: random.Random, ids_only: bool) -> list[Session]:
         o: TraceOptions = self.options
         records = read_mooncake_trace(Path(o.trace_file), block_size=o.block_size)
         records = records[: self.num_sessions]

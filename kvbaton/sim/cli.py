@@ -242,7 +242,8 @@ def _workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     cfg = bench_config(args, parser)
     try:
         tokenizer = load_bench_tokenizer(cfg)
-        sessions = workload_sessions(make_bench_workload(cfg, tokenizer=tokenizer))
+        # Token ids are all a simulation sends: no workload text need be made and counted.
+        sessions = workload_sessions(make_bench_workload(cfg, tokenizer=tokenizer), ids_only=True)
     except ValueError as e:
         parser.error(str(e))
     return cfg, tokenizer, sessions
