@@ -113,16 +113,21 @@ class KVHandoff:
         root: BlockHash,
         cache_salt: str | None,
         handle_hashes: tuple[BlockHash, ...],
+        *,
+        handle_is_own: bool = False,
     ) -> ImportPlan | None:
         """Reserve blocks for an import; None when the pool cannot hold the prompt now.
         :class:`HandleMismatch` when the handle does not describe this prompt for this model
-        and tenant."""
+        and tenant. ``handle_is_own``: the caller computed ``handle_hashes`` from this prompt
+        and ``root`` with this module's own function (the simulator, whose router and workers
+        are one process), so hashing the prompt again would only repeat it; a handle from the
+        network is always checked."""
         if request_id in self.plans or request_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         bs = self.pool.block_size
         n = len(prompt_token_ids)
-        own = hash_block_chain(root, prompt_token_ids, bs)
-        if tuple(own) != tuple(handle_hashes):
+        own = list(handle_hashes) if handle_is_own else hash_block_chain(root, prompt_token_ids, bs)
+        if not handle_is_own and tuple(own) != tuple(handle_hashes):
             raise HandleMismatch(
                 "kv_transfer_params.block_hashes do not match this prompt on this worker "
                 "(different model, tokens or cache_salt)"

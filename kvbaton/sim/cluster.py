@@ -436,8 +436,8 @@ class SimCluster:
                 decoder.add(sreq, new_request(params), finished)
                 return
             prefiller, info = lease
-            plan = decoder.handoff.reserve(sreq.request_id, list(sreq.prompt_token_ids), root, sreq.cache_salt,
-                                           hashes)
+            plan = decoder.handoff.reserve(sreq.request_id, sreq.prompt_token_ids, root, sreq.cache_salt,
+                                           hashes, handle_is_own=True)
             if plan is None:  # the decode worker cannot hold it now: it computes the prompt itself
                 prefiller.leases.release(info.lease_id)
                 prefiller.kick()
