@@ -189,11 +189,7 @@ class TextSampler:
         n)`` tries first. For a caller that needs ids and no text (the simulator): tokenizing
         the text costs far more than the simulation, and the window's text, tokenized alone,
         differs from these at most in a token at its seams."""
-        if n < 1:
-            raise ValueError(f"token count must be at least 1, got {n}")
-        room = self._room(n)
-        if room <= 1:
-            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {len(self.stream)}")
+        room = self._checked_room(n, 1)
         start = self._nonblank(start % room, room)
         return array("I", self.stream.ids[start : start + n])
 
@@ -224,6 +220,15 @@ class TextSampler:
             return None
         return self._cut(self._nonblank(start % room, room), n, False)
 
+    def _checked_room(self, n: int, least: int) -> int:
+        """``_room(n)``; ValueError when ``n`` is below ``least`` or the corpus is too short."""
+        if n < least:
+            raise ValueError(f"token count must be at least {least}, got {n}")
+        room = self._room(n)
+        if room <= 1:
+            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {len(self.stream)}")
+        return room
+
     def _room(self, n: int) -> int:
         """How many starts a window of ``n`` tokens has, with slack for the retries, which may
         need a few more tokens than asked for."""
@@ -237,11 +242,7 @@ class TextSampler:
 
     def sample_at(self, start: int, n: int, *, line_end: bool = False) -> str:
         """``n`` tokens of corpus text starting near token ``start`` (wrapped into range)."""
-        if n < 1 + line_end:  # the newline of line_end is a token of its own
-            raise ValueError(f"token count must be at least {1 + line_end}, got {n}")
-        room = self._room(n)
-        if room <= 1:
-            raise ValueError(f"cannot sample {n} tokens: the {self.kind} corpus has {len(self.stream)}")
+        room = self._checked_room(n, 1 + line_end)  # the newline of line_end is a token of its own
         start %= room
         best, best_err = "", None
         # A window whose seams merge differently (a split character, a run of trailing blanks

@@ -226,38 +226,37 @@ class BlockPool:
         emits one per request and step: a step's commit costs one event, not one per block."""
         if not self.enable_caching:
             return
-        bs, cached, blocks = self.block_size, self._cached, self.blocks
-        run: list[Block] = []
-        run_hashes: list[BlockHash] = []
-        first = 0  # the run's first position in block_hashes
+        cached, blocks = self._cached, self.blocks
+        first = 0  # where the current run of newly cached blocks starts
         run_parent = prev = parent
         for i, (bid, h) in enumerate(zip(block_ids, block_hashes)):
             if h in cached:
-                if run:
-                    self._stored(run, run_hashes, run_parent, token_ids[first * bs : i * bs])
-                    run, run_hashes = [], []
+                self._stored(block_ids, block_hashes, token_ids, first, i, run_parent)
                 first, run_parent = i + 1, h
             else:
                 blk = blocks[bid]
-                blk.block_hash, blk.token_ids, blk.parent_hash = h, tuple(token_ids[i * bs : (i + 1) * bs]), prev
+                blk.block_hash, blk.parent_hash = h, prev
+                blk.token_ids = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
                 cached[h] = bid
                 if blk.ref_count == 0:  # registered while free (nothing does this today): evictable now
                     del self._free[bid]
                     self._evictable.insert(bid)
-                run.append(blk)
-                run_hashes.append(h)
             prev = h
-        if run:
-            self._stored(run, run_hashes, run_parent, token_ids[first * bs : (first + len(run)) * bs])
+        self._stored(block_ids, block_hashes, token_ids, first, len(block_hashes), run_parent)
 
-    def _stored(self, run: list[Block], hashes: list[BlockHash], parent: BlockHash | None,
-                token_ids: Sequence[int]) -> None:
-        """Publish a run of newly cached blocks: one event, then ``on_cached`` per block."""
+    def _stored(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash], token_ids: Sequence[int],
+                start: int, end: int, parent: BlockHash | None) -> None:
+        """Publish the run ``[start, end)`` of ``cache_blocks``'s blocks, newly cached (nothing
+        when it is empty): one event, then ``on_cached`` per block."""
+        if start >= end:
+            return
+        bs = self.block_size
         if self.event_sink:
-            self.event_sink(BlockStored(hashes, parent, list(token_ids), self.block_size, medium=self.medium))
+            self.event_sink(BlockStored(list(block_hashes[start:end]), parent, list(token_ids[start * bs : end * bs]),
+                                        bs, medium=self.medium))
         if self.on_cached is not None:
-            for blk in run:
-                self.on_cached(blk)
+            for bid in block_ids[start:end]:
+                self.on_cached(self.blocks[bid])
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""

@@ -126,12 +126,15 @@ class KVHandoff:
             raise ValueError(f"duplicate request id {request_id!r}")
         bs = self.pool.block_size
         n = len(prompt_token_ids)
-        own = list(handle_hashes) if handle_is_own else hash_block_chain(root, prompt_token_ids, bs)
-        if not handle_is_own and tuple(own) != tuple(handle_hashes):
-            raise HandleMismatch(
-                "kv_transfer_params.block_hashes do not match this prompt on this worker "
-                "(different model, tokens or cache_salt)"
-            )
+        if handle_is_own:
+            own = list(handle_hashes)
+        else:
+            own = hash_block_chain(root, prompt_token_ids, bs)
+            if tuple(own) != tuple(handle_hashes):
+                raise HandleMismatch(
+                    "kv_transfer_params.block_hashes do not match this prompt on this worker "
+                    "(different model, tokens or cache_salt)"
+                )
         hit = self.pool.find_cached_prefix(own, prompt_token_ids)
         blocks = self.pool.acquire(hit, -(-n // bs) - len(hit))
         if blocks is None:
