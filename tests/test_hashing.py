@@ -35,12 +35,23 @@ def test_salt_and_model_separate_roots():
     assert len(roots) == 5
 
 
+def _outputs_of_concurrent_runs(argvs: list[list[str]], envs: list[dict[str, str] | None]) -> set[str]:
+    """The stdouts of the commands, started all at once (each is a fresh interpreter: running
+    them side by side instead of one after another changes nothing they compute)."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for argv, env in zip(argvs, envs)]
+    outs = set()
+    for argv, p in zip(argvs, procs):
+        out, err = p.communicate(timeout=120)
+        if p.returncode:
+            raise subprocess.CalledProcessError(p.returncode, argv, out, err)
+        outs.add(out)
+    return outs
+
+
 def test_deterministic_across_processes():
-    runs = {
-        subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout
-        for seed in (1, 2)
-    }
+    runs = _outputs_of_concurrent_runs([[sys.executable, "-c", SCRIPT]] * 2,
+                                       [{"PYTHONHASHSEED": str(seed), "PATH": ""} for seed in (1, 2)])
     local = ",".join(h.hex() for h in hash_block_chain(root_hash("m", "s"), list(range(40)), 16))
     assert runs == {local + "\n"}
 
@@ -51,10 +62,7 @@ def test_engine_root_is_deterministic_across_processes():
         "e = LLM('tiny-random', num_kv_blocks=8).engine;"
         "print(e.root_hash().hex(), e.root_hash('t').hex())"
     )
-    outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        for _ in range(2)
-    }
+    outs = _outputs_of_concurrent_runs([[sys.executable, "-c", code]] * 2, [None, None])
     assert len(outs) == 1
     plain, salted = outs.pop().split()
     assert plain != salted
