@@ -39,6 +39,7 @@ from kvbaton.kv.store.policies import make_policy
 from kvbaton.kv.store.remote import RemoteTier
 from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
+from kvbaton.models.packed_linear import onednn_supports, pack_linears
 from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
 from kvbaton.sampling_params import SamplingParams
 
@@ -73,6 +74,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(
             config.model, dtype, self.device, config.load_format, config.seed
         )
+        self.linear_backend = self._pack_linears(config.linear_backend, dtype)
         mcfg = self.loaded.config
         self.model_config = mcfg
         self.tokenizer = self.loaded.tokenizer
@@ -315,6 +317,21 @@ class LLMEngine:
         self.sampler.forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
+    def _pack_linears(self, backend: str, dtype: torch.dtype) -> str:
+        """Pack the model's matmul weights for oneDNN when ``backend`` asks for it (``auto``:
+        where oneDNN runs this device and dtype); returns the backend the model now runs on.
+        A model handed in already packed stays packed."""
+        if backend == "torch":
+            return backend
+        if not onednn_supports(self.device, dtype):
+            if backend == "onednn":
+                raise ConfigError("linear_backend", f"onednn cannot run {str(dtype).removeprefix('torch.')} on "
+                                  f"{self.device.type} here (it needs a CPU, float32 or bfloat16 on a CPU that "
+                                  "has it, and torch built with oneDNN)")
+            return "torch"
+        pack_linears(self.loaded.model)
+        return "onednn"
+
     def cost_meta(self) -> dict[str, Any]:
         """What a measured step time depends on besides the batch (the header of a profile and
         of a step trace): model, device, dtype, threads, block size, pool, KV bytes per token."""
@@ -322,6 +339,7 @@ class LLMEngine:
         return {
             "model": cfg.model, "device": str(self.device),
             "dtype": str(self.runner.kv_cache.dtype).replace("torch.", ""),
+            "linear_backend": self.linear_backend, "attention_backend": self.runner.backend.name,
             # The threads torch really uses (the flag may be unset), and the machine's cores: what
             # a served step shares with the other workers on it.
             "threads": torch.get_num_threads(), "host_cores": os.cpu_count() or 1,
