@@ -120,16 +120,31 @@ def test_engine_outputs_equal_across_backends():
     assert len(set(map(str, outs.values()))) == 1
 
 
-def test_kernel_splits_work_across_threads():
-    cache = torch.zeros(8, L, 2, BS, HKV, D)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # the kernel specialises 64 and 128
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_decodes_what_sdpa_does_on_any_thread_count(head_dim, threads):
+    gen = torch.Generator().manual_seed(head_dim)
+    cache = torch.randn(40, L, 2, BS, HKV, head_dim, generator=gen)
     try:
-        be = CPUPagedBackend(cache, BS)
+        kernel = CPUPagedBackend(cache.clone(), BS)
     except RuntimeError as e:
         pytest.skip(str(e))
-    be.kernel.num_threads = 2
-    meta = be.prepare([SeqSlice([i], 2, 1) for i in range(4)])
-    (group,) = meta.decode_groups
-    assert [b for b in group.bounds] == [(0, 2), (2, 4)]
+    sdpa = create_attention_backend("sdpa", cache.clone(), BS)
+    order = torch.randperm(40, generator=gen).tolist()
+    lens = [1, 7, 16, 33, 5]  # tokens already cached; each sequence decodes one more
+    seqs = []
+    for n in lens:
+        seqs.append(SeqSlice([order.pop() for _ in range(-(-(n + 1) // BS))], n, 1))
+    q = torch.randn(len(lens), H, head_dim, generator=gen)
+    k = torch.randn(len(lens), HKV, head_dim, generator=gen)
+    v = torch.randn(len(lens), HKV, head_dim, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel.forward(1, q, k, v, kernel.prepare(seqs))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, sdpa.forward(1, q, k, v, sdpa.prepare(seqs)), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_falls_back_to_sdpa_without_the_kernel(monkeypatch):

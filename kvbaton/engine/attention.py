@@ -208,7 +208,6 @@ class _KernelDecode:
     token_idx: torch.Tensor  # [B]
     tables: torch.Tensor  # [B, max_blocks] int64
     ctx_lens: torch.Tensor  # [B] int64
-    bounds: list[tuple[int, int]]  # per-thread sequence ranges
 
 
 class CPUPagedBackend(SDPABackend):
@@ -228,7 +227,7 @@ class CPUPagedBackend(SDPABackend):
         lib = cpu_kernel.load()
         if lib is None:
             raise RuntimeError("the CPU decode kernel could not be built")
-        self.kernel = cpu_kernel.PagedDecodeKernel(lib, kv_cache, torch.get_num_threads())
+        self.kernel = cpu_kernel.PagedDecodeKernel(lib, kv_cache)
 
     def _decode_groups(
         self, idx: list[int], tables: list[list[int]], lens: list[int]
@@ -237,30 +236,14 @@ class CPUPagedBackend(SDPABackend):
             return []
         max_blocks = max(len(t) for t in tables)
         flat = [t + [0] * (max_blocks - len(t)) for t in tables]
-        # Split sequences across threads so each gets about the same number of KV rows.
-        n_threads = min(self.kernel.num_threads, len(idx))
-        bounds: list[tuple[int, int]] = []
-        total, start, acc = sum(lens), 0, 0
-        for i, n in enumerate(lens):
-            acc += n
-            if len(bounds) < n_threads - 1 and acc * n_threads >= total * (len(bounds) + 1):
-                bounds.append((start, i + 1))
-                start = i + 1
-        bounds.append((start, len(idx)))
-        return [
-            _KernelDecode(
-                torch.tensor(idx, dtype=torch.long),
-                torch.tensor(flat, dtype=torch.long),
-                torch.tensor(lens, dtype=torch.long),
-                [b for b in bounds if b[1] > b[0]],
-            )
-        ]
+        return [_KernelDecode(torch.tensor(idx, dtype=torch.long), torch.tensor(flat, dtype=torch.long),
+                              torch.tensor(lens, dtype=torch.long))]
 
     def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
         for d in meta.decode_groups:
             assert isinstance(d, _KernelDecode)  # built by this class's _decode_groups
             qd = q.index_select(0, d.token_idx).contiguous()
-            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens, d.bounds)
+            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens)
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
