@@ -1,5 +1,7 @@
 """The oneDNN-packed linear backend: same products as nn.Linear, every matmul of a model
-packed, the engine's outputs unchanged, and a clear error where it cannot run."""
+packed, the engine's outputs unchanged, and a clear error where it cannot run; and the worker's
+engine built on a thread of its own (so the main thread keeps no OpenMP team, which slowed
+oneDNN's matmuls on the engine thread)."""
 
 from __future__ import annotations
 
@@ -74,3 +76,17 @@ def test_a_linear_backend_that_cannot_run_is_refused_naming_the_field() -> None:
     with pytest.raises(ConfigError) as e:
         LLM("tiny-random", num_kv_blocks=8, dtype="float16", linear_backend="onednn")
     assert e.value.field == "linear_backend" and "float16" in str(e.value)
+
+
+def test_the_worker_builds_its_engine_on_a_thread_that_exits_and_raises_its_errors_here() -> None:
+    import threading
+
+    from kvbaton.engine.engine import LLMEngine, build_engine_on_own_thread
+
+    eng = build_engine_on_own_thread(EngineConfig(model="tiny-random", num_kv_blocks=8))
+    assert isinstance(eng, LLMEngine)
+    assert not [t for t in threading.enumerate() if t.name == "kvbaton-engine-build"]
+    with pytest.raises(ConfigError) as e:  # raised on the caller's thread, as LLMEngine would
+        build_engine_on_own_thread(EngineConfig(model="tiny-random", num_kv_blocks=8, dtype="float16",
+                                                linear_backend="onednn"))
+    assert e.value.field == "linear_backend"

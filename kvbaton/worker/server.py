@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from kvbaton.api.server import AppThread, DrainingServer, bind_socket, endpoint, make_server
 from kvbaton.engine.config import EngineConfig
-from kvbaton.engine.engine import LLMEngine
+from kvbaton.engine.engine import LLMEngine, build_engine_on_own_thread
 from kvbaton.worker.api import WorkerState, create_app
 from kvbaton.worker.config import WorkerConfig
 
@@ -69,7 +69,7 @@ def run_worker(
     machine-readable one: ``{"event": "ready", "url", "role", "worker_id", "pid", "models"}``
     (``url`` without ``/v1``), written once the socket is bound, just before serving.
     """
-    engine = LLMEngine(engine_config)
+    engine = build_engine_on_own_thread(engine_config)
     app = create_app(engine, config)
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
