@@ -389,6 +389,14 @@ def copy_rows(dst: torch.Tensor, dst_ids: Sequence[int], src: torch.Tensor, src_
     the current stream: the caller synchronizes it."""
     if len(dst_ids) != len(src_ids):
         raise ValueError(f"{len(dst_ids)} destination rows for {len(src_ids)} source rows")
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        # numpy's memcpy, on this thread alone: torch's copy_ would start an OpenMP team on the
+        # IO thread beside the engine thread's, and with more OpenMP threads than CPUs libgomp
+        # stops spin-waiting, which slows every step (see build_engine_on_own_thread).
+        dst_np, src_np = dst.numpy(), src.numpy()
+        for d, s_, n in paired_runs(dst_ids, src_ids):
+            dst_np[d : d + n] = src_np[s_ : s_ + n]
+        return
     non_blocking = dst.device != src.device
     for d, s_, n in paired_runs(dst_ids, src_ids):
         dst[d : d + n].copy_(src[s_ : s_ + n], non_blocking=non_blocking)
