@@ -44,8 +44,8 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     attention_backend: str = "auto"  # "auto", "sdpa" or "cpu_paged"
     # How matmuls run (kvbaton.models.packed_linear): "onednn" packs the weights once for
-    # oneDNN (CPU; 2-4x faster decode steps here), "torch" keeps nn.Linear, "auto" packs where
-    # oneDNN supports the device and dtype.
+    # oneDNN (CPU; 1.6-2.3x faster decode steps, docs/engine.md), "torch" keeps nn.Linear,
+    # "auto" packs where oneDNN supports the device and dtype.
     linear_backend: str = "auto"
     num_threads: int | None = None
     seed: int = 0
