@@ -30,10 +30,23 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 _ROUTER = re.compile(r"kvbaton router serving .* at (http://\S+)/v1")
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process group ``proc`` leads (a server and its children) and wait for it;
+    SIGKILL after 60 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @contextmanager
@@ -69,13 +82,7 @@ def serve(name: str, args: list[str], timeout_s: float = 900.0) -> Iterator[str]
             time.sleep(0.5)
         yield url[0]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 import httpx
 
 from kvbaton.models.gguf import cached_hf_dir_for_gguf, find_bundled_smollm2_gguf, kvbaton_cache_dir
-from topology_compare import serve
+from topology_compare import serve, stop_group
 
 # The rows: (name, `kvbaton bench run` flags). Prompts per row scale with concurrency
 # so each round runs long enough to reach a steady batch.
@@ -103,13 +102,7 @@ def serve_vllm(cli: Path, model_dir: Path, dtype: str, timeout_s: float = 900.0)
             time.sleep(2)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 def load_average() -> float:
