@@ -90,3 +90,13 @@ def test_the_worker_builds_its_engine_on_a_thread_that_exits_and_raises_its_erro
         build_engine_on_own_thread(EngineConfig(model="tiny-random", num_kv_blocks=8, dtype="float16",
                                                 linear_backend="onednn"))
     assert e.value.field == "linear_backend"
+
+
+@needs_onednn
+def test_the_backend_reported_is_read_from_the_model() -> None:
+    from kvbaton.engine.engine import LLMEngine
+
+    first = LLMEngine(EngineConfig(model="tiny-random", num_kv_blocks=8, linear_backend="onednn"))
+    # The same loaded model handed to another engine stays packed, whatever that one asks for.
+    again = LLMEngine(EngineConfig(model="tiny-random", num_kv_blocks=8, linear_backend="torch"), loaded=first.loaded)
+    assert again.linear_backend == "onednn"

@@ -40,7 +40,7 @@ from kvbaton.kv.store.policies import make_policy
 from kvbaton.kv.store.remote import RemoteTier
 from kvbaton.limits import check_request_fits
 from kvbaton.models.loader import LoadedModel, load_model
-from kvbaton.models.packed_linear import onednn_supports, pack_linears
+from kvbaton.models.packed_linear import is_packed, onednn_supports, pack_linears
 from kvbaton.models.tokenizer import chat_prompt_ids, encode_text
 from kvbaton.sampling_params import SamplingParams
 
@@ -320,18 +320,17 @@ class LLMEngine:
 
     def _pack_linears(self, backend: str, dtype: torch.dtype) -> str:
         """Pack the model's matmul weights for oneDNN when ``backend`` asks for it (``auto``:
-        where oneDNN runs this device and dtype); returns the backend the model now runs on.
-        A model handed in already packed stays packed."""
-        if backend == "torch":
-            return backend
-        if not onednn_supports(self.device, dtype):
-            if backend == "onednn":
+        where oneDNN runs this device and dtype); returns the backend the model now runs on,
+        read from the model (one handed in already packed stays packed, whatever ``backend``)."""
+        model = self.loaded.model
+        if backend != "torch":
+            if onednn_supports(self.device, dtype):
+                pack_linears(model)
+            elif backend == "onednn":
                 raise ConfigError("linear_backend", f"onednn cannot run {str(dtype).removeprefix('torch.')} on "
                                   f"{self.device.type} here (it needs a CPU, float32 or bfloat16 on a CPU that "
                                   "has it, and torch built with oneDNN)")
-            return "torch"
-        pack_linears(self.loaded.model)
-        return "onednn"
+        return "onednn" if is_packed(model) else "torch"
 
     def cost_meta(self) -> dict[str, Any]:
         """What a measured step time depends on besides the batch (the header of a profile and
@@ -551,8 +550,9 @@ def build_engine_on_own_thread(config: EngineConfig, event_sink: KVEventSink | N
     OpenMP team until it exits. With a team left on the main thread beside the engine thread's,
     libgomp counts more threads than CPUs and stops spin-waiting between parallel regions, so
     every one of oneDNN's short matmuls waits for its threads to wake: a batch-1 SmolLM2 decode
-    step took 63-67 ms instead of 44 ms on the project's 2-core machine. A thread that exits
-    takes its team with it.
+    step took 51.6 ms instead of 44.5 ms on the project's 2-core machine (``benchmarks/
+    engine_steps.py --steps-on-second-thread``, docs/engine.md). A thread that exits takes its
+    team with it.
     """
     box: dict[str, Any] = {}
 

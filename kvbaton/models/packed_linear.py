@@ -3,7 +3,7 @@
 A CPU decode step is bound by reading the weights: each step streams every matmul's weight
 from memory once. PyTorch's ``F.linear`` on a float32 CPU tensor goes to a GEMM that repacks
 the weight on every call when the batch has a few rows, so a 4-row decode step reads the
-weights at 6-8 GB/s on this project's 2-core machine against 20-33 GB/s for the same product
+weights at 6-10 GB/s on this project's 2-core machine against 20-33 GB/s for the same product
 with the weight reordered once, at load, into oneDNN's blocked layout (measured in
 ``docs/engine.md``, *Where a step's time goes*). vLLM's CPU backend prepacks its weights the
 same way. :func:`pack_linears` swaps a model's ``nn.Linear`` modules for :class:`PackedLinear`
@@ -37,9 +37,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach()
-        self.dtype = weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,3 +67,8 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child, batch_hint))
     return len(targets)
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether ``model`` has any :class:`PackedLinear` (it then runs its matmuls on oneDNN)."""
+    return any(isinstance(m, PackedLinear) for m in model.modules())
