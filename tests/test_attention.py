@@ -71,13 +71,13 @@ def test_backend_matches_dense_attention_over_scattered_blocks(backend):
         t += new
 
 
-def test_auto_picks_kernel_for_fp32_cpu_and_sdpa_otherwise():
+def test_auto_picks_kernel_for_fp32_and_bf16_cpu_and_sdpa_otherwise():
     # The kernel is there exactly when it builds here (a C compiler, KVBATON_DISABLE_C_KERNEL unset).
     expected = "cpu_paged" if cpu_kernel.load() is not None else "sdpa"
-    fp32 = create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D), BS)
-    bf16 = create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D, dtype=torch.bfloat16), BS)
-    assert bf16.name == "sdpa"
-    assert fp32.name == expected
+    for dtype in (torch.float32, torch.bfloat16):
+        assert create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D, dtype=dtype), BS).name == expected
+    fp16 = create_attention_backend("auto", torch.zeros(2, L, 2, BS, HKV, D, dtype=torch.float16), BS)
+    assert fp16.name == "sdpa"
     with pytest.raises(ValueError, match="unknown attention backend"):
         create_attention_backend("nope", torch.zeros(2, L, 2, BS, HKV, D), BS)
 
@@ -145,6 +145,33 @@ def test_kernel_decodes_what_sdpa_does_on_any_thread_count(head_dim, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, sdpa.forward(1, q, k, v, sdpa.prepare(seqs)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_bf16_kernel_equals_the_fp32_kernel_on_the_same_values(head_dim):
+    # A bfloat16 is the top half of a float32: the kernel widens the cache as it reads it and
+    # computes in float32, so over the same values it must give the float32 kernel's answer
+    # up to the output's rounding to bfloat16 (a mis-strided or mis-widened read would not).
+    gen = torch.Generator().manual_seed(7 + head_dim)
+    cache16 = torch.randn(40, L, 2, BS, HKV, head_dim, generator=gen).to(torch.bfloat16)
+    try:
+        k16 = CPUPagedBackend(cache16.clone(), BS)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    k32 = CPUPagedBackend(cache16.float(), BS)
+    order = torch.randperm(40, generator=gen).tolist()
+    seqs = [SeqSlice([order.pop() for _ in range(-(-(n + 1) // BS))], n, 1) for n in (2, 9, 31, 4)]
+    q = torch.randn(len(seqs), H, head_dim, generator=gen).to(torch.bfloat16)
+    k = torch.randn(len(seqs), HKV, head_dim, generator=gen).to(torch.bfloat16)
+    v = torch.randn(len(seqs), HKV, head_dim, generator=gen).to(torch.bfloat16)
+    got = k16.forward(0, q, k, v, k16.prepare(seqs))
+    want = k32.forward(0, q.float(), k.float(), v.float(), k32.prepare(seqs))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
+    # ... and it is attention: the dense reference on the widened values agrees.
+    ref = create_attention_backend("sdpa", cache16.float(), BS)
+    torch.testing.assert_close(got.float(), ref.forward(0, q.float(), k.float(), v.float(), ref.prepare(seqs)),
+                               rtol=1e-2, atol=1e-2)
 
 
 def test_auto_falls_back_to_sdpa_without_the_kernel(monkeypatch):

@@ -214,8 +214,10 @@ class CPUPagedBackend(SDPABackend):
     """SDPA for prompts, and a C kernel (``kvbaton.engine.cpu_kernel``) for single-token
     decodes that reads each K/V row once from the block-first cache without a gather.
 
-    Float32 on CPU only; ``create_attention_backend("auto", ...)`` picks it there when the kernel
-    builds, and SDPA otherwise.
+    A float32 or bfloat16 cache on CPU only; ``create_attention_backend("auto", ...)`` picks it
+    there when the kernel builds, and SDPA otherwise. The kernel computes in float32 (a bfloat16
+    cache is widened as it is read), so bfloat16 queries are widened on the way in and the
+    result narrowed on the way out: a few KB a step, against the KV it reads.
     """
 
     name = "cpu_paged"
@@ -242,8 +244,8 @@ class CPUPagedBackend(SDPABackend):
     def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
         for d in meta.decode_groups:
             assert isinstance(d, _KernelDecode)  # built by this class's _decode_groups
-            qd = q.index_select(0, d.token_idx).contiguous()
-            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens)
+            qd = q.index_select(0, d.token_idx).to(torch.float32).contiguous()
+            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens).to(out.dtype)
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
@@ -253,10 +255,13 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
 
 
 def create_attention_backend(name: str, kv_cache: torch.Tensor, block_size: int) -> AttentionBackend:
-    """Build the backend called ``name``; ``auto`` picks ``cpu_paged`` for float32 on CPU when
-    its kernel builds, else ``sdpa``. ValueError lists the choices for an unknown name."""
+    """Build the backend called ``name``; ``auto`` picks ``cpu_paged`` for a float32 or bfloat16
+    cache on CPU when its kernel builds, else ``sdpa``. ValueError lists the choices for an
+    unknown name."""
     if name == "auto":
-        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
+        from kvbaton.engine.cpu_kernel import KERNEL_DTYPES
+
+        if kv_cache.device.type == "cpu" and kv_cache.dtype in KERNEL_DTYPES:
             try:
                 return CPUPagedBackend(kv_cache, block_size)
             except RuntimeError:

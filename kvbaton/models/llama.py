@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvbaton.models import fused_ops
 from kvbaton.models.config import ModelConfig
 
 
@@ -136,6 +137,21 @@ class Attention(nn.Module):
         out = attn_fn(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.q_size))
 
+    def forward_fused(
+        self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, attn_fn: AttentionLayerFn
+    ) -> torch.Tensor:
+        """:meth:`forward` with RoPE applied in place by one C call (``fused_ops``) to the q and
+        k heads, which are adjacent in the fused projection's output."""
+        if self.q_norm is not None:  # q/k are normed copies, not views of the projection
+            return self.forward(positions, x, rotary, attn_fn)
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        fused_ops.rope_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, positions, rotary.cos, rotary.sin)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        out = attn_fn(self.layer, q.view(t, self.num_heads, self.head_dim),
+                      k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim))
+        return self.o_proj(out.reshape(t, self.q_size))
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward with gate and up fused into one matmul."""
@@ -194,9 +210,30 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, ``[T, hidden]``."""
         x = self.embed_tokens(input_ids)
+        if fused_ops.available(x):
+            return self._forward_fused(x, positions.contiguous(), attn_fn)
         for layer in self.layers:
             x = layer(positions, x, self.rotary, attn_fn)
         return self.norm(x)
+
+    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, attn_fn: AttentionLayerFn) -> torch.Tensor:
+        """The same computation as the layer loop in :meth:`forward`, with each norm (and the
+        residual add before it), each RoPE and each SwiGLU one C call (``fused_ops``): on a CPU
+        these small ops cost more in dispatch than in arithmetic. ``x`` holds the residual
+        stream, updated in place; each norm's weight is the next one's in the loop order."""
+        eps = self.config.rms_norm_eps
+        layers = cast(list[DecoderLayer], list(self.layers))
+        norms = [w for layer in layers
+                 for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        norms.append(self.norm.weight)
+        h = fused_ops.rms_norm(x, norms[0], eps)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn.forward_fused(positions, h, self.rotary, attn_fn)
+            h = fused_ops.rms_norm(a, norms[2 * i + 1], eps, residual=x)
+            mlp = layer.mlp
+            m = mlp.down_proj(fused_ops.silu_mul(mlp.gate_up_proj(h)))
+            h = fused_ops.rms_norm(m, norms[2 * i + 2], eps, residual=x)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 for the rows that will be sampled."""

@@ -1,7 +1,7 @@
 /*
  * Paged decode attention for the CPU: one query token per sequence attends over that
  * sequence's blocks, read straight from the block-first KV cache
- *   kv[num_blocks][num_layers][2][block_size][num_kv_heads][head_dim]   (float32)
+ *   kv[num_blocks][num_layers][2][block_size][num_kv_heads][head_dim]   (float32 or bfloat16)
  * with no gather: every K and V row is read from memory exactly once, which is what a decode
  * step is bound by on a CPU.
  *
@@ -12,6 +12,10 @@
  * soname), so it runs on PyTorch's own thread team: one pool, no second set of threads
  * spinning against it between ops. Built without OpenMP, the pragma is ignored and it runs
  * on the calling thread.
+ *
+ * A bfloat16 cache is read as 16-bit words and widened to float32 as it is loaded (a
+ * bfloat16 is the top half of a float32), so it reads half the bytes of a float32 cache; the
+ * query, the scores and the output stay float32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,21 +25,34 @@
 #include <omp.h>
 #endif
 
+static inline __attribute__((always_inline)) float bf16_to_f32(uint16_t x)
+{
+    union { uint32_t u; float f; } c = { .u = (uint32_t)x << 16 };
+    return c.f;
+}
+
+/* Element d of a row that starts at element `at` of the cache: the element type is a
+   constant at every (inlined) call site, so each instance compiles to plain vector loads. */
+static inline __attribute__((always_inline)) float kv_at(const void *kv, int bf16, int64_t at)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)kv)[at]) : ((const float *)kv)[at];
+}
+
 /* Inlined into each caller below with head_dim a constant, so the dot products and the V
    accumulation unroll into a few vector instructions instead of short runtime-length loops. */
 static inline __attribute__((always_inline)) void attend_one(
-    const float *kv, const float *qs, float *os, const int64_t *table, int64_t n, int64_t g,
+    const void *kv, int bf16, const float *qs, float *os, const int64_t *table, int64_t n, int64_t g,
     int64_t group, int64_t row, int64_t kv_stride, int64_t block_stride, int64_t layer_off,
     int64_t block_size, int64_t head_dim, float scale, float *scores)
 {
     /* Pass 1 over K: the group's query heads against this head's slice of each position. */
     for (int64_t p = 0; p < n; p++) {
-        const float *k = kv + table[p / block_size] * block_stride + layer_off
-                         + (p % block_size) * row + g * head_dim;
+        const int64_t k = table[p / block_size] * block_stride + layer_off
+                          + (p % block_size) * row + g * head_dim;
         for (int64_t j = 0; j < group; j++) {
             const float *qh = qs + (g * group + j) * head_dim;
             float dot = 0.f;
-            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * k[d];
+            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kv_at(kv, bf16, k + d);
             scores[j * n + p] = dot * scale;
         }
     }
@@ -52,19 +69,18 @@ static inline __attribute__((always_inline)) void attend_one(
     float *acc = os + g * group * head_dim;  /* the group's heads are adjacent in the output */
     memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
     for (int64_t p = 0; p < n; p++) {
-        const float *v = kv + table[p / block_size] * block_stride + layer_off + kv_stride
-                         + (p % block_size) * row + g * head_dim;
+        const int64_t v = table[p / block_size] * block_stride + layer_off + kv_stride
+                          + (p % block_size) * row + g * head_dim;
         for (int64_t j = 0; j < group; j++) {
             const float w = scores[j * n + p];
             float *ah = acc + j * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) ah[d] += w * v[d];
+            for (int64_t d = 0; d < head_dim; d++) ah[d] += w * kv_at(kv, bf16, v + d);
         }
     }
 }
 
-/* Returns 0, or -1 when the scores buffer cannot be allocated (nothing is computed then). */
-int paged_decode_f32(
-    const float *kv, const float *q, float *out,
+static int paged_decode(
+    const void *kv, int bf16, const float *q, float *out,
     const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
     int64_t layer, int64_t num_layers, int64_t block_size,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
@@ -93,16 +109,46 @@ int paged_decode_f32(
         const float *qs = q + s * num_heads * head_dim;
         float *os = out + s * num_heads * head_dim, *sc = scores + (size_t)t * per_thread;
         const int64_t *table = block_tables + s * max_blocks;
-        if (head_dim == 64)
-            attend_one(kv, qs, os, table, ctx_lens[s], g, group, row, kv_stride, block_stride,
-                       layer_off, block_size, 64, scale, sc);
-        else if (head_dim == 128)
-            attend_one(kv, qs, os, table, ctx_lens[s], g, group, row, kv_stride, block_stride,
-                       layer_off, block_size, 128, scale, sc);
-        else
-            attend_one(kv, qs, os, table, ctx_lens[s], g, group, row, kv_stride, block_stride,
-                       layer_off, block_size, head_dim, scale, sc);
+        /* One instance per (element type, head dim) so both are constants inside. */
+#define ATTEND(BF16, HD)                                                                    \
+        attend_one(kv, BF16, qs, os, table, ctx_lens[s], g, group, row, kv_stride,          \
+                   block_stride, layer_off, block_size, HD, scale, sc)
+        if (bf16) {
+            if (head_dim == 64) ATTEND(1, 64);
+            else if (head_dim == 128) ATTEND(1, 128);
+            else ATTEND(1, head_dim);
+        } else {
+            if (head_dim == 64) ATTEND(0, 64);
+            else if (head_dim == 128) ATTEND(0, 128);
+            else ATTEND(0, head_dim);
+        }
+#undef ATTEND
     }
     free(scores);
     return 0;
+}
+
+/* The entry points: `kv` is the whole cache, q and out are [num_seqs][num_heads][head_dim]
+   float32. Each returns 0, or -1 when the scores buffer cannot be allocated (nothing is
+   computed then). */
+int paged_decode_f32(
+    const float *kv, const float *q, float *out,
+    const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
+    int64_t layer, int64_t num_layers, int64_t block_size,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
+{
+    return paged_decode(kv, 0, q, out, block_tables, max_blocks, ctx_lens, num_seqs, layer,
+                        num_layers, block_size, num_heads, num_kv_heads, head_dim, scale,
+                        num_threads);
+}
+
+int paged_decode_bf16(
+    const uint16_t *kv, const float *q, float *out,
+    const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
+    int64_t layer, int64_t num_layers, int64_t block_size,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
+{
+    return paged_decode(kv, 1, q, out, block_tables, max_blocks, ctx_lens, num_seqs, layer,
+                        num_layers, block_size, num_heads, num_kv_heads, head_dim, scale,
+                        num_threads);
 }
