@@ -120,6 +120,14 @@ def test_engine_outputs_equal_across_backends():
     assert len(set(map(str, outs.values()))) == 1
 
 
+def _fused_projection(rows: int, head_dim: int, gen: torch.Generator, dtype: torch.dtype = torch.float32):
+    """q, k, v as the model hands them over: views of one fused q|k|v projection, whose rows
+    are wider than each (the kernel reads and writes them in place, strided)."""
+    qkv = torch.randn(rows, (H + 2 * HKV) * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([H * head_dim, HKV * head_dim, HKV * head_dim], dim=-1)
+    return q.view(rows, H, head_dim), k.view(rows, HKV, head_dim), v.view(rows, HKV, head_dim)
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128])  # the kernel specialises 64 and 128
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_decodes_what_sdpa_does_on_any_thread_count(head_dim, threads):
@@ -135,9 +143,7 @@ def test_kernel_decodes_what_sdpa_does_on_any_thread_count(head_dim, threads):
     seqs = []
     for n in lens:
         seqs.append(SeqSlice([order.pop() for _ in range(-(-(n + 1) // BS))], n, 1))
-    q = torch.randn(len(lens), H, head_dim, generator=gen)
-    k = torch.randn(len(lens), HKV, head_dim, generator=gen)
-    v = torch.randn(len(lens), HKV, head_dim, generator=gen)
+    q, k, v = _fused_projection(len(lens), head_dim, gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -161,9 +167,7 @@ def test_bf16_kernel_equals_the_fp32_kernel_on_the_same_values(head_dim):
     k32 = CPUPagedBackend(cache16.float(), BS)
     order = torch.randperm(40, generator=gen).tolist()
     seqs = [SeqSlice([order.pop() for _ in range(-(-(n + 1) // BS))], n, 1) for n in (2, 9, 31, 4)]
-    q = torch.randn(len(seqs), H, head_dim, generator=gen).to(torch.bfloat16)
-    k = torch.randn(len(seqs), HKV, head_dim, generator=gen).to(torch.bfloat16)
-    v = torch.randn(len(seqs), HKV, head_dim, generator=gen).to(torch.bfloat16)
+    q, k, v = _fused_projection(len(seqs), head_dim, gen, torch.bfloat16)
     got = k16.forward(0, q, k, v, k16.prepare(seqs))
     want = k32.forward(0, q.float(), k.float(), v.float(), k32.prepare(seqs))
     assert got.dtype == torch.bfloat16
@@ -172,6 +176,24 @@ def test_bf16_kernel_equals_the_fp32_kernel_on_the_same_values(head_dim):
     ref = create_attention_backend("sdpa", cache16.float(), BS)
     torch.testing.assert_close(got.float(), ref.forward(0, q.float(), k.float(), v.float(), ref.prepare(seqs)),
                                rtol=1e-2, atol=1e-2)
+    # The new K/V rows were stored where SDPA's index_put stores them, bit for bit.
+    torch.testing.assert_close(k16.kv_cache, ref.kv_cache.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_kernel_refuses_tensors_it_cannot_read():
+    cache = torch.zeros(8, L, 2, BS, HKV, D)
+    try:
+        be = CPUPagedBackend(cache, BS)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    seqs = [SeqSlice([0, 1], 3, 1)]
+    q, k, v = torch.randn(1, H, D), torch.randn(1, HKV, D), torch.randn(1, HKV, D)
+    with pytest.raises(ValueError, match="cache's dtype"):
+        be.forward(0, q.to(torch.bfloat16), k, v, be.prepare(seqs))
+    with pytest.raises(ValueError, match="dense rows"):
+        be.forward(0, torch.randn(1, D, H).transpose(1, 2), k, v, be.prepare(seqs))
+    with pytest.raises(ValueError, match="cache's dtype and head shape"):
+        be.forward(0, q, k.to(torch.bfloat16), v, be.prepare(seqs))
 
 
 def test_auto_falls_back_to_sdpa_without_the_kernel(monkeypatch):

@@ -166,9 +166,8 @@ class SDPABackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache = self.kv_cache[:, layer, 0]  # [num_blocks, block_size, kv_heads, D], strided view
         v_cache = self.kv_cache[:, layer, 1]
-        k_cache[meta.slot_blocks, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, meta.slot_offsets] = v
-        out = torch.empty_like(q)
+        self._write_kv(layer, k, v, meta)
+        out = q.new_empty(q.shape)  # dense, even when q is a view of the fused projection
         self._decode(layer, q, out, meta)
         # Per-layer views with one row per block: [num_blocks, block_size * kv_heads * D].
         k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)
@@ -188,6 +187,10 @@ class SDPABackend(AttentionBackend):
             )
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: SDPAMetadata) -> None:
+        self.kv_cache[:, layer, 0][meta.slot_blocks, meta.slot_offsets] = k
+        self.kv_cache[:, layer, 1][meta.slot_blocks, meta.slot_offsets] = v
 
     def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
         k_rows = self.kv_cache[:, layer, 0].flatten(1)
@@ -215,9 +218,9 @@ class CPUPagedBackend(SDPABackend):
     decodes that reads each K/V row once from the block-first cache without a gather.
 
     A float32 or bfloat16 cache on CPU only; ``create_attention_backend("auto", ...)`` picks it
-    there when the kernel builds, and SDPA otherwise. The kernel computes in float32 (a bfloat16
-    cache is widened as it is read), so bfloat16 queries are widened on the way in and the
-    result narrowed on the way out: a few KB a step, against the KV it reads.
+    there when the kernel builds, and SDPA otherwise. The kernel reads the queries and writes
+    the outputs in place in the flat batch and the new K/V rows are stored by one C call, so a
+    decode costs no tensor op around the kernel.
     """
 
     name = "cpu_paged"
@@ -244,8 +247,10 @@ class CPUPagedBackend(SDPABackend):
     def _decode(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: SDPAMetadata) -> None:
         for d in meta.decode_groups:
             assert isinstance(d, _KernelDecode)  # built by this class's _decode_groups
-            qd = q.index_select(0, d.token_idx).to(torch.float32).contiguous()
-            out[d.token_idx] = self.kernel(layer, qd, d.tables, d.ctx_lens).to(out.dtype)
+            self.kernel(layer, q, out, d.token_idx, d.tables, d.ctx_lens)
+
+    def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: SDPAMetadata) -> None:
+        self.kernel.write(layer, k, v, meta.slot_blocks, meta.slot_offsets)
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {

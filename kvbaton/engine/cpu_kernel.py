@@ -25,13 +25,23 @@ def load() -> ctypes.CDLL | None:
     if lib is not None:
         i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
         for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
-            fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]
+            fn.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]
             fn.restype = ctypes.c_int
+        lib.write_kv.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
+        lib.write_kv.restype = None
     return lib
 
 
-# The cache dtypes the kernel reads; its queries, scores and outputs are float32 for both.
+# The cache dtypes the kernel reads; it computes in float32 for both.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _rows_of(t: torch.Tensor, what: str) -> int:
+    """The row stride of ``[T, heads, D]`` whose heads are dense within a row (a view of a
+    fused projection's output qualifies); ValueError otherwise."""
+    if t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+        raise ValueError(f"the C decode kernel takes {what} as [T, heads, D] with dense rows")
+    return t.stride(0)
 
 
 class PagedDecodeKernel:
@@ -42,21 +52,33 @@ class PagedDecodeKernel:
             raise ValueError("the C decode kernel needs a contiguous float32 or bfloat16 CPU KV cache")
         self.lib = lib
         self.kv_cache = kv_cache
-        self._fn = lib.paged_decode_f32 if kv_cache.dtype == torch.float32 else lib.paged_decode_bf16
         self.num_layers, _, self.block_size, self.num_kv_heads, self.head_dim = kv_cache.shape[1:]
+        self._fn = lib.paged_decode_f32 if kv_cache.dtype == torch.float32 else lib.paged_decode_bf16
 
-    def __call__(self, layer: int, q: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor) -> torch.Tensor:
-        """``q``: ``[B, heads, D]`` contiguous float32; ``tables``: ``[B, max_blocks]`` int64;
-        ``ctx_lens``: ``[B]`` int64. Returns float32 ``[B, heads, D]``. Runs on as many threads
-        as torch uses now."""
-        if q.dtype != torch.float32 or not q.is_contiguous():
-            raise ValueError("the C decode kernel takes contiguous float32 queries")
-        out = torch.empty_like(q)
+    def __call__(self, layer: int, q: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, tables: torch.Tensor,
+                 ctx_lens: torch.Tensor) -> None:
+        """Attend ``q[rows[i]]`` over sequence ``i``'s blocks into ``out[rows[i]]``. ``q`` and
+        ``out``: ``[T, heads, D]`` in the cache's dtype, rows dense (``q`` may be a view of the
+        fused projection); ``rows``, ``ctx_lens``: ``[B]`` int64; ``tables``: ``[B,
+        max_blocks]`` int64. Runs on as many threads as torch uses now."""
+        if q.dtype != self.kv_cache.dtype or out.dtype != q.dtype or q.shape != out.shape:
+            raise ValueError("the C decode kernel takes q and out of the cache's dtype and one shape")
         rc = self._fn(
-            self.kv_cache.data_ptr(), q.data_ptr(), out.data_ptr(), tables.data_ptr(), tables.shape[1],
-            ctx_lens.data_ptr(), q.shape[0], layer, self.num_layers, self.block_size, q.shape[1],
-            self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, torch.get_num_threads(),
+            self.kv_cache.data_ptr(), q.data_ptr(), _rows_of(q, "q"), out.data_ptr(), _rows_of(out, "out"),
+            rows.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(), rows.shape[0], layer,
+            self.num_layers, self.block_size, q.shape[1], self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+            torch.get_num_threads(),
         )
         if rc != 0:
             raise MemoryError("the C decode kernel could not allocate its scores buffer")
-        return out
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Store ``k[t]``/``v[t]`` (``[T, kv_heads, D]``, rows dense) at slot ``offsets[t]`` of
+        block ``blocks[t]`` of ``layer`` (both ``[T]`` int64)."""
+        if k.dtype != self.kv_cache.dtype or v.dtype != k.dtype or k.shape[1:] != self.kv_cache.shape[-2:]:
+            raise ValueError("write_kv takes k and v of the cache's dtype and head shape")
+        self.lib.write_kv(
+            self.kv_cache.data_ptr(), k.data_ptr(), _rows_of(k, "k"), v.data_ptr(), _rows_of(v, "v"),
+            blocks.data_ptr(), offsets.data_ptr(), k.shape[0], layer, self.num_layers, self.block_size,
+            self.num_kv_heads * self.head_dim, self.kv_cache.element_size(),
+        )

@@ -13,9 +13,12 @@
  * spinning against it between ops. Built without OpenMP, the pragma is ignored and it runs
  * on the calling thread.
  *
- * A bfloat16 cache is read as 16-bit words and widened to float32 as it is loaded (a
- * bfloat16 is the top half of a float32), so it reads half the bytes of a float32 cache; the
- * query, the scores and the output stay float32.
+ * Queries and outputs are in the cache's dtype and are read and written in place in the
+ * step's flat batch (row `rows[s]`, rows `q_stride` / `out_stride` elements apart: q is a view
+ * of the fused q|k|v projection), so no gather or scatter of them runs around the call. A
+ * bfloat16 value is widened to float32 as it is loaded (a bfloat16 is the top half of a
+ * float32) and everything is computed in float32; the output is rounded to nearest even.
+ * write_kv stores a step's new K/V rows into their slots before attention reads them.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,34 +28,45 @@
 #include <omp.h>
 #endif
 
-static inline __attribute__((always_inline)) float bf16_to_f32(uint16_t x)
+static inline __attribute__((always_inline)) float ld(const void *p, int bf16, int64_t at)
 {
-    union { uint32_t u; float f; } c = { .u = (uint32_t)x << 16 };
-    return c.f;
+    if (bf16) {
+        union { uint32_t u; float f; } c = { .u = (uint32_t)((const uint16_t *)p)[at] << 16 };
+        return c.f;
+    }
+    return ((const float *)p)[at];
 }
 
-/* Element d of a row that starts at element `at` of the cache: the element type is a
-   constant at every (inlined) call site, so each instance compiles to plain vector loads. */
-static inline __attribute__((always_inline)) float kv_at(const void *kv, int bf16, int64_t at)
+static inline __attribute__((always_inline)) void st(void *p, int bf16, int64_t at, float f)
 {
-    return bf16 ? bf16_to_f32(((const uint16_t *)kv)[at]) : ((const float *)kv)[at];
+    if (bf16) {
+        union { float f; uint32_t u; } c = { .f = f };
+        ((uint16_t *)p)[at] = (c.u & 0x7fffffffu) > 0x7f800000u
+            ? (uint16_t)((c.u >> 16) | 0x40)  /* NaN stays NaN */
+            : (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+    } else {
+        ((float *)p)[at] = f;
+    }
 }
 
-/* Inlined into each caller below with head_dim a constant, so the dot products and the V
-   accumulation unroll into a few vector instructions instead of short runtime-length loops. */
+/* Inlined into each caller below with the element type and head_dim constants, so the dot
+   products and the V accumulation unroll into a few vector instructions instead of short
+   runtime-length loops. `qs`/`os` point at this sequence's row of queries/outputs. */
 static inline __attribute__((always_inline)) void attend_one(
-    const void *kv, int bf16, const float *qs, float *os, const int64_t *table, int64_t n, int64_t g,
+    const void *kv, int bf16, const void *qs, void *os, const int64_t *table, int64_t n, int64_t g,
     int64_t group, int64_t row, int64_t kv_stride, int64_t block_stride, int64_t layer_off,
     int64_t block_size, int64_t head_dim, float scale, float *scores)
 {
+    float qf[group * head_dim], acc[group * head_dim];  /* the group's queries, widened */
+    for (int64_t i = 0; i < group * head_dim; i++) qf[i] = ld(qs, bf16, g * group * head_dim + i);
     /* Pass 1 over K: the group's query heads against this head's slice of each position. */
     for (int64_t p = 0; p < n; p++) {
         const int64_t k = table[p / block_size] * block_stride + layer_off
                           + (p % block_size) * row + g * head_dim;
         for (int64_t j = 0; j < group; j++) {
-            const float *qh = qs + (g * group + j) * head_dim;
+            const float *qh = qf + j * head_dim;
             float dot = 0.f;
-            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kv_at(kv, bf16, k + d);
+            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * ld(kv, bf16, k + d);
             scores[j * n + p] = dot * scale;
         }
     }
@@ -66,7 +80,6 @@ static inline __attribute__((always_inline)) void attend_one(
         for (int64_t p = 0; p < n; p++) sh[p] *= inv;
     }
     /* Pass 2 over V, the same slices. */
-    float *acc = os + g * group * head_dim;  /* the group's heads are adjacent in the output */
     memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
     for (int64_t p = 0; p < n; p++) {
         const int64_t v = table[p / block_size] * block_stride + layer_off + kv_stride
@@ -74,16 +87,18 @@ static inline __attribute__((always_inline)) void attend_one(
         for (int64_t j = 0; j < group; j++) {
             const float w = scores[j * n + p];
             float *ah = acc + j * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) ah[d] += w * kv_at(kv, bf16, v + d);
+            for (int64_t d = 0; d < head_dim; d++) ah[d] += w * ld(kv, bf16, v + d);
         }
     }
+    /* The group's heads are adjacent in the output row. */
+    for (int64_t i = 0; i < group * head_dim; i++) st(os, bf16, g * group * head_dim + i, acc[i]);
 }
 
 static int paged_decode(
-    const void *kv, int bf16, const float *q, float *out,
-    const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
-    int64_t layer, int64_t num_layers, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
+    const void *kv, int bf16, const void *q, int64_t q_stride, void *out, int64_t out_stride,
+    const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
+    int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
 {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row = num_kv_heads * head_dim;              /* one position, all kv heads */
@@ -91,6 +106,7 @@ static int paged_decode(
     const int64_t block_stride = num_layers * 2 * kv_stride;  /* one block, all layers */
     const int64_t layer_off = layer * 2 * kv_stride;
     const int64_t items = num_seqs * num_kv_heads;
+    const size_t esize = bf16 ? 2 : 4;
     int64_t max_ctx = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (ctx_lens[s] > max_ctx) max_ctx = ctx_lens[s];
@@ -106,8 +122,9 @@ static int paged_decode(
         t = omp_get_thread_num();
 #endif
         const int64_t s = it / num_kv_heads, g = it % num_kv_heads;
-        const float *qs = q + s * num_heads * head_dim;
-        float *os = out + s * num_heads * head_dim, *sc = scores + (size_t)t * per_thread;
+        const void *qs = (const char *)q + (size_t)(rows[s] * q_stride) * esize;
+        void *os = (char *)out + (size_t)(rows[s] * out_stride) * esize;
+        float *sc = scores + (size_t)t * per_thread;
         const int64_t *table = block_tables + s * max_blocks;
         /* One instance per (element type, head dim) so both are constants inside. */
 #define ATTEND(BF16, HD)                                                                    \
@@ -128,27 +145,45 @@ static int paged_decode(
     return 0;
 }
 
-/* The entry points: `kv` is the whole cache, q and out are [num_seqs][num_heads][head_dim]
-   float32. Each returns 0, or -1 when the scores buffer cannot be allocated (nothing is
-   computed then). */
+/* The entry points: `kv` is the whole cache; q and out hold num_heads * head_dim elements per
+   row, in the cache's dtype. Each returns 0, or -1 when the scores buffer cannot be allocated
+   (nothing is computed then). */
 int paged_decode_f32(
-    const float *kv, const float *q, float *out,
-    const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
-    int64_t layer, int64_t num_layers, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
+    const float *kv, const float *q, int64_t q_stride, float *out, int64_t out_stride,
+    const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
+    int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
 {
-    return paged_decode(kv, 0, q, out, block_tables, max_blocks, ctx_lens, num_seqs, layer,
-                        num_layers, block_size, num_heads, num_kv_heads, head_dim, scale,
-                        num_threads);
+    return paged_decode(kv, 0, q, q_stride, out, out_stride, rows, block_tables, max_blocks,
+                        ctx_lens, num_seqs, layer, num_layers, block_size, num_heads,
+                        num_kv_heads, head_dim, scale, num_threads);
 }
 
 int paged_decode_bf16(
-    const uint16_t *kv, const float *q, float *out,
-    const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t num_seqs,
-    int64_t layer, int64_t num_layers, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
+    const uint16_t *kv, const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
+    const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
+    int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
 {
-    return paged_decode(kv, 1, q, out, block_tables, max_blocks, ctx_lens, num_seqs, layer,
-                        num_layers, block_size, num_heads, num_kv_heads, head_dim, scale,
-                        num_threads);
+    return paged_decode(kv, 1, q, q_stride, out, out_stride, rows, block_tables, max_blocks,
+                        ctx_lens, num_seqs, layer, num_layers, block_size, num_heads,
+                        num_kv_heads, head_dim, scale, num_threads);
+}
+
+/* Stores token t's K and V rows (num_kv_heads * head_dim elements of `esize` bytes, rows
+   `k_stride` / `v_stride` elements apart in the flat batch) at position offsets[t] of block
+   blocks[t] of `layer`. */
+void write_kv(
+    void *kv, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
+    const int64_t *blocks, const int64_t *offsets, int64_t num_tokens, int64_t layer,
+    int64_t num_layers, int64_t block_size, int64_t row, int64_t esize)
+{
+    const int64_t kv_stride = block_size * row, block_stride = num_layers * 2 * kv_stride;
+    char *base = (char *)kv;
+    const size_t bytes = (size_t)(row * esize);
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const int64_t at = blocks[t] * block_stride + layer * 2 * kv_stride + offsets[t] * row;
+        memcpy(base + at * esize, (const char *)k + t * k_stride * esize, bytes);
+        memcpy(base + (at + kv_stride) * esize, (const char *)v + t * v_stride * esize, bytes);
+    }
 }
