@@ -73,9 +73,14 @@ def load_library(src: Path) -> ctypes.CDLL | None:
         return lib
 
 
+# Headers every source may include (`#include "fastmath.h"`): on the include path of each build
+# and hashed into each build's key, so a changed header rebuilds everything.
+INCLUDE_DIR = Path(__file__).with_name("csrc")
+
+
 def build(src: Path, cc: str, flags: list[str]) -> Path | None:
-    """``src`` built with ``flags`` (cached by source, flags and CPU); None if it fails."""
-    text = src.read_bytes()
+    """``src`` built with ``flags`` (cached by source, headers, flags and CPU); None if it fails."""
+    text = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(INCLUDE_DIR.glob("*.h")))
     key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{key}.so"
     if out.exists():
@@ -84,7 +89,8 @@ def build(src: Path, cc: str, flags: list[str]) -> Path | None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
         try:
-            res = subprocess.run([cc, *flags, "-o", str(tmp_so), str(src), "-lm"], capture_output=True, text=True)
+            res = subprocess.run([cc, *flags, "-I", str(INCLUDE_DIR), "-o", str(tmp_so), str(src), "-lm"],
+                                 capture_output=True, text=True)
         except OSError as e:  # $CC names a program that is not there
             log.warning("C compiler %r cannot run (%s): %s is not built", cc, e, src.name)
             return None

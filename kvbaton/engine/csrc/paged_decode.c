@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "fastmath.h" /* kvbaton/models/csrc, on the include path of every build */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -75,7 +77,7 @@ static inline __attribute__((always_inline)) void attend_one(
         float m = sh[0];
         for (int64_t p = 1; p < n; p++) m = sh[p] > m ? sh[p] : m;
         float sum = 0.f;
-        for (int64_t p = 0; p < n; p++) { sh[p] = expf(sh[p] - m); sum += sh[p]; }
+        for (int64_t p = 0; p < n; p++) { sh[p] = fast_expf(sh[p] - m); sum += sh[p]; }
         const float inv = 1.f / sum;
         for (int64_t p = 0; p < n; p++) sh[p] *= inv;
     }

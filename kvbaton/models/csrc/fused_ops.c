@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fastmath.h"
+
 /* Rows per call below which the op stays on the calling thread. */
 #define PARALLEL_ROWS 32
 
@@ -144,7 +146,7 @@ static void silu_mul(const void *gate_up, void *out, int bf16, int64_t rows, int
         const int64_t g = r * 2 * inter, o = r * inter;
         for (int64_t i = 0; i < inter; i++) {
             const float a = ld(gate_up, bf16, g + i);
-            const float silu = rnd(bf16, a / (1.f + expf(-a)));
+            const float silu = rnd(bf16, a / (1.f + fast_expf(-a)));
             st(out, bf16, o + i, silu * ld(gate_up, bf16, g + inter + i));
         }
     }
