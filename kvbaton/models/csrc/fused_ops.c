@@ -98,6 +98,36 @@ void rms_norm_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *w, uin
     rms_norm(x, residual, w, out, 1, rows, dim, eps);
 }
 
+/* One row's `heads` heads; inlined with head_dim a constant for the common sizes, so the
+   half-row loops become a few whole vectors. */
+static inline __attribute__((always_inline)) void rope_row(
+    void *x, int bf16, int64_t base, const float *c, const float *s, int64_t heads, int64_t head_dim)
+{
+    const int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t b = base + h * head_dim;
+        if (!bf16) {  /* in place: the compiler vectorises this one with a run-time alias check */
+            float *xf = (float *)x + b;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = xf[i], z = xf[half + i];
+                xf[i] = a * c[i] - z * s[i];
+                xf[half + i] = z * c[half + i] + a * s[half + i];
+            }
+            continue;
+        }
+        /* bfloat16: computed into locals, then stored; read-and-write through 16-bit words
+           would not vectorise. */
+        float lo[half], hi[half];
+        for (int64_t i = 0; i < half; i++) {
+            const float a = ld(x, bf16, b + i), z = ld(x, bf16, b + half + i);
+            lo[i] = rnd(bf16, rnd(bf16, a * rnd(bf16, c[i])) + rnd(bf16, -z * rnd(bf16, s[i])));
+            hi[i] = rnd(bf16, rnd(bf16, z * rnd(bf16, c[half + i])) + rnd(bf16, a * rnd(bf16, s[half + i])));
+        }
+        for (int64_t i = 0; i < half; i++) st(x, bf16, b + i, lo[i]);
+        for (int64_t i = 0; i < half; i++) st(x, bf16, b + half + i, hi[i]);
+    }
+}
+
 /* Rotates, in place, the first `heads` heads of each row of `x` (rows `row_stride` elements
    apart: the fused q|k|v projection's output, whose q and k heads are adjacent), by the
    float32 cos/sin tables ([max_pos][head_dim], the halves duplicated, as transformers builds
@@ -107,22 +137,12 @@ static void rope(void *x, int bf16, const int64_t *positions, const float *cos_t
                  const float *sin_t, int64_t rows, int64_t row_stride, int64_t heads,
                  int64_t head_dim)
 {
-    const int64_t half = head_dim / 2;
 #pragma omp parallel for if (rows >= PARALLEL_ROWS) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_t + positions[r] * head_dim, *s = sin_t + positions[r] * head_dim;
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t b = r * row_stride + h * head_dim;
-            for (int64_t i = 0; i < half; i++) {
-                const float a = ld(x, bf16, b + i), z = ld(x, bf16, b + half + i);
-                const float lo = rnd(bf16, rnd(bf16, a * rnd(bf16, c[i]))
-                                      + rnd(bf16, -z * rnd(bf16, s[i])));
-                const float hi = rnd(bf16, rnd(bf16, z * rnd(bf16, c[half + i]))
-                                      + rnd(bf16, a * rnd(bf16, s[half + i])));
-                st(x, bf16, b + i, lo);
-                st(x, bf16, b + half + i, hi);
-            }
-        }
+        if (head_dim == 64) rope_row(x, bf16, r * row_stride, c, s, heads, 64);
+        else if (head_dim == 128) rope_row(x, bf16, r * row_stride, c, s, heads, 128);
+        else rope_row(x, bf16, r * row_stride, c, s, heads, head_dim);
     }
 }
 
