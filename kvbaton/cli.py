@@ -63,6 +63,8 @@ def _finite(text: str, unit: str) -> float:
 
 def _add_engine_args(p: argparse.ArgumentParser, command: str = "worker") -> None:
     """The engine's flags (``command``: whose parser it is; only the help text depends on it)."""
+    from kvbaton.engine.config import EngineConfig  # light: the config module imports no torch
+
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m, tiny-random), .gguf file or HF directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -71,7 +73,8 @@ def _add_engine_args(p: argparse.ArgumentParser, command: str = "worker") -> Non
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="most tokens one engine step computes (default: %(default)s)")
     p.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most tokens one request prefills per step, so short prompts get "
                         "through beside long ones (0: no cap)")

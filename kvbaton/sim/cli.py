@@ -109,12 +109,14 @@ def add_sim_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_engine_cost_args(p: argparse.ArgumentParser) -> None:
     """The simulated workers' engine flags and the cost model's (``sim`` and ``plan``)."""
+    from kvbaton.engine.config import EngineConfig  # light: the config module imports no torch
+
     e = p.add_argument_group("engine (per worker)")
     e.add_argument("--num-kv-blocks", type=_pos_int, default=None,
                    help="device KV blocks per worker (default: the profile's, else 4096)")
     e.add_argument("--block-size", type=_pos_int, default=16)
     e.add_argument("--max-num-seqs", type=_pos_int, default=64)
-    e.add_argument("--max-num-batched-tokens", type=_pos_int, default=1024)
+    e.add_argument("--max-num-batched-tokens", type=_pos_int, default=EngineConfig.max_num_batched_tokens)
     e.add_argument("--long-prefill-token-threshold", type=int, default=0)
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--max-model-len", type=_pos_int, default=8192)
