@@ -19,17 +19,18 @@ from kvbaton.models import native
 _SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    lib.paged_decode.argtypes = [ptr, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64,
+                                 i64, f32, i64]
+    lib.paged_decode.restype = ctypes.c_int
+    lib.write_kv.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
+    lib.write_kv.restype = None
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it if needed; None if it cannot be built."""
-    lib = native.load_library(_SRC)
-    if lib is not None:
-        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-        for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
-            fn.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]
-            fn.restype = ctypes.c_int
-        lib.write_kv.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
-        lib.write_kv.restype = None
-    return lib
+    return native.load_library(_SRC, _declare)
 
 
 # The cache dtypes the kernel reads; it computes in float32 for both.
@@ -53,7 +54,7 @@ class PagedDecodeKernel:
         self.lib = lib
         self.kv_cache = kv_cache
         self.num_layers, _, self.block_size, self.num_kv_heads, self.head_dim = kv_cache.shape[1:]
-        self._fn = lib.paged_decode_f32 if kv_cache.dtype == torch.float32 else lib.paged_decode_bf16
+        self._bf16 = int(kv_cache.dtype == torch.bfloat16)
 
     def __call__(self, layer: int, q: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, tables: torch.Tensor,
                  ctx_lens: torch.Tensor) -> None:
@@ -63,8 +64,8 @@ class PagedDecodeKernel:
         max_blocks]`` int64. Runs on as many threads as torch uses now."""
         if q.dtype != self.kv_cache.dtype or out.dtype != q.dtype or q.shape != out.shape:
             raise ValueError("the C decode kernel takes q and out of the cache's dtype and one shape")
-        rc = self._fn(
-            self.kv_cache.data_ptr(), q.data_ptr(), _rows_of(q, "q"), out.data_ptr(), _rows_of(out, "out"),
+        rc = self.lib.paged_decode(
+            self.kv_cache.data_ptr(), self._bf16, q.data_ptr(), _rows_of(q, "q"), out.data_ptr(), _rows_of(out, "out"),
             rows.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(), rows.shape[0], layer,
             self.num_layers, self.block_size, q.shape[1], self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
             torch.get_num_threads(),

@@ -20,24 +20,20 @@ from kvbaton.models import native
 
 _SRC = Path(__file__).with_name("csrc") / "fused_ops.c"
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-_lib: ctypes.CDLL | None = None
-_tried = False
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    for sfx in _DTYPES.values():
+        getattr(lib, f"rms_norm_{sfx}").argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32]
+        getattr(lib, f"rope_{sfx}").argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64]
+        getattr(lib, f"silu_mul_{sfx}").argtypes = [ptr, ptr, i64, i64]
+        for op in ("rms_norm", "rope", "silu_mul"):
+            getattr(lib, f"{op}_{sfx}").restype = None
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        lib = native.load_library(_SRC)
-        if lib is not None:
-            i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-            for sfx in _DTYPES.values():
-                getattr(lib, f"rms_norm_{sfx}").argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32]
-                getattr(lib, f"rope_{sfx}").argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64]
-                getattr(lib, f"silu_mul_{sfx}").argtypes = [ptr, ptr, i64, i64]
-                for op in ("rms_norm", "rope", "silu_mul"):
-                    getattr(lib, f"{op}_{sfx}").restype = None
-        _lib, _tried = lib, True
-    return _lib
+    return native.load_library(_SRC, _declare)
 
 
 def available(x: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,28 +50,36 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def load_library(src: Path) -> ctypes.CDLL | None:
-    """``src`` compiled and loaded (once per process); None if it cannot be built here."""
+def load_library(src: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """``src`` compiled and loaded, and ``declare`` run on it to set its functions' argument
+    types, once per process; None if it cannot be built here. Callers may ask on every call:
+    after the first answer it is a dict lookup."""
+    if src in _loaded:  # answered before: no lock on the hot path
+        return _loaded[src]
     with _lock:
-        if src in _loaded:
-            return _loaded[src]
-        _loaded[src] = None
-        if os.environ.get("KVBATON_DISABLE_C_KERNEL"):
-            return None
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            log.warning("no C compiler found: %s is not built and PyTorch ops run instead", src.name)
-            return None
-        for flags in ([*CFLAGS, OPENMP], CFLAGS):
-            out = build(src, cc, flags)
-            if out is not None:
-                break
-        else:
-            return None
-        if OPENMP not in flags:
-            log.warning("the C compiler has no OpenMP: %s runs on one thread", src.name)
-        _loaded[src] = lib = ctypes.CDLL(str(out))
-        return lib
+        if src not in _loaded:
+            _loaded[src] = _build_and_load(src, declare)
+        return _loaded[src]
+
+
+def _build_and_load(src: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    if os.environ.get("KVBATON_DISABLE_C_KERNEL"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("no C compiler found: %s is not built and PyTorch ops run instead", src.name)
+        return None
+    for flags in ([*CFLAGS, OPENMP], CFLAGS):
+        out = build(src, cc, flags)
+        if out is not None:
+            break
+    else:
+        return None
+    if OPENMP not in flags:
+        log.warning("the C compiler has no OpenMP: %s runs on one thread", src.name)
+    lib = ctypes.CDLL(str(out))
+    declare(lib)
+    return lib
 
 
 # Headers every source may include (`#include "fastmath.h"`): on the include path of each build

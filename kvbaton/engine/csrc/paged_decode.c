@@ -25,31 +25,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fastmath.h" /* kvbaton/models/csrc, on the include path of every build */
+/* kvbaton/models/csrc, on the include path of every build */
+#include "bf16.h"
+#include "fastmath.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-static inline __attribute__((always_inline)) float ld(const void *p, int bf16, int64_t at)
-{
-    if (bf16) {
-        union { uint32_t u; float f; } c = { .u = (uint32_t)((const uint16_t *)p)[at] << 16 };
-        return c.f;
-    }
-    return ((const float *)p)[at];
-}
-
-static inline __attribute__((always_inline)) void st(void *p, int bf16, int64_t at, float f)
-{
-    if (bf16) {
-        union { float f; uint32_t u; } c = { .f = f };
-        ((uint16_t *)p)[at] = (c.u & 0x7fffffffu) > 0x7f800000u
-            ? (uint16_t)((c.u >> 16) | 0x40)  /* NaN stays NaN */
-            : (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-    } else {
-        ((float *)p)[at] = f;
-    }
-}
 
 /* Inlined into each caller below with the element type and head_dim constants, so the dot
    products and the V accumulation unroll into a few vector instructions instead of short
@@ -96,7 +77,10 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t i = 0; i < group * head_dim; i++) st(os, bf16, g * group * head_dim + i, acc[i]);
 }
 
-static int paged_decode(
+/* `kv` is the whole cache, float32 or (`bf16`) bfloat16; q and out hold num_heads * head_dim
+   elements per row, in the cache's dtype. Returns 0, or -1 when the scores buffer cannot be
+   allocated (nothing is computed then). */
+int paged_decode(
     const void *kv, int bf16, const void *q, int64_t q_stride, void *out, int64_t out_stride,
     const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
     int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
@@ -145,31 +129,6 @@ static int paged_decode(
     }
     free(scores);
     return 0;
-}
-
-/* The entry points: `kv` is the whole cache; q and out hold num_heads * head_dim elements per
-   row, in the cache's dtype. Each returns 0, or -1 when the scores buffer cannot be allocated
-   (nothing is computed then). */
-int paged_decode_f32(
-    const float *kv, const float *q, int64_t q_stride, float *out, int64_t out_stride,
-    const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
-    int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
-    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
-{
-    return paged_decode(kv, 0, q, q_stride, out, out_stride, rows, block_tables, max_blocks,
-                        ctx_lens, num_seqs, layer, num_layers, block_size, num_heads,
-                        num_kv_heads, head_dim, scale, num_threads);
-}
-
-int paged_decode_bf16(
-    const uint16_t *kv, const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
-    const int64_t *rows, const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens,
-    int64_t num_seqs, int64_t layer, int64_t num_layers, int64_t block_size, int64_t num_heads,
-    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t num_threads)
-{
-    return paged_decode(kv, 1, q, q_stride, out, out_stride, rows, block_tables, max_blocks,
-                        ctx_lens, num_seqs, layer, num_layers, block_size, num_heads,
-                        num_kv_heads, head_dim, scale, num_threads);
 }
 
 /* Stores token t's K and V rows (num_kv_heads * head_dim elements of `esize` bytes, rows

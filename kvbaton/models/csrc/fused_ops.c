@@ -16,41 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "fastmath.h"
 
 /* Rows per call below which the op stays on the calling thread. */
 #define PARALLEL_ROWS 32
-
-static inline __attribute__((always_inline)) float ld(const void *p, int bf16, int64_t i)
-{
-    if (bf16) {
-        union { uint32_t u; float f; } c = { .u = (uint32_t)((const uint16_t *)p)[i] << 16 };
-        return c.f;
-    }
-    return ((const float *)p)[i];
-}
-
-/* Round to nearest even, as PyTorch converts float32 to bfloat16 (NaN stays NaN). */
-static inline __attribute__((always_inline)) uint16_t to_bf16(float f)
-{
-    union { float f; uint32_t u; } c = { .f = f };
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
-static inline __attribute__((always_inline)) void st(void *p, int bf16, int64_t i, float f)
-{
-    if (bf16) ((uint16_t *)p)[i] = to_bf16(f);
-    else ((float *)p)[i] = f;
-}
-
-/* As the dtype's arithmetic would leave a value: a bfloat16 op rounds its float result. */
-static inline __attribute__((always_inline)) float rnd(int bf16, float f)
-{
-    if (!bf16) return f;
-    union { uint32_t u; float f; } c = { .u = (uint32_t)to_bf16(f) << 16 };
-    return c.f;
-}
 
 /* out = weight * (h * rsqrt(mean(h^2) + eps)) per row, with h = x, or with residual += x
    first and h = residual (the updated residual stays in `residual`). As transformers' RMSNorm:
