@@ -137,3 +137,23 @@ def test_request_larger_than_cache_rejected():
     small = make_llm(num_kv_blocks=4)
     with pytest.raises(ValueError, match="KV blocks"):
         small.engine.add_request([1] * 60, SamplingParams(max_tokens=10))
+
+
+def test_seeded_request_continued_after_a_first_token_equals_the_whole_run(llm):
+    # The disaggregated decode side: the prefill worker drew the first token, this engine
+    # continues from it and must draw what the whole run drew next (the generator skips one).
+    prompt = random_prompts(1, 20, 20, seed=9)[0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=17, ignore_eos=True, logprobs=0)
+    whole = llm.generate([prompt], params)[0]
+    eng = llm.engine
+    eng.add_request(prompt, params, request_id="continued", first_token=(whole.token_ids[0], whole.logprobs[0]))
+    final = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            final = out
+    assert final is not None and final.finished
+    assert final.token_ids == whole.token_ids
+    # A fresh generator on the same context (no skip) draws something else.
+    fresh = SamplingParams(max_tokens=7, temperature=1.0, seed=17, ignore_eos=True)
+    redrawn = llm.generate([prompt + whole.token_ids[:1]], fresh)[0]
+    assert redrawn.token_ids != whole.token_ids[1:]

@@ -21,11 +21,11 @@ from kvbaton.engine.block_pool import BlockPool
 from kvbaton.engine.config import DEFAULT_DISK_CACHE_BYTES, EngineConfig
 from kvbaton.engine.kv_handoff import ImportPlan, KVHandoff
 from kvbaton.engine.leases import LeaseTable
-from kvbaton.engine.model_runner import ModelRunner
+from kvbaton.engine.model_runner import ModelRunner, PromptLogits
 from kvbaton.engine.offload import KVOffload
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.engine.request import Request
-from kvbaton.engine.sampler import Sampler
+from kvbaton.engine.sampler import Sampler, prompt_logprobs
 from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
 from kvbaton.engine.step_trace import StepRecorder, StepTrace
 from kvbaton.engine.stop import check_stop
@@ -217,6 +217,8 @@ class LLMEngine:
         pinned under a lease (``RequestOutput.kv_lease``) for a decode worker to fetch.
         ``first_token``: the (token id, logprob) a prefill worker already sampled; generation
         continues after it, recomputing the prompt here (the fallback when a transfer fails).
+        Such a request cannot ask for ``prompt_logprobs`` (nor can an import): whether it gets
+        them must not depend on whether a transfer failed.
         """
         params = params or SamplingParams()
         req = self._new_request(prompt, params, request_id, cache_salt)
@@ -239,6 +241,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
             raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        # Only the engine knows the vocabulary; SamplingParams checked the rest of logit_bias.
+        bad = max(params.logit_bias, default=-1)
+        if bad >= vocab:
+            raise InvalidRequestError("logit_bias", f"token ids must be below the vocabulary size {vocab}, got {bad}")
         check_request_fits(len(ids), params.max_tokens, self.max_model_len,
                            self.pool.num_blocks, self.config.block_size)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -249,6 +255,9 @@ class LLMEngine:
         )
 
     def _append_first_token(self, req: Request, first_token: tuple[int, float | None]) -> None:
+        if req.params.prompt_logprobs is not None:
+            # The prompt ran on the prefill worker (whose logits are gone), or its KV was imported.
+            raise InvalidRequestError("prompt_logprobs", "is not supported for a request prefilled on another worker")
         tok, logprob = first_token
         vocab = self.model_config.vocab_size
         if not isinstance(tok, int) or not 0 <= tok < vocab:
@@ -257,6 +266,8 @@ class LLMEngine:
         if req.params.logprobs is not None:
             # Top-n alternatives of the first token stay on the prefill worker.
             req.logprobs.append(0.0 if logprob is None else logprob)
+        # A seeded request's next token is its second draw, as if it had run whole here.
+        self.sampler.skip_draw(req.request_id, req.params, vocab)
 
     # ---- KV handoff (disaggregated prefill/decode) ------------------------------------------
 
@@ -387,14 +398,15 @@ class LLMEngine:
         if self.step_trace is not None:  # the batch as it runs: a step moves each start on
             self._traced_parts = [[s.num_new_tokens, s.start] for s in out.scheduled]
         try:
-            logits = self.runner.execute(out)
-            result = self.sampler.sample(
-                logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
-            )
+            step_logits = self.runner.execute(out)
+            result = self.sampler.sample(step_logits.sample, [s.request for s in sampling], self.eos_token_ids)
+            prompt_lps = [self._prompt_logprobs(pl) for pl in step_logits.prompt]
         except Exception as e:  # noqa: BLE001 - contained: see _fail_step
             return self._fail_step(out, e)
         for s in out.scheduled:
             self.scheduler.commit_computed(s)
+        for req, lps in prompt_lps:  # the runner asked only for positions not collected yet
+            req.prompt_logprobs.extend(lps)
         outputs: list[RequestOutput] = []
         for i, s in enumerate(sampling):
             req = s.request
@@ -408,6 +420,14 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.step_end()
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(pl: PromptLogits) -> tuple[Request, list[dict[int, float] | None]]:
+        """The prompt logprobs that ``pl``'s rows give its request (not stored yet: a step that
+        fails commits nothing)."""
+        req, first = pl.request, pl.first_position
+        targets = req.prompt_token_ids[first + 1 : first + 1 + pl.logits.shape[0]]
+        return req, prompt_logprobs(pl.logits, targets, req.params.prompt_logprobs or 0)
 
     def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """The forward pass or sampling of a step raised: fail the requests it ran, free their
@@ -479,6 +499,9 @@ class LLMEngine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
             top_logprobs=list(req.top_logprobs) if req.params.logprobs else None,
+            # Complete once the prompt has run, then never changed: shared, not copied.
+            prompt_logprobs=None if req.needs_prompt_logits or req.params.prompt_logprobs is None
+            else req.prompt_logprobs,
             new_token_ids=req.output_token_ids[n_prev:],
         )
 

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from kvbaton.engine.attention import SeqSlice, create_attention_backend
+from kvbaton.engine.request import Request
 from kvbaton.engine.scheduler import SchedulerOutput
 from kvbaton.kv.spec import KVSpec
 from kvbaton.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class PromptLogits:
+    """Raw logits at a run of one request's prompt positions: row ``j`` is the model's
+    prediction at position ``first_position + j``, i.e. for prompt token ``first_position + j + 1``."""
+
+    request: Request
+    first_position: int
+    logits: torch.Tensor  # float32 [n, vocab]
+
+
+@dataclass
+class StepLogits:
+    """What one forward pass hands the sampler: ``sample`` holds a row per sampling request
+    (in the order of ``out.scheduled`` restricted to entries whose ``samples`` is true);
+    ``prompt`` the prompt positions of requests that asked for ``prompt_logprobs`` and have
+    them in this step (empty for every other step)."""
+
+    sample: torch.Tensor
+    prompt: list[PromptLogits] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -35,25 +59,45 @@ class ModelRunner:
         self.backend = create_attention_backend(attention_backend, self.kv_cache, spec.block_size)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run the step; returns float32 logits ``[num_sampling_requests, vocab]`` in the
-        order of ``out.scheduled`` restricted to entries whose ``samples`` is true."""
+    def execute(self, out: SchedulerOutput) -> StepLogits:
+        """Run the step; returns float32 logits of the rows to sample and of the prompt
+        positions that ``prompt_logprobs`` requests still need (:class:`StepLogits`)."""
         input_ids: list[int] = []
         positions: list[int] = []
         seqs: list[SeqSlice] = []
         sample_rows: list[int] = []
+        # (request, first position, first row in the flat batch, number of rows)
+        prompt_runs: list[tuple[Request, int, int, int]] = []
         for s in out.scheduled:
             req, start, n = s.request, s.start, s.num_new_tokens
+            offset = len(input_ids)
             input_ids.extend(req.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             seqs.append(SeqSlice(req.block_ids, start, n))
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
+            if req.needs_prompt_logits:
+                wanted = req.prompt_logit_positions(start, n)
+                if wanted:
+                    prompt_runs.append((req, wanted.start, offset + wanted.start - start, len(wanted)))
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = self.backend.prepare(seqs)
         hidden: torch.Tensor = self.model(ids, pos, self.backend.bind(meta))
-        if not sample_rows:
-            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows])
+        if not prompt_runs:  # every step but a prompt_logprobs request's prefill
+            if not sample_rows:
+                return StepLogits(hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32))
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            return StepLogits(self.model.compute_logits(hidden[rows]))
+        # One lm_head pass over the sampled rows and the asked-for prompt rows together; no
+        # other row of the batch is projected onto the vocabulary.
+        all_rows = list(sample_rows)
+        for _, _, row0, k in prompt_runs:
+            all_rows.extend(range(row0, row0 + k))
+        logits = self.model.compute_logits(hidden[torch.tensor(all_rows, dtype=torch.long, device=self.device)])
+        prompt: list[PromptLogits] = []
+        at = len(sample_rows)
+        for req, first, _, k in prompt_runs:
+            prompt.append(PromptLogits(req, first, logits[at : at + k]))
+            at += k
+        return StepLogits(logits[: len(sample_rows)], prompt)

@@ -16,6 +16,12 @@ class RequestOutput:
     ``new_token_ids`` are the tokens this step added. Text is only given whole: a streaming
     consumer must hold back text that a later token could still change (a stop string, a
     half-decoded character), which ``kvbaton.worker`` does.
+
+    ``prompt_logprobs`` (when the request's params ask): one entry per prompt position, None at
+    position 0 (no context), else ``{token_id: logprob}`` holding the actual prompt token first
+    and the ``prompt_logprobs`` most likely tokens there, under the raw model. It is set on
+    every output once the prompt has run (None before: an error or abort during the prefill),
+    and every output of a request carries the same list: treat it as read-only.
     """
 
     request_id: str
@@ -29,6 +35,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     new_token_ids: list[int] = field(default_factory=list)
     kv_lease: LeaseInfo | None = None  # prefill-only requests: the lease on the prompt's KV
     error: str | None = None  # finish_reason "error": what failed (the step running it raised)

@@ -60,6 +60,9 @@ class Request:
     num_preemptions: int = field(init=False, default=0)
     logprobs: list[float] = field(init=False, default_factory=list)
     top_logprobs: list[dict[int, float]] = field(init=False, default_factory=list)
+    # params.prompt_logprobs: one entry per prompt position collected so far (None at
+    # position 0, which has no context); complete once it has num_prompt_tokens entries.
+    prompt_logprobs: list[dict[int, float] | None] = field(init=False, default_factory=list)
     finish_reason: str | None = field(init=False, default=None)
     stop_reason: str | int | None = field(init=False, default=None)
     output_text: str = field(init=False, default="")
@@ -75,6 +78,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs.append(None)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -91,6 +96,24 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt positions still need their logits computed (``prompt_logprobs``
+        asked and not all collected yet). Such a request must compute its prompt rather than
+        read it from a cache: cached tokens come with no logits."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def prompt_logit_positions(self, start: int, num_new_tokens: int) -> range:
+        """Positions among ``[start, start + num_new_tokens)`` whose logits give a prompt
+        logprob not collected yet: position ``p`` predicts prompt token ``p + 1``. Empty when
+        nothing is needed; positions collected before a preemption are not asked again."""
+        if not self.needs_prompt_logits:
+            return range(0)
+        # Such a request never starts past what it collected (it reads no cached prefix).
+        assert start <= len(self.prompt_logprobs) - 1, "prompt positions skipped: their logprobs would be lost"
+        first = max(start, len(self.prompt_logprobs) - 1)
+        return range(first, max(first, min(start + num_new_tokens, self.num_prompt_tokens - 1)))
 
     @property
     def finished(self) -> bool:

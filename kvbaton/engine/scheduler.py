@@ -205,10 +205,15 @@ class Scheduler:
                     admitted = self._admit_with_kv(req, budget, out)
             else:
                 hashes, hit = self._cached_prefix(req)
-                if inflight is not None and self._waits_for_inflight(hashes, len(hit), req, inflight):
+                # One that must compute its prompt (prompt_logprobs) reads no cache: waiting for a
+                # sibling's blocks or loading them from a tier would gain it nothing.
+                reads_cache = not req.needs_prompt_logits
+                if (reads_cache and inflight is not None
+                        and self._waits_for_inflight(hashes, len(hit), req, inflight)):
                     passed.append(self.waiting.popleft())
                     continue
-                if self.loader is not None and not req.skip_tiers and self.loader.begin_load(req, hashes, hit):
+                if (reads_cache and self.loader is not None and not req.skip_tiers
+                        and self.loader.begin_load(req, hashes, hit)):
                     passed.append(self.waiting.popleft())
                     if inflight is not None:  # siblings wait for this load instead of repeating it
                         inflight.update(self.loader.loading_hashes())
@@ -250,8 +255,12 @@ class Scheduler:
 
     def _cached_prefix(self, req: Request) -> tuple[list[BlockHash], list[int]]:
         """``req``'s block hashes and the blocks of its longest cached prefix, leaving at least
-        one token to compute for the logits."""
+        one token to compute for the logits. No prefix for a request that still needs its
+        prompt's logits (``prompt_logprobs``, as in vLLM): cached tokens come with none. It
+        still registers the blocks it computes, for later requests to read."""
         hashes = req.full_block_hashes()
+        if req.needs_prompt_logits:
+            return hashes, []
         max_blocks = (req.num_tokens - 1) // self.block_size
         return hashes, self.pool.find_cached_prefix(hashes[:max_blocks], req.token_ids)
 

@@ -3,7 +3,9 @@ function, so a simulator that samples no text can apply the same rule (it passes
 
 Order of checks, first match wins: an end-of-sequence token (unless ``ignore_eos``), one of the
 request's ``stop_token_ids``, one of its ``stop`` strings in the new text (the text is cut
-before it), then the length limits (``max_tokens`` output tokens, or the context full).
+before it), then the length limits (``max_tokens`` output tokens, or the context full). While a
+request has fewer than ``min_tokens`` output tokens only the length limits apply (the sampler
+also keeps EOS and ``stop_token_ids`` from being sampled until then, as vLLM does).
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ def check_stop(
     so far (None when not detokenized: stop strings are then not checked, which is exact
     whenever the request has none), ``prev_text`` the text before ``last_token``.
     """
-    if not params.ignore_eos and last_token in eos_token_ids:
-        return StopDecision("stop")
-    if last_token in params.stop_token_ids:
-        return StopDecision("stop", last_token)
-    if text is not None and params.stop:
-        hit = find_stop_string(text, prev_text, params.stop)
-        if hit is not None:
-            return StopDecision("stop", hit[1], text[: hit[0]])
+    if num_output_tokens >= params.min_tokens:  # before that only the length limits apply
+        if not params.ignore_eos and last_token in eos_token_ids:
+            return StopDecision("stop")
+        if last_token in params.stop_token_ids:
+            return StopDecision("stop", last_token)
+        if text is not None and params.stop:
+            hit = find_stop_string(text, prev_text, params.stop)
+            if hit is not None:
+                return StopDecision("stop", hit[1], text[: hit[0]])
     if num_output_tokens >= params.max_tokens or num_tokens >= max_model_len:
         return StopDecision("length")
     return None
