@@ -52,6 +52,14 @@ _sampling = {
     "cache_salt": st.one_of(st.text(max_size=10), _values),
     "model": st.one_of(st.sampled_from(["tiny-random", "nope"]), _values),
     "echo": st.one_of(st.booleans(), _values),
+    "best_of": st.one_of(st.integers(-1, 4), _values),
+    "presence_penalty": st.one_of(st.floats(-3, 3), _numbers, _values),
+    "frequency_penalty": st.one_of(st.floats(-3, 3), _numbers, _values),
+    "repetition_penalty": st.one_of(st.floats(-1, 3), _numbers, _values),
+    "min_tokens": st.one_of(st.integers(-2, 10), _values),
+    "logit_bias": st.one_of(st.dictionaries(st.one_of(st.integers(-5, 600).map(str), st.text(max_size=4)),
+                                            st.one_of(st.floats(-150, 150), _numbers), max_size=3), _values),
+    "prompt_logprobs": st.one_of(st.integers(-2, 30), _values),
     "kv_transfer_params": st.one_of(st.none(), _values),
 }
 

@@ -130,7 +130,7 @@ def whttp(worker: Any) -> Iterator[httpx.Client]:
 
 
 def _worker_serves(http: httpx.Client) -> None:
-    r = http.post(CMPL, json={"prompt": "hello", "max_tokens": 2})
+    r = http.post(CMPL, json={"prompt": "hello", "max_tokens": 2, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
 
@@ -179,7 +179,7 @@ def router() -> Iterator[tuple[httpx.Client, FakeWorker]]:
 
 
 def _router_serves(http: httpx.Client) -> None:
-    r = http.post(CMPL, json={"prompt": "hello", "max_tokens": 2})
+    r = http.post(CMPL, json={"prompt": "hello", "max_tokens": 2, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == "t0 t1 "
 

@@ -37,12 +37,14 @@ def test_error_body_shape():
 
 
 def test_prompt_forms():
-    assert CompletionRequest(prompt="hi").prompt_input() == "hi"
-    assert CompletionRequest(prompt=[1, 2]).prompt_input() == [1, 2]
-    for bad, param in ((["a"], "prompt"), ([[1], [2]], "prompt"), (1.5, "prompt"), ([True], "prompt")):
+    assert CompletionRequest(prompt="hi").prompt_inputs(4) == ["hi"]
+    assert CompletionRequest(prompt=[1, 2]).prompt_inputs(4) == [[1, 2]]
+    assert CompletionRequest(prompt=["a", "b"]).prompt_inputs(4) == ["a", "b"]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompt_inputs(4) == [[1], [2, 3]]
+    for bad in (1.5, [True], ["a", [1]], [[1], "a"], [[1], []], [[1, True]], ["a"] * 5, [None]):
         try:
-            CompletionRequest(prompt=bad).prompt_input()
+            CompletionRequest(prompt=bad).prompt_inputs(4)
         except ApiError as e:
-            assert e.status == 400 and e.param == param
+            assert e.status == 400 and e.param == "prompt"
         else:
             raise AssertionError(f"{bad!r} accepted")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvbaton.api.fanout import Fanout
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.limits import check_prompt_chars
@@ -35,6 +36,8 @@ class FrontDoorConfig:
     # Seconds in-flight requests may keep running after SIGTERM.
     drain_timeout_s: float = 5.0
     max_logprobs: int = 20
+    max_n: int = 16
+    max_batch_prompts: int = 64
     default_chat_max_tokens: int = 1024
     default_completion_max_tokens: int = 16
     log_level: str = "WARNING"
@@ -50,6 +53,9 @@ class FrontDoorConfig:
             raise ConfigError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
         if self.max_logprobs < 0:
             raise ConfigError("max_logprobs", "must be >= 0")
+        for name in ("max_n", "max_batch_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)!r}")
         for name in ("request_header_timeout_s", "request_body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
@@ -78,7 +84,7 @@ def invalid_request(e: InvalidRequestError, aliases: dict[str, str], prompt_para
 
 def sampling_params(
     body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str],
-    prompt_param: str,
+    prompt_param: str, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for ``body``; a 400 naming the field the client sent."""
     try:
@@ -93,6 +99,12 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=body.skip_special_tokens,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.logit_bias_ids(),
+            min_tokens=body.min_tokens or 0,
+            prompt_logprobs=prompt_logprobs,
         )
     except InvalidRequestError as e:
         raise invalid_request(e, aliases, prompt_param) from None
@@ -118,6 +130,9 @@ class Preamble:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     aliases: dict[str, str] = field(default_factory=dict)
+    # Completions: every prompt of a batch (``prompt`` is the first); chat: empty.
+    prompts: list[str | list[int]] = field(default_factory=list)
+    fan: Fanout = Fanout(1, 1, 1)
 
     def error(self, e: InvalidRequestError) -> ApiError:
         """The 400 for an error the engine raised about this request."""
@@ -127,37 +142,50 @@ class Preamble:
         """The 400 for text too long for the context whatever it says (:func:`~kvbaton.limits.
         check_prompt_chars`), before a tokenizer spends seconds on megabytes of it; worker and
         router both call it first."""
-        if isinstance(self.prompt, str):
-            chars = len(self.prompt)
-        elif self.messages is not None:
-            chars = sum(len(m.get("content") or "") for m in self.messages)
-        else:
-            return  # token ids: counted exactly, later
+        if self.messages is not None:
+            counts = [sum(len(m.get("content") or "") for m in self.messages)]
+        else:  # token ids are counted exactly, later
+            counts = [len(p) for p in self.prompts if isinstance(p, str)]
         try:
-            check_prompt_chars(chars, max_model_len, token_chars)
+            for chars in counts:
+                check_prompt_chars(chars, max_model_len, token_chars)
         except InvalidRequestError as e:
             raise self.error(e) from None
+
+
+def _check_prompt_logprobs(body: SamplingFields, max_logprobs: int) -> None:
+    if body.prompt_logprobs is not None and body.prompt_logprobs > max_logprobs:
+        raise ApiError(400, f"prompt_logprobs: at most {max_logprobs}", "prompt_logprobs", "invalid_value")
 
 
 def completion_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
                         body: CompletionRequest) -> Preamble:
     """``POST /v1/completions`` up to the point where worker and router part ways."""
-    body.check_supported()
+    body.check_supported(cfg.max_n)
     name = resolve_model(body.model, served, server)
-    prompt = body.prompt_input()
+    prompts = body.prompt_inputs(cfg.max_batch_prompts)
     if body.logprobs is not None and body.logprobs > cfg.max_logprobs:
         raise ApiError(400, f"logprobs: at most {cfg.max_logprobs}", "logprobs", "invalid_value")
+    _check_prompt_logprobs(body, cfg.max_logprobs)
     max_tokens = cfg.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, max_tokens, body.logprobs, {}, "prompt")
-    return Preamble(name, params, max_tokens, body.logprobs, "prompt", prompt=prompt)
+    prompt_lp = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:  # echo shows the prompt's logprobs too
+        prompt_lp = max(prompt_lp or 0, body.logprobs)
+    params = sampling_params(body, max_tokens, body.logprobs, {}, "prompt", prompt_lp)
+    fan = Fanout(len(prompts), body.n, body.best_of or body.n)
+    return Preamble(name, params, max_tokens, body.logprobs, "prompt", prompt=prompts[0],
+                    prompts=prompts, fan=fan)
 
 
 def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
                   body: ChatCompletionRequest) -> Preamble:
     """``POST /v1/chat/completions`` up to the point where worker and router part ways."""
-    body.check_supported()
+    body.check_supported(cfg.max_n)
     name = resolve_model(body.model, served, server)
     messages = body.template_input()
     max_tokens, logprobs, aliases = body.limits(cfg.max_logprobs)
-    params = sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages")
-    return Preamble(name, params, max_tokens, logprobs, "messages", messages=messages, aliases=aliases)
+    _check_prompt_logprobs(body, cfg.max_logprobs)
+    params = sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages",
+                             body.prompt_logprobs)
+    return Preamble(name, params, max_tokens, logprobs, "messages", messages=messages, aliases=aliases,
+                    fan=Fanout(1, body.n, body.n))

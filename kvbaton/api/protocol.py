@@ -1,14 +1,15 @@
 """The OpenAI wire format: request models (pydantic), errors, and response/chunk builders.
 
-Only what the engine can honour is accepted: parameters it cannot (``n > 1``, batched
-prompts, ``echo``, penalties, tools...) are rejected with a 400 naming the field rather than
-silently ignored. Unknown extra fields are ignored, as OpenAI clients send many.
+Only what the engine can honour is accepted: parameters it cannot (``suffix``, tools,
+structured output...) are rejected with a 400 naming the field rather than silently ignored.
+Unknown extra fields are ignored, as OpenAI clients send many.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -124,7 +125,14 @@ class SamplingFields(BaseModel):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # vLLM extras: a multiplicative penalty over prompt and output tokens, and a floor on
+    # the output length before EOS, stop_token_ids or stop strings may end it.
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM extra: each prompt token's logprob and the top alternatives there (choices[].
+    # prompt_logprobs, vLLM's shape).
+    prompt_logprobs: int | None = None
     user: str | None = None
     cache_salt: str | None = None
     # vLLM extension: return the generated token ids (choices[].token_ids).
@@ -140,18 +148,27 @@ class SamplingFields(BaseModel):
         check_text(value, str(info.field_name))
         return value
 
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise unsupported("n", "only n=1 is supported")
-        if self.presence_penalty or self.frequency_penalty:
-            which = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            raise unsupported(which, "penalties are not implemented")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit_bias is not implemented")
+    def check_supported(self, max_n: int) -> None:
+        if not 1 <= self.n <= max_n:
+            raise ApiError(400, f"n: must be an integer in [1, {max_n}] (this server's maximum), "
+                           f"got {self.n}", "n", "invalid_value")
         if self.stream_options is not None and not self.stream:
             raise ApiError(
                 400, "stream_options: only allowed when stream is true", "stream_options", "invalid_value"
             )
+
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """``logit_bias`` with its keys as token ids (JSON keys are strings); a 400 for a key
+        that is not a non-negative integer. Values are checked with the other sampling
+        fields, and ids beyond the vocabulary by the engine."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or not key.isascii():
+                raise ApiError(400, f"logit_bias: keys must be token ids (non-negative integers), "
+                               f"got {key!r}", "logit_bias", "invalid_value")
+            out[int(key)] = value
+        return out
 
 
 class CompletionRequest(SamplingFields):
@@ -166,31 +183,60 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="after")
     @classmethod
     def _encodable_prompt(cls, value: Any) -> Any:
-        # Only a string prompt is ever encoded; token ids (what the router sends, possibly
-        # many thousands) are not walked, and a batch of strings is refused as unsupported.
+        # Only string prompts are ever encoded; token ids (what the router sends, possibly
+        # many thousands) are not walked.
         if isinstance(value, str):
             check_text(value, "prompt")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    check_text(item, f"prompt[{i}]")
         return value
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo:
-            raise unsupported("echo", "echo is not implemented")
+    def check_supported(self, max_n: int) -> None:
+        super().check_supported(max_n)
         if self.suffix:
             raise unsupported("suffix", "suffix is not implemented")
-        if self.best_of not in (None, 1):
-            raise unsupported("best_of", "only best_of=1 is supported")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= max_n:
+                raise ApiError(400, f"best_of: must be an integer in [n, {max_n}] (n={self.n}; "
+                               f"{max_n} is this server's maximum), got {self.best_of}", "best_of",
+                               "invalid_value")
+            if self.stream and self.best_of > self.n:
+                raise ApiError(400, "best_of: a request with best_of > n cannot be streamed (the "
+                               "best candidates are only known at the end); set stream to false",
+                               "best_of", "invalid_value")
 
-    def prompt_input(self) -> str | list[int]:
+    def prompt_inputs(self, max_prompts: int) -> list[str | list[int]]:
+        """The prompts: one string or one list of token ids, or a batch (a list of strings or
+        a list of token-id lists, at most ``max_prompts``)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if isinstance(p, list):
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                return list(p)
-            if all(isinstance(t, str) for t in p) or all(isinstance(t, list) for t in p):
-                raise unsupported("prompt", "a batch of prompts is not supported; send one per request")
-        raise ApiError(400, "prompt: must be a string or a list of token ids", "prompt", "invalid_type")
+            if all(_is_token_id(t) for t in p):  # (empty: the engine's "empty prompt" 400)
+                return [list(p)]
+            batch: list[str | list[int]] = []
+            text = isinstance(p[0], str)  # a batch is all strings or all token-id lists
+            for i, item in enumerate(p):
+                if text and isinstance(item, str):
+                    batch.append(item)
+                elif (not text and isinstance(item, list) and item
+                      and all(_is_token_id(t) for t in item)):
+                    batch.append(list(item))
+                else:
+                    raise ApiError(400, f"prompt[{i}]: a batch holds strings only or non-empty "
+                                   "lists of token ids only", "prompt", "invalid_type")
+            if len(batch) > max_prompts:
+                raise ApiError(400, f"prompt: a batch of at most {max_prompts} prompts, got "
+                               f"{len(batch)}", "prompt", "invalid_value")
+            return batch
+        raise ApiError(400, "prompt: must be a string or a list of token ids (or a non-empty batch "
+                       "of them)", "prompt", "invalid_type")
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 class ContentPart(BaseModel):
@@ -246,8 +292,8 @@ class ChatCompletionRequest(SamplingFields):
         check_messages(value)
         return value
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check_supported(self, max_n: int) -> None:
+        super().check_supported(max_n)
         if self.tools:
             raise unsupported("tools", "tool calling is not implemented")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -412,6 +458,54 @@ def completion_logprobs(
         "top_logprobs": [{k: _finite(v) for k, v in d.items()} for d in tops] if tops is not None else None,
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_field(
+    prompt_ids: list[int], entries: list[dict[int, float] | None], k: int,
+    token_text: Callable[[int], str],
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` choice field: per prompt position None (the first) or
+    ``{token_id: {"logprob", "rank", "decoded_token"}}`` for the prompt token and the ``k``
+    most likely tokens there (rank 1 is the most likely; the prompt token's rank is None when
+    it is not among them: the engine computed only those)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for tok, entry in zip(prompt_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        inside = len(entry) <= k  # the prompt token is among the top k
+        top = ranked if inside else [kv for kv in ranked if kv[0] != tok][:k]
+        field: dict[str, dict[str, Any]] = {}
+        if not inside:
+            field[str(tok)] = {"logprob": _finite(entry[tok]), "rank": None, "decoded_token": token_text(tok)}
+        for r, (t, lp) in enumerate(top):
+            field[str(t)] = {"logprob": _finite(lp), "rank": r + 1, "decoded_token": token_text(t)}
+        out.append(field)
+    return out
+
+
+def echo_logprobs(
+    prompt_ids: list[int], entries: list[dict[int, float] | None], token_text: Callable[[int], str]
+) -> dict[str, Any]:
+    """The prompt's part of a completions ``logprobs`` object (``echo`` with ``logprobs``):
+    each prompt token with its logprob (None for the first, which has no context) and the
+    alternatives at its position, text offsets from 0."""
+    texts = [token_text(t) for t in prompt_ids]
+    offsets, pos = [], 0
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    for tok, entry in zip(prompt_ids, entries):
+        if entry is None:
+            lps.append(None)
+            tops.append(None)
+            continue
+        lps.append(_finite(entry.get(tok, -math.inf)))
+        tops.append({token_text(t): _finite(v) for t, v in entry.items()})
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kvbaton.api.fanout import Fanout, gather_all
 from kvbaton.api.guard import RequestGuard, bearer_matches, install_error_handlers
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from kvbaton.api.server import call_later_threadsafe
@@ -76,17 +77,13 @@ class RouterState:
         self.metrics.request_failures.labels("mid_stream").inc()
 
 
-async def _close_orphan(result: object) -> None:
-    """A RelayStream the cancelled work opened anyway: close it (the worker aborts)."""
-    if isinstance(result, RelayStream):
-        await result.aclose()
-
-
-async def _collect(state: RouterState, view: ClientView, job: Job, stream: RelayStream) -> dict[str, Any]:
-    """A whole response; a stream that breaks is retried (the client has seen nothing)."""
+async def _collect(state: RouterState, view: ClientView, job: Job,
+                   stream: RelayStream) -> tuple[tuple[dict[str, Any], float], tuple[int, int, int]]:
+    """One run's whole choice (and its usage); a stream that breaks is retried (the client
+    has seen nothing)."""
     while True:
         try:
-            return await view.body(stream)
+            return await view.body(stream), view.run_usage(stream)
         except MidStreamError as e:
             state.metrics.worker_errors.labels(stream.worker.url, e.kind).inc()
             failure = e
@@ -97,6 +94,31 @@ async def _collect(state: RouterState, view: ClientView, job: Job, stream: Relay
         except ApiError:
             state.metrics.request_failures.labels("mid_stream").inc()
             raise failure.error from None
+
+
+async def _open_runs(state: RouterState, jobs: list[Job], fan: Fanout) -> list[RelayStream]:
+    """Every run up to its first chunk: the first run of each prompt, then the others, which
+    the KV-aware policies then send where that prompt's blocks now are. One that fails closes
+    those opened and its error is the request's."""
+    opened: dict[int, RelayStream] = {}
+
+    async def run(i: int) -> None:
+        opened[i] = await state.orchestrator.open(jobs[i])
+
+    try:
+        await gather_all([run(p * fan.k) for p in range(fan.num_prompts)])
+        if fan.k > 1:
+            await gather_all([run(i) for i in range(fan.total) if fan.sample_of(i)])
+    except BaseException:
+        for s in opened.values():
+            await s.aclose()
+        raise
+    return [opened[i] for i in range(fan.total)]
+
+
+async def _close_all(streams: list[RelayStream]) -> None:
+    for s in streams:
+        await s.aclose()
 
 
 def create_app(config: RouterConfig, tokenizer: Any | None = None,
@@ -131,25 +153,38 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None,
     async def serve(request: Request, prep: Prepared, arrival: float) -> Response:
         if state.draining:
             raise ApiError(503, "the router is shutting down", None, "service_unavailable")
-        job = state.orchestrator.new_job(prep.request_id, prep.token_ids, prep.max_tokens, prep.fields, arrival)
-        stream = await until_disconnect(request, state.orchestrator.open(job), _close_orphan)
-        if stream is None:
+        fan, rid = prep.fan, prep.request_id
+        jobs = [state.orchestrator.new_job(rid if fan.single else f"{rid}-{i}",
+                                           prep.prompts[fan.prompt_of(i)], prep.max_tokens,
+                                           prep.run_fields(fan.sample_of(i)), arrival)
+                for i in range(fan.total)]
+        streams = await until_disconnect(request, _open_runs(state, jobs, fan), _close_all)
+        if streams is None:
             return Response(status_code=499)
         view = ClientView(prep)
-        if prep.stream:
-            events = view.events(stream, lambda e: state.mid_stream_failure(stream, e))
-            async def close() -> None:
-                await stream.aclose()
+
+        def finished() -> None:
+            for job in jobs:
                 state.orchestrator.finished(job)
+
+        if prep.stream:
+            events = view.events(streams, state.mid_stream_failure)
+
+            async def close() -> None:
+                await _close_all(streams)
+                finished()
 
             shutdown = sse(ApiError(503, "the router is shutting down", None, "service_unavailable").body())
             return EventStreamResponse(until_stopped(events, state.drain_deadline, shutdown), close)
         try:
-            body = await until_disconnect(request, _collect(state, view, job, stream))
+            runs = await until_disconnect(request, gather_all(
+                [_collect(state, view, job, s) for job, s in zip(jobs, streams)]))
         finally:
-            await stream.aclose()
-            state.orchestrator.finished(job)
-        return Response(status_code=499) if body is None else JSONResponse(body)
+            await _close_all(streams)
+            finished()
+        if runs is None:
+            return Response(status_code=499)
+        return JSONResponse(view.response([r for r, _ in runs], [u for _, u in runs]))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

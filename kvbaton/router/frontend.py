@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from kvbaton.api.fanout import Fanout, child_seed
 from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvbaton.errors import InvalidRequestError
@@ -36,7 +37,7 @@ class Prepared:
     request_id: str
     chat: bool
     model: str  # the name the client asked for, echoed in responses
-    token_ids: list[int]
+    prompts: list[list[int]]  # token ids of each prompt (more than one: a batch)
     max_tokens: int
     fields: dict[str, Any]  # sampling fields for the workers
     stream: bool
@@ -44,6 +45,26 @@ class Prepared:
     # Chat only: how many alternatives per token the client asked for (top_logprobs), or
     # None when it asked for no logprobs.
     chat_top_logprobs: int | None = None
+    fan: Fanout = Fanout(1, 1, 1)
+    # The client asked for logprobs (best_of runs carry them to rank the candidates anyway).
+    logprobs: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The (first) prompt's token ids."""
+        return self.prompts[0]
+
+    def run_fields(self, sample: int) -> dict[str, Any]:
+        """The sampling fields of a run (:mod:`kvbaton.api.fanout`): its seed, and logprobs
+        when ``best_of`` ranks candidates by them."""
+        if self.fan.k == 1:
+            return self.fields
+        fields = dict(self.fields)
+        if "seed" in fields:
+            fields["seed"] = child_seed(fields["seed"], sample)
+        if self.fan.k > self.fan.n:
+            fields.setdefault("logprobs", 0)
+        return fields
 
 
 class Frontend:
@@ -92,19 +113,22 @@ class Frontend:
     async def completion(self, body: CompletionRequest, max_model_len: int | None) -> Prepared:
         pre = completion_preamble(self.config, self.config.model_names, "router", body)
         pre.check_length_before_tokenizing(max_model_len, self.token_chars)
-        if isinstance(pre.prompt, str):
-            try:
-                ids = await anyio.to_thread.run_sync(self._encode, pre.prompt)
-            except InvalidRequestError as e:
-                raise pre.error(e) from None
-        else:
-            ids = list(pre.prompt or [])
-            if any(t < 0 for t in ids):
-                raise ApiError(400, "prompt: token ids must be non-negative", "prompt", "invalid_value")
-        max_tokens = pre.params.max_tokens
-        self._check(pre, len(ids), max_tokens, max_model_len)
-        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, ids, max_tokens,
-                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body))
+        prompts: list[list[int]] = []
+        for prompt in pre.prompts:
+            if isinstance(prompt, str):
+                try:
+                    ids = await anyio.to_thread.run_sync(self._encode, prompt)
+                except InvalidRequestError as e:
+                    raise pre.error(e) from None
+            else:
+                ids = list(prompt)
+                if any(t < 0 for t in ids):
+                    raise ApiError(400, "prompt: token ids must be non-negative", "prompt", "invalid_value")
+            self._check(pre, len(ids), pre.params.max_tokens, max_model_len)
+            prompts.append(ids)
+        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, prompts, pre.params.max_tokens,
+                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body),
+                        fan=pre.fan, logprobs=pre.logprobs is not None)
 
     async def chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> Prepared:
         pre = chat_preamble(self.config, self.config.model_names, "router", body)
@@ -118,9 +142,9 @@ class Frontend:
         if max_tokens is None:
             max_tokens = default_max_tokens(self.config.default_chat_max_tokens, len(ids), max_model_len)
         self._check(pre, len(ids), max_tokens, max_model_len)
-        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", True, pre.model, ids, max_tokens,
+        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", True, pre.model, [ids], max_tokens,
                         _forwarded(body, pre.logprobs), body.stream, _include_usage(body),
-                        chat_top_logprobs=pre.logprobs)
+                        chat_top_logprobs=pre.logprobs, fan=pre.fan, logprobs=pre.logprobs is not None)
 
     @staticmethod
     def _check(pre: Preamble, num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
@@ -140,7 +164,10 @@ def _forwarded(body: SamplingFields, logprobs: int | None) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
         "stop": body.stop, "stop_token_ids": body.stop_token_ids, "logprobs": logprobs,
-        "cache_salt": body.cache_salt,
+        "cache_salt": body.cache_salt, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "min_tokens": body.min_tokens, "logit_bias": body.logit_bias or None,
+        "prompt_logprobs": body.prompt_logprobs,
     }
     out = {k: v for k, v in fields.items() if v is not None}
     if body.ignore_eos:
@@ -149,4 +176,8 @@ def _forwarded(body: SamplingFields, logprobs: int | None) -> dict[str, Any]:
         out["skip_special_tokens"] = False
     if body.return_token_ids:
         out["return_token_ids"] = True
+    if isinstance(body, CompletionRequest) and body.echo:
+        # The worker echoes what the prompt's token ids decode to: the prompt itself for the
+        # byte-level tokenizers kvbaton serves (no special tokens are added when encoding).
+        out["echo"] = True
     return out

@@ -79,6 +79,7 @@ class Job:
     path: str | None = None  # set when the first chunk arrives (disagg, local, direct)
     tried: list[Worker] = field(default_factory=list)
     lease: Prefilled | None = None
+    local_only: bool = False  # never disaggregated (see new_job)
     # Cached prompt tokens expected on each decode worker placed (for the prediction metrics).
     predicted: dict[str, int] = field(default_factory=dict)
 
@@ -113,7 +114,11 @@ class Orchestrator:
         fp, bs = self.pool.cluster.fingerprint, self.pool.cluster.block_size
         hashes = tuple(hash_block_chain(root_hash(fp, salt), token_ids, bs)) if fp and bs else ()
         routing = RoutingRequest(request_id, tuple(token_ids), hashes, bs, salt, max_tokens)
-        return Job(routing, fields, arrival, self.config.max_retries)
+        job = Job(routing, fields, arrival, self.config.max_retries)
+        # Prompt logprobs come from the forward pass over the prompt, which a decode worker
+        # importing the KV never runs: such a request runs where it is decoded.
+        job.local_only = "prompt_logprobs" in fields or (bool(fields.get("echo")) and "logprobs" in fields)
+        return job
 
     def place(self, job: Job) -> tuple[Worker, Worker | None]:
         """The decode worker and, when the request is worth disaggregating, a prefill one
@@ -142,6 +147,8 @@ class Orchestrator:
         WorkerApiError) if it fails before that; a cancelled call leaves nothing behind."""
         try:
             decoder, prefiller = self.place(job)
+            if job.local_only:
+                prefiller = None
             job.routed_at = time.monotonic()
             if prefiller is not None:
                 job.lease = await self._prefill(job, prefiller)
@@ -173,7 +180,11 @@ class Orchestrator:
         return cast(Worker, self.decode_policy.choose(job.routing, candidates, "decode"))
 
     def _finished_by_first_token(self, job: Job, pre: Prefilled) -> bool:
-        return pre.handle.finish_reason is not None or job.routing.max_tokens == 1
+        if job.routing.max_tokens == 1:
+            return True
+        # With min_tokens > 1 the first token cannot end the request: the prefill leg ran with
+        # min_tokens 1, which checks stop strings from the first token on.
+        return pre.handle.finish_reason is not None and (job.fields.get("min_tokens") or 0) <= 1
 
     def _record_first(self, job: Job, path: str) -> None:
         """Routing time, TTFT and the path, once per request (a retry after a mid-stream
@@ -192,6 +203,8 @@ class Orchestrator:
             "model": worker.model_name, "prompt": list(job.routing.token_ids), **job.fields,
             "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True},
         }
+        if body.get("min_tokens"):
+            body["min_tokens"] = 1  # (the first token is held to it; the decode leg to the rest)
         tokens = job.routing.num_prompt_tokens
         limit = prefill_timeout(self.config.prefill_timeout_s, worker.in_flight_tokens, tokens,
                                 worker.prefill_tokens_per_s)

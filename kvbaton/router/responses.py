@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from kvbaton.api.fanout import best_of_order, combined_usage, merge
 from kvbaton.api.protocol import chat_logprobs, now_s, usage
 from kvbaton.api.sse import DONE_EVENT, sse
 from kvbaton.router.frontend import Prepared
 from kvbaton.router.relay import MidStreamError, RelayStream
 
-_EXTRAS = ("stop_reason", "token_ids")
+_EXTRAS = ("stop_reason", "token_ids", "prompt_logprobs")
 
 
 def chat_lp(lp: Any, top_n: int) -> dict[str, Any] | None:
@@ -34,6 +35,15 @@ def chat_lp(lp: Any, top_n: int) -> dict[str, Any] | None:
             items = items[1:]
         tops.append(sorted(items, key=lambda kv: -kv[1])[:top_n])
     return chat_logprobs(list(lp.get("tokens") or []), list(lp.get("token_logprobs") or []), tops)
+
+
+class _RunBroke(Exception):
+    """A run's stream broke mid-way (which one, for the metrics)."""
+
+    def __init__(self, stream: RelayStream, error: MidStreamError) -> None:
+        super().__init__(str(error))
+        self.stream = stream
+        self.error = error
 
 
 class ClientView:
@@ -74,31 +84,48 @@ class ClientView:
         # carries at least one token), with no cache credit.
         return usage(len(self.prep.token_ids), stream.num_chunks, 0)
 
-    async def events(self, stream: RelayStream, on_failure: Callable[[MidStreamError], None]) -> AsyncIterator[str]:
-        """SSE events for a streaming client."""
-        first = self.prep.chat
+    def run_usage(self, stream: RelayStream) -> tuple[int, int, int]:
+        u = self.usage_of(stream)
+        details = u.get("prompt_tokens_details")
+        cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+        return int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)), int(cached or 0)
+
+    async def _choices(self, stream: RelayStream) -> AsyncIterator[dict[str, Any]]:
+        """One run's choices for a streaming client (index 0: the caller numbers them)."""
         try:
             async for chunk in stream:
                 for w in chunk.get("choices") or ():
-                    if first:
-                        first = False
-                        yield sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]))
-                    choice = self.chat_choice(w) if self.prep.chat else {**w, "index": 0}
-                    yield sse(self._chunk([choice]))
+                    yield self.chat_choice(w) if self.prep.chat else {**w, "index": 0}
         except MidStreamError as e:
-            on_failure(e)
-            yield sse(e.error.body())
+            raise _RunBroke(stream, e) from None
+
+    async def events(self, streams: list[RelayStream],
+                     on_failure: Callable[[RelayStream, MidStreamError], None]) -> AsyncIterator[str]:
+        """SSE events for a streaming client: run ``i``'s choices as choice ``i``."""
+        if self.prep.chat:
+            for i in range(len(streams)):
+                yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]))
+        try:
+            async for i, choice in merge([self._choices(s) for s in streams]):
+                choice["index"] = i
+                yield sse(self._chunk([choice]))
+        except _RunBroke as broke:
+            on_failure(broke.stream, broke.error)
+            yield sse(broke.error.error.body())
         else:
             if self.prep.include_usage:
-                yield sse(self._chunk([], self.usage_of(stream), final=True))
+                total = combined_usage(self.prep.fan, [self.run_usage(s) for s in streams])
+                yield sse(self._chunk([], total, final=True))
         yield DONE_EVENT
 
-    async def body(self, stream: RelayStream) -> dict[str, Any]:
-        """The whole response for a non-streaming client; MidStreamError if the stream broke."""
+    async def body(self, stream: RelayStream) -> tuple[dict[str, Any], float]:
+        """One run's choice for a non-streaming client (index 0) and its cumulative logprob
+        (0 without logprobs); MidStreamError if the stream broke."""
         text: list[str] = []
         lp: dict[str, list[Any]] | None = None
         token_ids: list[int] | None = None
+        prompt_lp: Any = None
         last: dict[str, Any] = {}
         async for chunk in stream:
             for w in chunk.get("choices") or ():
@@ -110,6 +137,11 @@ class ClientView:
                         lp[k].extend(w["logprobs"].get(k) or [])
                 if "token_ids" in w:
                     token_ids = (token_ids or []) + list(w["token_ids"])
+                if "prompt_logprobs" in w:
+                    prompt_lp = w["prompt_logprobs"]
+        cumulative = float(sum(x for x in (lp or {}).get("token_logprobs", ()) if isinstance(x, (int, float))))
+        if not self.prep.logprobs:
+            lp = None  # best_of asked the worker for them, the client did not
         choice: dict[str, Any] = {"index": 0}
         full = "".join(text)
         if self.prep.chat:
@@ -124,8 +156,22 @@ class ClientView:
             choice["stop_reason"] = last["stop_reason"]
         if token_ids is not None:
             choice["token_ids"] = token_ids
+        if prompt_lp is not None:
+            choice["prompt_logprobs"] = prompt_lp
+        return choice, cumulative
+
+    def response(self, runs: list[tuple[dict[str, Any], float]], usages: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """The whole response from every run's :meth:`body` and usage, in run order."""
+        fan = self.prep.fan
+        chosen = [c for c, _ in runs]
+        if fan.k > fan.n:
+            chosen = []
+            for p in range(fan.num_prompts):
+                group = runs[p * fan.k:(p + 1) * fan.k]
+                chosen.extend(group[j][0] for j in best_of_order([lp for _, lp in group], fan.n))
         return {
             "id": self.prep.request_id, "object": "chat.completion" if self.prep.chat else "text_completion",
-            "created": self.created, "model": self.prep.model, "choices": [choice],
-            "usage": self.usage_of(stream),
+            "created": self.created, "model": self.prep.model,
+            "choices": [{**c, "index": i} for i, c in enumerate(chosen)],
+            "usage": combined_usage(fan, usages),
         }

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kvbaton.api.fanout import child_seed, gather_all
 from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble, invalid_request, resolve_model
 from kvbaton.api.guard import RequestGuard, install_error_handlers
 from kvbaton.api.metrics import CONTENT_TYPE
@@ -37,6 +38,7 @@ from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
 from kvbaton.limits import max_token_chars
+from kvbaton.sampling_params import SamplingParams
 from kvbaton.worker.async_engine import AsyncEngine
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.kv_connector import KVConnector
@@ -95,19 +97,21 @@ class WorkerState:
         call_later_threadsafe(self.engine.loop, self.config.drain_timeout_s, self.engine.abort_all)
 
 
-async def _collect(request: Request, stream: RequestStream, engine: AsyncEngine) -> RequestOutput | None:
-    """Wait for the final output; None (and the request aborted) if the client left first."""
+async def _collect(request: Request, streams: list[RequestStream], engine: AsyncEngine) -> list[RequestOutput] | None:
+    """Wait for every run's final output; None (and the runs aborted) if the client left first."""
 
-    async def run() -> RequestOutput | None:
-        last = None
+    async def last(stream: RequestStream) -> RequestOutput:
+        final = None
         async for out in stream:
-            last = out
-        return last
+            final = out
+        assert final is not None  # a stream ends with a finished output or raises
+        return final
 
     try:
-        return await until_disconnect(request, run())
+        return await until_disconnect(request, gather_all([last(s) for s in streams]))
     finally:
-        engine.abort(stream.request_id)  # no-op unless still running
+        for s in streams:
+            engine.abort(s.request_id)  # no-op unless still running
 
 
 async def _start(state: WorkerState, req: GenerationRequest, rid: str, pre: Preamble) -> RequestStream:
@@ -121,19 +125,59 @@ async def _start(state: WorkerState, req: GenerationRequest, rid: str, pre: Prea
         raise ApiError(503, str(e), None, "service_unavailable") from None
 
 
+def _run_params(pre: Preamble, sample: int) -> SamplingParams:
+    """The params of one run of a fanned-out request (:mod:`kvbaton.api.fanout`): its own
+    seed, and logprobs kept when ``best_of`` ranks the candidates by them."""
+    params = pre.params
+    if pre.fan.k == 1:
+        return params
+    logprobs = params.logprobs
+    if logprobs is None and pre.fan.k > pre.fan.n:
+        logprobs = 0
+    return dataclasses.replace(params, seed=child_seed(params.seed, sample), logprobs=logprobs)
+
+
+async def _start_runs(state: WorkerState, pre: Preamble, rid: str,
+                      gen: Callable[[int, SamplingParams], GenerationRequest]) -> list[RequestStream]:
+    """Start every run of the request (``gen(prompt, params)`` builds one) at once: the
+    engine's in-flight prefix sharing has a prompt's other runs wait for the blocks its first
+    admitted run computes, then find them cached. A run refused aborts the others."""
+    fan = pre.fan
+    if fan.single:
+        return [await _start(state, gen(0, pre.params), rid, pre)]
+    started: list[RequestStream] = []
+
+    async def run(i: int) -> RequestStream:
+        stream = await _start(state, gen(fan.prompt_of(i), _run_params(pre, fan.sample_of(i))),
+                              f"{rid}-{i}", pre)
+        started.append(stream)
+        return stream
+
+    try:
+        return await gather_all([run(i) for i in range(fan.total)])
+    except BaseException:
+        for s in started:
+            state.engine.abort(s.request_id)
+        raise
+
+
 async def _respond(
-    request: Request, state: WorkerState, stream: RequestStream, streaming: bool | None,
-    events: Callable[[], AsyncIterator[str]], body: Callable[[RequestOutput], dict[str, Any]],
+    request: Request, state: WorkerState, streams: list[RequestStream], streaming: bool | None,
+    events: Callable[[], AsyncIterator[str]], body: Callable[[list[RequestOutput]], dict[str, Any]],
 ) -> Response:
-    """SSE events when streaming, else the final output as one JSON body (499 if the client
-    left first); either way the request is aborted if it is still running when we finish."""
-    rid = stream.request_id
+    """SSE events when streaming, else the final outputs as one JSON body (499 if the client
+    left first); either way the runs still running when we finish are aborted."""
+
+    def abort() -> None:
+        for s in streams:
+            state.engine.abort(s.request_id)
+
     if streaming:
-        return EventStreamResponse(events(), lambda: state.engine.abort(rid))
-    final = await _collect(request, stream, state.engine)
-    if final is None:
+        return EventStreamResponse(events(), abort)
+    finals = await _collect(request, streams, state.engine)
+    if finals is None:
         return Response(status_code=499)
-    return JSONResponse(body(final))
+    return JSONResponse(body(finals))
 
 
 async def _prefill_only(request: Request, state: WorkerState, body: CompletionRequest,
@@ -146,20 +190,23 @@ async def _prefill_only(request: Request, state: WorkerState, body: CompletionRe
     if body.stream:
         raise ApiError(400, "stream: a prefill-only request (do_remote_decode) answers once; "
                        "set stream to false", "stream", "invalid_value")
-    one = dataclasses.replace(pre.params, max_tokens=1)
+    # One token: min_tokens holds only that one back (the decode side holds the rest).
+    one = dataclasses.replace(pre.params, max_tokens=1, min_tokens=min(pre.params.min_tokens, 1))
     gen = GenerationRequest(one, prompt=pre.prompt, cache_salt=body.cache_salt,
                             lease_ttl_s=state.engine.engine.leases.default_ttl_s)
     stream = await _start(state, gen, rid, pre)
-    final = await _collect(request, stream, state.engine)
-    if final is None:
+    finals = await _collect(request, [stream], state.engine)
+    if finals is None:
         last = stream.latest
         if last is not None and last.kv_lease is not None:  # it finished as the client left
             state.engine.engine.release_lease(last.kv_lease.lease_id)
         return Response(status_code=499)
+    final = finals[0]
     if final.kv_lease is None:  # aborted (drain) before the prompt finished
         raise ApiError(503, "the prefill was aborted", None, "service_unavailable")
     handle = state.kv.handle_for(final)
-    return JSONResponse(completion_response(state, final, body, pre.model, {"kv_transfer_params": handle}))
+    return JSONResponse(completion_response(state, rid, finals, body, pre.model, pre.fan,
+                                            {"kv_transfer_params": handle}))
 
 
 async def _with_handle(state: WorkerState, body: CompletionRequest, pre: Preamble, rid: str,
@@ -296,35 +343,40 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         rid = f"cmpl-{uuid.uuid4().hex}"
         ktp = body.kv_transfer_params
+        if ktp is not None and not pre.fan.single:
+            raise ApiError(400, "kv_transfer_params: a disaggregated request carries one prompt and "
+                           "n=1 (a router fans n and batches out into such requests)",
+                           "kv_transfer_params", "invalid_value")
         if ktp is not None and ktp.get("do_remote_decode"):
             return await _prefill_only(request, state, body, pre, rid)
-        gen = GenerationRequest(pre.params, prompt=pre.prompt, cache_salt=body.cache_salt)
         extras: dict[str, Any] | None = None
         if ktp is not None:
-            gen, extras = await _with_handle(state, body, pre, rid, ktp)
-        stream = await _start(state, gen, rid, pre)
+            handled, extras = await _with_handle(state, body, pre, rid, ktp)
+            streams = [await _start(state, handled, rid, pre)]
+        else:
+            streams = await _start_runs(state, pre, rid, lambda p, params: GenerationRequest(
+                params, prompt=pre.prompts[p], cache_salt=body.cache_salt))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
-            request, state, stream, body.stream,
-            lambda: completion_events(state, stream, body, pre.model, pre.params, include_usage, extras),
-            lambda final: completion_response(state, final, body, pre.model, extras),
+            request, state, streams, body.stream,
+            lambda: completion_events(state, rid, streams, body, pre.model, pre.fan, pre.params,
+                                      include_usage, extras),
+            lambda finals: completion_response(state, rid, finals, body, pre.model, pre.fan, extras),
         )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         pre = chat_preamble(config, state.model_names, "worker", body)
         pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
-        gen = GenerationRequest(
-            pre.params, messages=pre.messages, cache_salt=body.cache_salt,
-            default_max_tokens=config.default_chat_max_tokens if pre.max_tokens is None else None,
-        )
+        default = config.default_chat_max_tokens if pre.max_tokens is None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await _start(state, gen, rid, pre)
+        streams = await _start_runs(state, pre, rid, lambda _, params: GenerationRequest(
+            params, messages=pre.messages, cache_salt=body.cache_salt, default_max_tokens=default))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
-            request, state, stream, body.stream,
-            lambda: chat_events(state, stream, body, pre.model, pre.params, include_usage),
-            lambda final: chat_response(state, final, body, pre.model),
+            request, state, streams, body.stream,
+            lambda: chat_events(state, rid, streams, body, pre.model, pre.fan, pre.params, include_usage),
+            lambda finals: chat_response(state, rid, finals, body, pre.model, pre.fan),
         )
 
     @app.get("/kv/info")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from kvbaton.api.fanout import Fanout, best_of_order, combined_usage, merge
 from kvbaton.api.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -18,8 +19,9 @@ from kvbaton.api.protocol import (
     TextDeltas,
     chat_logprobs,
     completion_logprobs,
+    echo_logprobs,
     now_s,
-    usage,
+    prompt_logprobs_field,
 )
 from kvbaton.api.sse import DONE_EVENT, sse
 from kvbaton.engine.outputs import RequestOutput
@@ -28,10 +30,6 @@ from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestFa
 
 if TYPE_CHECKING:
     from kvbaton.worker.api import WorkerState
-
-def _usage(out: RequestOutput) -> dict[str, Any]:
-    return usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens)
-
 
 def _completion_lp(state: WorkerState, out: RequestOutput, start: int, text_offset: int) -> dict[str, Any]:
     ids = out.token_ids[start:]
@@ -82,118 +80,189 @@ def _error_event(e: Exception) -> str:
     return sse(ApiError(503, str(e), None, "service_unavailable").body())
 
 
-async def _stream_events(
-    stream: RequestStream, obj: str, model: str, params: SamplingParams, include_usage: bool,
-    per_token: bool, make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
-    first_choice: dict[str, Any] | None = None, usage_extras: dict[str, Any] | None = None,
-) -> AsyncIterator[str]:
-    """The SSE skeleton both endpoints share: one chunk per output that adds text (or tokens,
-    when the client asked for per-token data), an error event if the engine dies, the usage
-    chunk when asked, then ``[DONE]``. ``make_choice(out, text, sent_tokens, text_offset)``
-    builds the endpoint's choice for one chunk; ``usage_extras`` are top-level fields of the
-    usage chunk (the KV import report of a decode request)."""
-    created = now_s()
+async def _choice_chunks(
+    stream: RequestStream, params: SamplingParams, per_token: bool,
+    make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
+) -> AsyncIterator[tuple[dict[str, Any], RequestOutput]]:
+    """One run's choices, one per output that adds text (or tokens, when the client asked
+    for per-token data), each with the output it came from."""
     deltas = TextDeltas(params.stop)
     sent_tokens = 0
-    last: RequestOutput | None = None
+    async for out in stream:
+        offset = len(deltas.sent)
+        text = deltas.delta(out.text, out.finished)
+        if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
+            continue
+        choice = make_choice(out, text, sent_tokens, offset)
+        sent_tokens = len(out.token_ids)
+        yield choice, out
+
+
+def _run_usage(outs: list[RequestOutput]) -> list[tuple[int, int, int]]:
+    return [(len(o.prompt_token_ids), len(o.token_ids), o.num_cached_tokens) for o in outs]
+
+
+async def _stream_events(
+    request_id: str, streams: list[RequestStream], fan: Fanout, obj: str, model: str,
+    params: SamplingParams, include_usage: bool, per_token: bool,
+    make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
+    first_choice: dict[str, Any] | None = None, usage_extras: dict[str, Any] | None = None,
+) -> AsyncIterator[str]:
+    """The SSE skeleton both endpoints share: the runs' choices as they come (choice ``i`` is
+    ``streams[i]``), an error event if the engine dies, the usage chunk when asked, then
+    ``[DONE]``. ``make_choice(out, text, sent_tokens, text_offset)`` builds the endpoint's
+    choice for one chunk; ``first_choice`` opens every choice (chat's role delta);
+    ``usage_extras`` are top-level fields of the usage chunk (the KV import report of a
+    decode request)."""
+    created = now_s()
+    last: list[RequestOutput | None] = [None] * len(streams)
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         c: dict[str, Any] = {
-            "id": stream.request_id, "object": obj, "created": created, "model": model,
-            "choices": choices,
+            "id": request_id, "object": obj, "created": created, "model": model, "choices": choices,
         }
         if include_usage:
             c["usage"] = None
         return sse(c)
 
     if first_choice is not None:
-        yield chunk([first_choice])
+        for i in range(len(streams)):
+            yield chunk([{**first_choice, "index": i}])
     try:
-        async for out in stream:
-            last = out
-            offset = len(deltas.sent)
-            text = deltas.delta(out.text, out.finished)
-            if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
-                continue
-            choice = make_choice(out, text, sent_tokens, offset)
-            sent_tokens = len(out.token_ids)
+        async for i, (choice, out) in merge([_choice_chunks(s, params, per_token, make_choice)
+                                             for s in streams]):
+            last[i] = out
+            choice["index"] = i
             yield chunk([choice])
     except (EngineDeadError, EngineStoppedError, RequestFailedError) as e:
         yield _error_event(e)
     else:
-        if include_usage and last is not None:
+        finals = [o for o in last if o is not None]
+        if include_usage and len(finals) == len(streams):
             yield sse({
-                "id": stream.request_id, "object": obj, "created": created, "model": model,
-                "choices": [], "usage": _usage(last), **(usage_extras or {}),
+                "id": request_id, "object": obj, "created": created, "model": model,
+                "choices": [], "usage": combined_usage(fan, _run_usage(finals)), **(usage_extras or {}),
             })
     yield DONE_EVENT
+
+
+def _returned(fan: Fanout, finals: list[RequestOutput]) -> list[RequestOutput]:
+    """The runs a response returns, in choice order: all of them, or with ``best_of`` the
+    ``n`` best candidates of each prompt."""
+    if fan.k == fan.n:
+        return finals
+    chosen: list[RequestOutput] = []
+    for p in range(fan.num_prompts):
+        runs = finals[p * fan.k:(p + 1) * fan.k]
+        order = best_of_order([sum(o.logprobs or ()) for o in runs], fan.n)
+        chosen.extend(runs[j] for j in order)
+    return chosen
+
+
+def _response(request_id: str, obj: str, model: str, fan: Fanout, finals: list[RequestOutput],
+              make_choice: Callable[[RequestOutput], dict[str, Any]],
+              extras: dict[str, Any] | None) -> dict[str, Any]:
+    choices = [{"index": i, **make_choice(o)} for i, o in enumerate(_returned(fan, finals))]
+    return {
+        "id": request_id, "object": obj, "created": now_s(), "model": model, "choices": choices,
+        "usage": combined_usage(fan, _run_usage(finals)), **(extras or {}),
+    }
 
 
 # ---- completions ----------------------------------------------------------------------------
 
 
+def _prompt_text(state: WorkerState, out: RequestOutput) -> str:
+    """The prompt as ``echo`` returns it: the text sent, or what its token ids decode to."""
+    if out.prompt is not None:
+        return out.prompt
+    return str(state.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False))
+
+
+def _prompt_extras(state: WorkerState, out: RequestOutput, body: CompletionRequest | ChatCompletionRequest,
+                   first: bool) -> dict[str, Any]:
+    """vLLM's ``prompt_logprobs`` choice field, in a run's first chunk (or whole choice)."""
+    if body.prompt_logprobs is None or not first or out.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": prompt_logprobs_field(out.prompt_token_ids, out.prompt_logprobs,
+                                                     body.prompt_logprobs, state.token_text)}
+
+
+def _completion_part(state: WorkerState, out: RequestOutput, body: CompletionRequest, text: str,
+                     sent: int, offset: int) -> tuple[str, dict[str, Any] | None]:
+    """A completions choice's text and logprobs from token ``sent`` (text offset ``offset``)
+    on; with ``echo`` the run's first part starts with the prompt (and its logprobs)."""
+    echo = _prompt_text(state, out) if body.echo else ""
+    lp = _completion_lp(state, out, sent, len(echo) + offset) if body.logprobs is not None else None
+    if not body.echo or sent:
+        return text, lp
+    if lp is not None:
+        head = echo_logprobs(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids),
+                             state.token_text)
+        lp = {k: head[k] + (lp[k] or []) for k in head}
+    return echo + text, lp
+
+
 def completion_response(
-    state: WorkerState, out: RequestOutput, body: CompletionRequest, model: str,
-    extras: dict[str, Any] | None = None,
+    state: WorkerState, request_id: str, finals: list[RequestOutput], body: CompletionRequest,
+    model: str, fan: Fanout, extras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": out.text,
-        "logprobs": _completion_lp(state, out, 0, 0) if body.logprobs is not None else None,
-        "finish_reason": out.finish_reason,
-        **_choice_extras(out, body.return_token_ids),
-    }
-    return {
-        "id": out.request_id, "object": "text_completion", "created": now_s(), "model": model,
-        "choices": [choice], "usage": _usage(out), **(extras or {}),
-    }
+    def choice(out: RequestOutput) -> dict[str, Any]:
+        text, lp = _completion_part(state, out, body, out.text, 0, 0)
+        return {
+            "text": text, "logprobs": lp, "finish_reason": out.finish_reason,
+            **_choice_extras(out, body.return_token_ids), **_prompt_extras(state, out, body, True),
+        }
+
+    return _response(request_id, "text_completion", model, fan, finals, choice, extras)
 
 
 def completion_events(
-    state: WorkerState, stream: RequestStream, body: CompletionRequest, model: str,
-    params: SamplingParams, include_usage: bool, usage_extras: dict[str, Any] | None = None,
+    state: WorkerState, request_id: str, streams: list[RequestStream], body: CompletionRequest,
+    model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
+    usage_extras: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
+        # (Every chunk carries a token, so a run's first chunk is the one with sent == 0.)
+        text, lp = _completion_part(state, out, body, text, sent, offset)
         return {
-            "index": 0, "text": text,
-            "logprobs": _completion_lp(state, out, sent, offset) if body.logprobs is not None else None,
+            "index": 0, "text": text, "logprobs": lp,
             "finish_reason": out.finish_reason if out.finished else None,
-            **_choice_extras(out, body.return_token_ids, sent),
+            **_choice_extras(out, body.return_token_ids, sent), **_prompt_extras(state, out, body, sent == 0),
         }
 
     per_token = body.logprobs is not None or body.return_token_ids
-    return _stream_events(stream, "text_completion", model, params, include_usage, per_token,
-                          choice, usage_extras=usage_extras)
+    return _stream_events(request_id, streams, fan, "text_completion", model, params, include_usage,
+                          per_token, choice, usage_extras=usage_extras)
 
 
 # ---- chat completions -----------------------------------------------------------------------
 
 
 def chat_response(
-    state: WorkerState, out: RequestOutput, body: ChatCompletionRequest, model: str
+    state: WorkerState, request_id: str, finals: list[RequestOutput], body: ChatCompletionRequest,
+    model: str, fan: Fanout,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": out.text},
-        "logprobs": _chat_lp(state, out, 0) if body.logprobs else None,
-        "finish_reason": out.finish_reason,
-        **_choice_extras(out, body.return_token_ids),
-    }
-    return {
-        "id": out.request_id, "object": "chat.completion", "created": now_s(), "model": model,
-        "choices": [choice], "usage": _usage(out),
-    }
+    def choice(out: RequestOutput) -> dict[str, Any]:
+        return {
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": _chat_lp(state, out, 0) if body.logprobs else None,
+            "finish_reason": out.finish_reason,
+            **_choice_extras(out, body.return_token_ids), **_prompt_extras(state, out, body, True),
+        }
+
+    return _response(request_id, "chat.completion", model, fan, finals, choice, None)
 
 
 def chat_events(
-    state: WorkerState, stream: RequestStream, body: ChatCompletionRequest, model: str,
-    params: SamplingParams, include_usage: bool,
+    state: WorkerState, request_id: str, streams: list[RequestStream], body: ChatCompletionRequest,
+    model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
 ) -> AsyncIterator[str]:
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
         c: dict[str, Any] = {
             "index": 0, "delta": {"content": text} if text or not out.finished else {},
             "logprobs": None, "finish_reason": out.finish_reason if out.finished else None,
-            **_choice_extras(out, body.return_token_ids, sent),
+            **_choice_extras(out, body.return_token_ids, sent), **_prompt_extras(state, out, body, sent == 0),
         }
         if body.logprobs:
             c["logprobs"] = _chat_lp(state, out, sent)
@@ -202,5 +271,5 @@ def chat_events(
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}
     per_token = bool(body.logprobs or body.return_token_ids)
-    return _stream_events(stream, "chat.completion.chunk", model, params, include_usage,
-                          per_token, choice, first)
+    return _stream_events(request_id, streams, fan, "chat.completion.chunk", model, params,
+                          include_usage, per_token, choice, first)
