@@ -20,6 +20,31 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# The kinds of constraint a structured output can have (see StructuredOutput).
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match (structured outputs, kvbaton.models.grammar).
+
+    ``kind`` is ``json`` (``spec``: a JSON schema as text; ``{"type": "object"}`` for any JSON
+    object), ``regex`` (a regular expression), ``choice`` (a JSON list of strings, one of which
+    is the whole output) or ``grammar`` (a Lark or GBNF grammar). ``param`` is the request
+    field it came from, which errors name (``response_format``, ``guided_json``, ...).
+    """
+
+    kind: str
+    spec: str
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequestError(self.param, f"unknown constraint kind {self.kind!r}; one of {STRUCTURED_KINDS}")
+        if not isinstance(self.spec, str) or not self.spec:
+            raise InvalidRequestError(self.param, "the constraint must be a non-empty string")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings, validated at construction.
@@ -46,6 +71,10 @@ class SamplingParams:
     likely tokens there (a request that asks computes its whole prompt: it never reads it from
     the prefix cache).
 
+    ``structured``: the output must match this constraint (a JSON schema, a regex, a choice, a
+    grammar); the engine masks every token the constraint does not allow and ends the request
+    when it is complete.
+
     Invalid values raise :class:`~kvbaton.errors.InvalidRequestError` naming the field, which
     servers answer with a 400. Torch-free: the router validates with it too.
     """
@@ -66,8 +95,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequestError("structured_outputs", "must be a StructuredOutput")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

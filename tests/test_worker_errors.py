@@ -136,7 +136,9 @@ CHAT_CASES = [
     ("negative-temperature", {"messages": MSG, "temperature": -1}, 400, "temperature", ">= 0"),
     ("n-above-maximum", {"messages": MSG, "n": 17}, 400, "n", "maximum"),
     ("chat-logit-bias-value", {"messages": MSG, "logit_bias": {"5": -101}}, 400, "logit_bias", "100"),
-    ("tools", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+    ("tools-malformed", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "tools[0]"),
+    ("response-format-xml", {"messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format",
+     "unsupported"),
     ("unknown-model", {"messages": MSG, "model": "nope"}, 404, "model", "does not exist"),
 ]
 

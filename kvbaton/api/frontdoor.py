@@ -10,13 +10,14 @@ become 400s here by their ``param`` and ``code``, never by their message text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvbaton.api.fanout import Fanout
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvbaton.api.tools import Tool, constraint, parse_tool_choice, parse_tools, render
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.limits import check_prompt_chars
-from kvbaton.sampling_params import SamplingParams
+from kvbaton.sampling_params import SamplingParams, StructuredOutput
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def sampling_params(
             logit_bias=body.logit_bias_ids(),
             min_tokens=body.min_tokens or 0,
             prompt_logprobs=prompt_logprobs,
+            structured=body.structured_output(),
         )
     except InvalidRequestError as e:
         raise invalid_request(e, aliases, prompt_param) from None
@@ -133,6 +135,21 @@ class Preamble:
     # Completions: every prompt of a batch (``prompt`` is the first); chat: empty.
     prompts: list[str | list[int]] = field(default_factory=list)
     fan: Fanout = Fanout(1, 1, 1)
+    # Chat with tools: the tools, the tool_choice (none, auto, required or a function's name),
+    # and, for auto, the grammar that only checks the tools' schemas compile.
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "none"
+    tool_check: StructuredOutput | None = None
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether the output is parsed for tool calls (tools given, tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def constraint_to_check(self) -> StructuredOutput | None:
+        """What the server compiles before running the request: the output's constraint, or
+        the tools' schemas."""
+        return self.params.structured or self.tool_check
 
     def error(self, e: InvalidRequestError) -> ApiError:
         """The 400 for an error the engine raised about this request."""
@@ -182,10 +199,21 @@ def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
     """``POST /v1/chat/completions`` up to the point where worker and router part ways."""
     body.check_supported(cfg.max_n)
     name = resolve_model(body.model, served, server)
-    messages = body.template_input()
+    tools = parse_tools(body.tools) if body.tools is not None else []
+    choice = parse_tool_choice(body.tool_choice, tools)
+    messages = render(body.template_input(), tools, choice)
     max_tokens, logprobs, aliases = body.limits(cfg.max_logprobs)
     _check_prompt_logprobs(body, cfg.max_logprobs)
     params = sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages",
                              body.prompt_logprobs)
+    check = None
+    if choice not in ("none", "auto"):  # required, or a named function: the output is calls
+        if params.structured is not None:
+            raise ApiError(400, f"tool_choice: {body.tool_choice!r} constrains the output to tool calls; "
+                           f"it cannot be combined with {params.structured.param}", "tool_choice",
+                           "invalid_value")
+        params = replace(params, structured=constraint(tools, choice, body.parallel_tool_calls is not False))
+    elif tools:
+        check = constraint(tools, "auto")
     return Preamble(name, params, max_tokens, logprobs, "messages", messages=messages, aliases=aliases,
-                    fan=Fanout(1, body.n, body.n))
+                    fan=Fanout(1, body.n, body.n), tools=tools, tool_choice=choice, tool_check=check)

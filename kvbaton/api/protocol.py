@@ -1,12 +1,13 @@
 """The OpenAI wire format: request models (pydantic), errors, and response/chunk builders.
 
-Only what the engine can honour is accepted: parameters it cannot (``suffix``, tools,
-structured output...) are rejected with a 400 naming the field rather than silently ignored.
+Only what the engine can honour is accepted: parameters it cannot (``suffix``, non-text
+content parts...) are rejected with a 400 naming the field rather than silently ignored.
 Unknown extra fields are ignored, as OpenAI clients send many.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+
+from kvbaton.errors import InvalidRequestError
+from kvbaton.sampling_params import StructuredOutput
 
 SEED_RANGE = Field(default=None, ge=-(2**63), lt=2**63)
 # The error code of a decode request whose KV transfer failed under the "fail" policy: the
@@ -133,6 +137,14 @@ class SamplingFields(BaseModel):
     # vLLM extra: each prompt token's logprob and the top alternatives there (choices[].
     # prompt_logprobs, vLLM's shape).
     prompt_logprobs: int | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (see structured_output()).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
     cache_salt: str | None = None
     # vLLM extension: return the generated token ids (choices[].token_ids).
@@ -142,11 +154,51 @@ class SamplingFields(BaseModel):
     kv_transfer_params: dict[str, Any] | None = None
 
     # ``user`` is not checked: it is accepted and ignored, never encoded.
-    @field_validator("model", "stop", "cache_salt", "kv_transfer_params", mode="after")
+    @field_validator("model", "stop", "cache_salt", "kv_transfer_params", "response_format",
+                     "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", mode="after")
     @classmethod
     def _encodable(cls, value: Any, info: ValidationInfo) -> Any:
         check_text(value, str(info.field_name))
         return value
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The output constraint the request asks for, from whichever field holds it (at most
+        one may): ``response_format`` (``json_object``, ``json_schema``; ``text`` is none),
+        ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" | "json_object":
+        ...}``), or ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``.
+        Whether the constraint compiles is checked later, against the tokenizer."""
+        found: list[StructuredOutput] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(StructuredOutput("json", '{"type": "object"}', "response_format"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema") if isinstance(js, dict) else None
+                if not isinstance(schema, (dict, bool)):
+                    raise ApiError(400, "response_format: json_schema.schema is required (a JSON schema "
+                                   "object)", "response_format", "invalid_value")
+                found.append(StructuredOutput("json", json.dumps(schema), "response_format"))
+            elif kind != "text":
+                raise unsupported("response_format", f"type {kind!r}: one of text, json_object, json_schema")
+        if self.structured_outputs is not None:
+            found.extend(_structured_outputs(self.structured_outputs))
+        if self.guided_json is not None:
+            spec = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append(_constraint("json", spec, "guided_json"))
+        for name, kind in (("guided_regex", "regex"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append(_constraint(kind, value, name))
+        if self.guided_choice is not None:
+            found.append(_constraint("choice", json.dumps(self.guided_choice), "guided_choice"))
+        if len(found) > 1:
+            names = ", ".join(dict.fromkeys(f.param for f in found))
+            raise ApiError(400, f"{found[1].param}: give one output constraint, not several ({names})",
+                           found[1].param, "invalid_value")
+        return found[0] if found else None
 
     def check_supported(self, max_n: int) -> None:
         if not 1 <= self.n <= max_n:
@@ -235,6 +287,42 @@ class CompletionRequest(SamplingFields):
                        "of them)", "prompt", "invalid_type")
 
 
+def _constraint(kind: str, spec: str, param: str) -> StructuredOutput:
+    try:
+        return StructuredOutput(kind, spec, param)
+    except InvalidRequestError as e:
+        raise ApiError(400, e.message_for(param), param, "invalid_value") from None
+
+
+_STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def _structured_outputs(value: dict[str, Any]) -> list[StructuredOutput]:
+    """vLLM's ``structured_outputs`` object: one constraint key (options vLLM has that kvbaton
+    does not are refused, not ignored: an output must not silently lose its constraint)."""
+    out = []
+    for key, spec in value.items():
+        if key == "json_object":
+            if spec:
+                out.append(StructuredOutput("json", '{"type": "object"}', "structured_outputs"))
+        elif key in _STRUCTURED_KEYS:
+            if key == "json" and isinstance(spec, (dict, bool)):
+                spec = json.dumps(spec)
+            elif key == "choice":
+                if not isinstance(spec, list):
+                    raise ApiError(400, "structured_outputs: choice must be a list of strings",
+                                   "structured_outputs", "invalid_value")
+                spec = json.dumps(spec)
+            if not isinstance(spec, str):
+                raise ApiError(400, f"structured_outputs: {key} must be a string", "structured_outputs",
+                               "invalid_value")
+            out.append(_constraint(_STRUCTURED_KEYS[key], spec, "structured_outputs"))
+        else:
+            raise unsupported("structured_outputs", f"{key!r}: kvbaton takes json, json_object, regex, "
+                              "choice or grammar")
+    return out
+
+
 def _is_token_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
@@ -249,8 +337,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
+    # An assistant turn's calls (OpenAI's shape) and a tool turn's answer to one of them.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def as_template_input(self, index: int) -> dict[str, str]:
+    def as_template_input(self, index: int) -> dict[str, Any]:
+        """``{"role", "content"}`` (content parts joined), plus an assistant turn's
+        ``tool_calls`` as ``[{"name", "arguments"}]`` (arguments decoded from their JSON text);
+        :func:`kvbaton.api.tools.render` turns those into text."""
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -261,7 +355,26 @@ class ChatMessage(BaseModel):
                     )
                 texts.append(part.text)
             content = "".join(texts)
-        return {"role": self.role, "content": content or ""}
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [_call_input(c, index, k) for k, c in enumerate(self.tool_calls)]
+        return out
+
+
+def _call_input(call: dict[str, Any], index: int, k: int) -> dict[str, Any]:
+    fn = call.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    args = fn.get("arguments", "{}") if isinstance(fn, dict) else None
+    where = f"messages[{index}].tool_calls[{k}]"
+    if not isinstance(name, str) or not isinstance(args, (str, dict)):
+        raise ApiError(400, f"{where}: must be {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}",
+                       "messages", "invalid_value")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except ValueError:
+            raise ApiError(400, f"{where}.function.arguments: not valid JSON", "messages", "invalid_value") from None
+    return {"name": name, "arguments": args}
 
 
 def check_messages(messages: list[ChatMessage]) -> None:
@@ -274,6 +387,7 @@ def check_messages(messages: list[ChatMessage]) -> None:
                 check_text(part.text, f"messages[{i}].content[{j}].text")
         else:
             check_text(m.content, f"messages[{i}].content")
+        check_text(m.tool_calls, f"messages[{i}].tool_calls")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -284,7 +398,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages", mode="after")
     @classmethod
@@ -292,12 +407,14 @@ class ChatCompletionRequest(SamplingFields):
         check_messages(value)
         return value
 
+    @field_validator("tools", "tool_choice", mode="after")
+    @classmethod
+    def _encodable_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        check_text(value, str(info.field_name))
+        return value
+
     def check_supported(self, max_n: int) -> None:
         super().check_supported(max_n)
-        if self.tools:
-            raise unsupported("tools", "tool calling is not implemented")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only text responses are supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs: requires logprobs to be true", "top_logprobs", "invalid_value")
         if not self.messages:
@@ -317,7 +434,7 @@ class ChatCompletionRequest(SamplingFields):
             raise ApiError(400, f"top_logprobs: at most {max_logprobs}", "top_logprobs", "invalid_value")
         return max_tokens, (top if self.logprobs else None), aliases
 
-    def template_input(self) -> list[dict[str, str]]:
+    def template_input(self) -> list[dict[str, Any]]:
         return [m.as_template_input(i) for i, m in enumerate(self.messages)]
 
 
@@ -375,7 +492,10 @@ class KVPinRequest(BaseModel):
         if self.messages is not None:
             if not self.messages:
                 raise ApiError(400, "messages: must be a non-empty list", "messages", "invalid_value")
-            return None, [m.as_template_input(i) for i, m in enumerate(self.messages)]
+            from kvbaton.api.tools import render  # (tools imports this module)
+
+            # Rendered as a chat request without tools is, so a pinned prefix hashes alike.
+            return None, render([m.as_template_input(i) for i, m in enumerate(self.messages)], [], "none")
         p = self.prompt
         if isinstance(p, str):
             return p, None

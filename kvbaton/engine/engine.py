@@ -28,7 +28,8 @@ from kvbaton.engine.request import Request
 from kvbaton.engine.sampler import Sampler, prompt_logprobs
 from kvbaton.engine.scheduler import Scheduler, SchedulerOutput
 from kvbaton.engine.step_trace import StepRecorder, StepTrace
-from kvbaton.engine.stop import check_stop
+from kvbaton.engine.stop import StopDecision, check_stop
+from kvbaton.engine.structured import StructuredOutputs
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.kv.events import KVEventSink
 from kvbaton.kv.hashing import BlockHash, root_hash
@@ -114,6 +115,7 @@ class LLMEngine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.structured = StructuredOutputs(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self._ids = itertools.count()
         # Servers that stream text set this; batch callers only need text at the end.
         self.incremental_detokenize = False
@@ -223,10 +225,27 @@ class LLMEngine:
         params = params or SamplingParams()
         req = self._new_request(prompt, params, request_id, cache_salt)
         req.lease_ttl_s = lease_ttl_s
-        if first_token is not None:
-            self._append_first_token(req, first_token)
-        self.scheduler.add(req)
+        try:
+            self._begin_constraint(req)
+            if first_token is not None:
+                self._append_first_token(req, first_token)
+            self.scheduler.add(req)
+        except BaseException:
+            self._forget(req.request_id)
+            raise
         return req.request_id
+
+    def _begin_constraint(self, req: Request) -> None:
+        """Compile a structured-output request's constraint (InvalidRequestError naming its
+        field when it does not compile) and give the request its matcher."""
+        if req.params.structured is not None:
+            self.structured.add(req.request_id, req.params.structured)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop what a request that ended (however it ended) kept outside the scheduler: its
+        seeded generator and its constraint's matcher."""
+        self.sampler.forget(request_id)
+        self.structured.forget(request_id)
 
     def _new_request(
         self,
@@ -266,7 +285,9 @@ class LLMEngine:
         if req.params.logprobs is not None:
             # Top-n alternatives of the first token stay on the prefill worker.
             req.logprobs.append(0.0 if logprob is None else logprob)
-        # A seeded request's next token is its second draw, as if it had run whole here.
+        # A seeded request's next token is its second draw, as if it had run whole here; a
+        # constrained one's matcher takes the token as if it had sampled it.
+        self.structured.accept(req.request_id, tok)
         self.sampler.skip_draw(req.request_id, req.params, vocab)
 
     # ---- KV handoff (disaggregated prefill/decode) ------------------------------------------
@@ -301,8 +322,10 @@ class LLMEngine:
             req = self._new_request(
                 plan.prompt_token_ids, params, request_id, plan.cache_salt, new_id=False
             )
+            self._begin_constraint(req)
             self._append_first_token(req, first_token)
         except ValueError:
+            self._forget(request_id)
             self.handoff.cancel(request_id)
             raise
         self.handoff.commit(request_id, req)
@@ -326,7 +349,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request at any point; its blocks are freed. False if unknown/finished."""
-        self.sampler.forget(request_id)
+        self._forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
     def _pack_linears(self, backend: str, dtype: torch.dtype) -> str:
@@ -398,8 +421,11 @@ class LLMEngine:
         if self.step_trace is not None:  # the batch as it runs: a step moves each start on
             self._traced_parts = [[s.num_new_tokens, s.start] for s in out.scheduled]
         try:
+            # Constrained rows' masks are filled on a helper thread while the model runs.
+            masks = self.structured.start([s.request.request_id for s in sampling])
             step_logits = self.runner.execute(out)
-            result = self.sampler.sample(step_logits.sample, [s.request for s in sampling], self.eos_token_ids)
+            logits = self.structured.apply(step_logits.sample, masks)
+            result = self.sampler.sample(logits, [s.request for s in sampling], self.eos_token_ids)
             prompt_lps = [self._prompt_logprobs(pl) for pl in step_logits.prompt]
         except Exception as e:  # noqa: BLE001 - contained: see _fail_step
             return self._fail_step(out, e)
@@ -411,6 +437,7 @@ class LLMEngine:
         for i, s in enumerate(sampling):
             req = s.request
             req.token_ids.append(result.token_ids[i])
+            self.structured.advance(req.request_id, result.token_ids[i])
             if req.params.logprobs is not None:
                 req.logprobs.append(result.logprobs[i])
                 top = result.top_logprobs[i]
@@ -445,7 +472,7 @@ class LLMEngine:
         for s in out.scheduled:
             req = s.request
             self.scheduler.finish(req, "error")
-            self.sampler.forget(req.request_id)
+            self._forget(req.request_id)
             failed = self._make_output(req)
             failed.error = message
             outputs.append(failed)
@@ -459,13 +486,15 @@ class LLMEngine:
         text = self._detokenize(req) if (params.stop or self.incremental_detokenize) else None
         end = check_stop(params, req.token_ids[-1], req.num_output_tokens, req.num_tokens,
                          self.max_model_len, self.eos_token_ids, text, req.output_text)
+        if end is None and self.structured.stopped(req.request_id):
+            end = StopDecision("stop")  # the constraint is complete: nothing may follow
         lease = None
         if end is not None:
             if end.text is not None:
                 text = end.text
             ttl = req.lease_ttl_s
             kept = self.scheduler.finish(req, end.reason, end.stop_reason, keep_blocks=ttl is not None)
-            self.sampler.forget(req.request_id)
+            self._forget(req.request_id)
             if ttl is not None:
                 lease = self.handoff.lease_out(req, kept, ttl)
         if text is None and req.finished:
@@ -514,6 +543,8 @@ class LLMEngine:
         self.scheduler.check_states()
         stale = set(self.sampler.generators) - set(self.scheduler.requests)
         assert not stale, f"sampler generators of finished requests: {sorted(stale)[:5]}"
+        stale = set(self.structured.matchers) - set(self.scheduler.requests) - set(self.handoff.plans)
+        assert not stale, f"constraint matchers of finished requests: {sorted(stale)[:5]}"
         refs = self.scheduler.block_refs()
         held = [self.handoff.block_refs()]
         if self.offload is not None:
@@ -563,6 +594,7 @@ class LLMEngine:
             self.offload.close()
         if self.step_trace is not None:
             self.step_trace.close()
+        self.structured.close()
 
 
 def build_engine_on_own_thread(config: EngineConfig, event_sink: KVEventSink | None = None) -> LLMEngine:

@@ -8,6 +8,7 @@ forwarded, so the workers' defaults stay the defaults.
 
 from __future__ import annotations
 
+import json
 import queue
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ import anyio
 from kvbaton.api.fanout import Fanout, child_seed
 from kvbaton.api.frontdoor import Preamble, chat_preamble, completion_preamble
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvbaton.api.tools import Tool
 from kvbaton.errors import InvalidRequestError
 from kvbaton.limits import check_request_fits, default_max_tokens, max_token_chars
+from kvbaton.models.grammar import GrammarCompiler
 from kvbaton.models.sources import tokenizer_for_model
 from kvbaton.models.tokenizer import chat_prompt_ids, copy_tokenizer, encode_text
 from kvbaton.router.config import RouterConfig
@@ -48,6 +51,8 @@ class Prepared:
     fan: Fanout = Fanout(1, 1, 1)
     # The client asked for logprobs (best_of runs carry them to rank the candidates anyway).
     logprobs: bool = False
+    # Chat: the tools whose calls the output is parsed for (None: not parsed).
+    tools: list[Tool] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -86,6 +91,9 @@ class Frontend:
         for tok in self.tokenizers:
             self._tokenizers.put(tok)
         self.token_chars = max_token_chars(self.tokenizer)
+        # Constraints are compiled here too (the workers' code), so a bad schema is the same
+        # 400 before any worker is contacted.
+        self.grammars = GrammarCompiler(self.tokenizer)
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
@@ -113,6 +121,7 @@ class Frontend:
     async def completion(self, body: CompletionRequest, max_model_len: int | None) -> Prepared:
         pre = completion_preamble(self.config, self.config.model_names, "router", body)
         pre.check_length_before_tokenizing(max_model_len, self.token_chars)
+        await self._check_constraint(pre)
         prompts: list[list[int]] = []
         for prompt in pre.prompts:
             if isinstance(prompt, str):
@@ -127,13 +136,14 @@ class Frontend:
             self._check(pre, len(ids), pre.params.max_tokens, max_model_len)
             prompts.append(ids)
         return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, prompts, pre.params.max_tokens,
-                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body),
+                        _forwarded(body, pre), body.stream, _include_usage(body),
                         fan=pre.fan, logprobs=pre.logprobs is not None)
 
     async def chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> Prepared:
         pre = chat_preamble(self.config, self.config.model_names, "router", body)
         assert pre.messages is not None
         pre.check_length_before_tokenizing(max_model_len, self.token_chars)
+        await self._check_constraint(pre)
         try:
             ids = await anyio.to_thread.run_sync(self._chat_ids, pre.messages)
         except InvalidRequestError as e:
@@ -143,8 +153,17 @@ class Frontend:
             max_tokens = default_max_tokens(self.config.default_chat_max_tokens, len(ids), max_model_len)
         self._check(pre, len(ids), max_tokens, max_model_len)
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", True, pre.model, [ids], max_tokens,
-                        _forwarded(body, pre.logprobs), body.stream, _include_usage(body),
-                        chat_top_logprobs=pre.logprobs, fan=pre.fan, logprobs=pre.logprobs is not None)
+                        _forwarded(body, pre), body.stream, _include_usage(body),
+                        chat_top_logprobs=pre.logprobs, fan=pre.fan, logprobs=pre.logprobs is not None,
+                        tools=pre.tools if pre.parses_tool_calls else None)
+
+    async def _check_constraint(self, pre: Preamble) -> None:
+        so = pre.constraint_to_check()
+        if so is not None:
+            try:
+                await anyio.to_thread.run_sync(self.grammars.check, so)
+            except InvalidRequestError as e:
+                raise pre.error(e) from None
 
     @staticmethod
     def _check(pre: Preamble, num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
@@ -160,7 +179,8 @@ def _include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _forwarded(body: SamplingFields, logprobs: int | None) -> dict[str, Any]:
+def _forwarded(body: SamplingFields, pre: Preamble) -> dict[str, Any]:
+    logprobs = pre.logprobs
     fields: dict[str, Any] = {
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
         "stop": body.stop, "stop_token_ids": body.stop_token_ids, "logprobs": logprobs,
@@ -176,6 +196,9 @@ def _forwarded(body: SamplingFields, logprobs: int | None) -> dict[str, Any]:
         out["skip_special_tokens"] = False
     if body.return_token_ids:
         out["return_token_ids"] = True
+    so = pre.params.structured
+    if so is not None:  # in one form, whichever field the client used
+        out["structured_outputs"] = {so.kind: json.loads(so.spec) if so.kind == "choice" else so.spec}
     if isinstance(body, CompletionRequest) and body.echo:
         # The worker echoes what the prompt's token ids decode to: the prompt itself for the
         # byte-level tokenizers kvbaton serves (no special tokens are added when encoding).

@@ -16,6 +16,7 @@ from typing import Any
 from kvbaton.api.fanout import best_of_order, combined_usage, merge
 from kvbaton.api.protocol import chat_logprobs, now_s, usage
 from kvbaton.api.sse import DONE_EVENT, sse
+from kvbaton.api.tools import ToolCallStream, parse_output
 from kvbaton.router.frontend import Prepared
 from kvbaton.router.relay import MidStreamError, RelayStream
 
@@ -64,13 +65,17 @@ class ClientView:
             c["usage"] = usage_ if final else None
         return c
 
-    def chat_choice(self, w: dict[str, Any]) -> dict[str, Any]:
+    def chat_choice(self, w: dict[str, Any], parser: ToolCallStream | None = None) -> dict[str, Any]:
         finished = w.get("finish_reason") is not None
         text = w.get("text") or ""
-        c: dict[str, Any] = {
-            "index": 0, "delta": {"content": text} if text or not finished else {},
-            "logprobs": None, "finish_reason": w.get("finish_reason"),
-        }
+        finish = w.get("finish_reason")
+        if parser is not None:
+            delta = parser.delta(text, finished)
+            if finished and parser.num_calls and finish == "stop":
+                finish = "tool_calls"
+        else:
+            delta = {"content": text} if text or not finished else {}
+        c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         if self.prep.chat_top_logprobs is not None:
             c["logprobs"] = chat_lp(w.get("logprobs"), self.prep.chat_top_logprobs)
         c.update({k: w[k] for k in _EXTRAS if k in w})
@@ -92,10 +97,12 @@ class ClientView:
 
     async def _choices(self, stream: RelayStream) -> AsyncIterator[dict[str, Any]]:
         """One run's choices for a streaming client (index 0: the caller numbers them)."""
+        tools = self.prep.tools
+        parser = ToolCallStream(tools) if tools else None
         try:
             async for chunk in stream:
                 for w in chunk.get("choices") or ():
-                    yield self.chat_choice(w) if self.prep.chat else {**w, "index": 0}
+                    yield self.chat_choice(w, parser) if self.prep.chat else {**w, "index": 0}
         except MidStreamError as e:
             raise _RunBroke(stream, e) from None
 
@@ -144,14 +151,21 @@ class ClientView:
             lp = None  # best_of asked the worker for them, the client did not
         choice: dict[str, Any] = {"index": 0}
         full = "".join(text)
+        finish = last.get("finish_reason")
         if self.prep.chat:
             choice["message"] = {"role": "assistant", "content": full}
+            if self.prep.tools:
+                content, calls = parse_output(full, self.prep.tools)
+                choice["message"]["content"] = content
+                if calls:
+                    choice["message"]["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
             top = self.prep.chat_top_logprobs
             choice["logprobs"] = chat_lp(lp, top) if top is not None else None
         else:
             choice["text"] = full
             choice["logprobs"] = lp
-        choice["finish_reason"] = last.get("finish_reason")
+        choice["finish_reason"] = finish
         if "stop_reason" in last:
             choice["stop_reason"] = last["stop_reason"]
         if token_ids is not None:

@@ -8,6 +8,7 @@ all encoding (prompts, chat templates) happens on the engine thread.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -84,6 +85,8 @@ class WorkerState:
         self.draining = False
         self.worker_id = f"{config.role}-{uuid.uuid4().hex[:12]}"
         self.kv = KVConnector(engine, self.engine, config, self.worker_id, self.metrics.registry)
+        # The engine's compiler (thread-safe), so what the routes compile the engine finds.
+        self.grammars = engine.structured.compiler
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -123,6 +126,18 @@ async def _start(state: WorkerState, req: GenerationRequest, rid: str, pre: Prea
         raise pre.error(e) from None
     except (EngineDeadError, EngineStoppedError) as e:
         raise ApiError(503, str(e), None, "service_unavailable") from None
+
+
+async def _check_constraint(state: WorkerState, pre: Preamble) -> None:
+    """Compile the request's output constraint (or its tools' schemas) off the event loop and
+    off the engine thread, which then finds it compiled; a 400 naming the field if it does
+    not compile."""
+    so = pre.constraint_to_check()
+    if so is not None:
+        try:
+            await asyncio.to_thread(state.grammars.check, so)
+        except InvalidRequestError as e:
+            raise pre.error(e) from None
 
 
 def _run_params(pre: Preamble, sample: int) -> SamplingParams:
@@ -342,6 +357,7 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         pre = completion_preamble(config, state.model_names, "worker", body)
         pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        await _check_constraint(state, pre)
         ktp = body.kv_transfer_params
         if ktp is not None and not pre.fan.single:
             raise ApiError(400, "kv_transfer_params: a disaggregated request carries one prompt and "
@@ -370,13 +386,15 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         default = config.default_chat_max_tokens if pre.max_tokens is None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        await _check_constraint(state, pre)
+        tools = pre.tools if pre.parses_tool_calls else None
         streams = await _start_runs(state, pre, rid, lambda _, params: GenerationRequest(
             params, messages=pre.messages, cache_salt=body.cache_salt, default_max_tokens=default))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
             request, state, streams, body.stream,
-            lambda: chat_events(state, rid, streams, body, pre.model, pre.fan, pre.params, include_usage),
-            lambda finals: chat_response(state, rid, finals, body, pre.model, pre.fan),
+            lambda: chat_events(state, rid, streams, body, pre.model, pre.fan, pre.params, include_usage, tools),
+            lambda finals: chat_response(state, rid, finals, body, pre.model, pre.fan, tools),
         )
 
     @app.get("/kv/info")

@@ -24,6 +24,7 @@ from kvbaton.api.protocol import (
     prompt_logprobs_field,
 )
 from kvbaton.api.sse import DONE_EVENT, sse
+from kvbaton.api.tools import Tool, ToolCallStream, parse_output
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.sampling_params import SamplingParams
 from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestFailedError, RequestStream
@@ -239,15 +240,28 @@ def completion_events(
 # ---- chat completions -----------------------------------------------------------------------
 
 
+def _tool_message(out: RequestOutput, tools: list[Tool] | None) -> tuple[dict[str, Any], str | None]:
+    """A whole chat choice's message and finish_reason, tool calls parsed when ``tools``."""
+    if not tools:
+        return {"role": "assistant", "content": out.text}, out.finish_reason
+    content, calls = parse_output(out.text, tools)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, ("tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason)
+
+
 def chat_response(
     state: WorkerState, request_id: str, finals: list[RequestOutput], body: ChatCompletionRequest,
-    model: str, fan: Fanout,
+    model: str, fan: Fanout, tools: list[Tool] | None = None,
 ) -> dict[str, Any]:
+    """The whole chat response; ``tools``: parse each choice's tool calls."""
     def choice(out: RequestOutput) -> dict[str, Any]:
+        message, finish = _tool_message(out, tools)
         return {
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": _chat_lp(state, out, 0) if body.logprobs else None,
-            "finish_reason": out.finish_reason,
+            "finish_reason": finish,
             **_choice_extras(out, body.return_token_ids), **_prompt_extras(state, out, body, True),
         }
 
@@ -257,11 +271,22 @@ def chat_response(
 def chat_events(
     state: WorkerState, request_id: str, streams: list[RequestStream], body: ChatCompletionRequest,
     model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
+    tools: list[Tool] | None = None,
 ) -> AsyncIterator[str]:
+    """The chat SSE stream; ``tools``: tool calls streamed as ``tool_calls`` deltas."""
+    parsers = {s.request_id: ToolCallStream(tools) for s in streams} if tools else {}
+
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
+        finish = out.finish_reason if out.finished else None
+        parser = parsers.get(out.request_id)
+        if parser is not None:
+            delta = parser.delta(text, out.finished)
+            if out.finished and parser.num_calls and finish == "stop":
+                finish = "tool_calls"
+        else:
+            delta = {"content": text} if text or not out.finished else {}
         c: dict[str, Any] = {
-            "index": 0, "delta": {"content": text} if text or not out.finished else {},
-            "logprobs": None, "finish_reason": out.finish_reason if out.finished else None,
+            "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
             **_choice_extras(out, body.return_token_ids, sent), **_prompt_extras(state, out, body, sent == 0),
         }
         if body.logprobs:
