@@ -234,3 +234,35 @@ def test_router_constrained_outputs_equal_the_worker(router: str, worker: Any) -
         assert routed.status_code == 200, routed.text
         assert routed.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
         assert ok(routed.json()["choices"][0]["text"])
+
+
+def test_the_c_mask_equals_the_bit_layout() -> None:
+    import torch
+
+    from kvbaton.engine.structured import apply_token_mask
+
+    gen = torch.Generator().manual_seed(4)
+    for vocab in (33, 260, 1000):
+        words = (vocab + 31) // 32
+        mask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=gen)
+        mask[1] = -1  # every token allowed
+        logits = torch.randn(3, vocab, generator=gen)
+        masked = logits.clone()
+        apply_token_mask(masked, mask)
+        for r in range(3):
+            for t in range(vocab):
+                allowed = (int(mask[r, t // 32]) >> (t % 32)) & 1
+                assert masked[r, t] == (logits[r, t] if allowed else float("-inf"))
+
+
+def test_objects_with_listed_properties_are_closed() -> None:
+    from kvbaton.models.grammar import closed_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
+                                               "c": {"type": "object"}},
+              "items": [{"properties": {"d": {}}, "additionalProperties": True}]}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["c"]  # no properties listed: any object
+    assert closed["items"][0]["additionalProperties"] is True  # said explicitly: kept

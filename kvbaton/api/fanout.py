@@ -16,9 +16,10 @@ choice, each with ``n = 1``, and merge them back into one response here. The rul
 
 A prompt's runs share its KV blocks: on a worker the engine's in-flight prefix sharing has
 the other runs wait for the blocks the first admitted one computes, then find them in the
-prefix cache and compute only the last, partial block (prefix caching on). The router opens a
-prompt's first run before the others, which its KV-aware policies then send to the worker
-that holds the prompt (a round-robin router spreads them, and each worker computes it).
+prefix cache and compute only the last, partial block (prefix caching on). The router's
+KV-aware policies send a prompt's runs to one worker (a round-robin router spreads them, and
+each worker computes the prompt); with dedicated prefill workers it opens the prompt's first
+run before the others, which then find its imported blocks on the decode worker.
 """
 
 from __future__ import annotations

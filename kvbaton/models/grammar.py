@@ -53,6 +53,7 @@ def grammar_text(so: Constraint) -> str:
         # Compact JSON, no stray whitespace: a model that may emit whitespace forever between
         # tokens (small models do) would otherwise run out its max_tokens on it.
         if isinstance(schema, dict):
+            schema = closed_objects(schema)
             options = {"whitespace_flexible": False, **schema.get("x-guidance", {})}
             schema = {**schema, "x-guidance": options}
         return str(llguidance.grammar_from("json_schema", json.dumps(schema)))
@@ -70,6 +71,22 @@ def grammar_text(so: Constraint) -> str:
         return str(llguidance.grammar_from("grammar", so.spec))
     except ValueError as e:
         raise InvalidRequestError(so.param, f"invalid {so.kind}: {e}") from None
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists
+    ``properties`` and says nothing about others, as vLLM's default backend (xgrammar's strict
+    mode) and OpenAI's strict mode treat them: a model asked for ``{name, age}`` must not add
+    ``"occupation"`` (llguidance, reading the schema literally, lets it)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict) and not {"additionalProperties", "patternProperties",
+                                                             "unevaluatedProperties"} & set(schema):
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarCompiler:
