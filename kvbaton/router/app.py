@@ -101,8 +101,8 @@ async def _open_runs(state: RouterState, jobs: list[Job], fan: Fanout) -> list[R
     the request's. Placement tells the overlap provider at once, so a prompt's runs follow its
     first to one worker, whose in-flight prefix sharing computes the prompt once. With
     dedicated prefill workers the first run of each prompt opens alone first: the others must
-    find its imported blocks on the decode worker, not compute the prompt beside the import
-    (measured colocated: opening them all at once is ~9% faster, benchmarks/api_features.py)."""
+    find its imported blocks on the decode worker, not compute the prompt beside the import.
+    (Colocated, staging would only delay the others by the first one's prefill.)"""
     opened: dict[int, RelayStream] = {}
 
     async def run(i: int) -> None:
