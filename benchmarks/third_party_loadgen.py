@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,13 @@ def guidellm_round(cli: Path, url: str, model: str, tokenizer: Path, requests: i
     }
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the finished child processes (the clients; the server,
+    still running, is not counted)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32, help="requests per round")
@@ -87,15 +95,18 @@ def main() -> None:
         bench(url, BENCH_FLAGS, 4, 99)  # warm-up
         for i, who in enumerate(("guidellm", "kvbaton_bench", "kvbaton_bench", "guidellm")):  # A B B A
             load = load_average()
+            before = _children_cpu_s()
             if who == "guidellm":
                 r = guidellm_round(cli, url, model, tokenizer, args.requests, i)
             else:
                 r = {**bench(url, BENCH_FLAGS, args.requests, i)}
                 r["median_itl_ms"] = r.pop("median_tpot_ms")
             r["load_average_1m"] = load
+            # The client's own CPU time: on 2 cores, what it burns the server does not get.
+            r["client_cpu_s"] = _children_cpu_s() - before
             rounds[who].append(r)
             print(who, json.dumps(r), file=sys.stderr, flush=True)
-    keys = ("output_throughput", "median_ttft_ms", "median_itl_ms")
+    keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "client_cpu_s")
     med = {who: {k: statistics.median(float(x[k]) for x in rs) for k in keys} for who, rs in rounds.items()}
     report = {
         "command": " ".join(sys.argv), "workload": BENCH_FLAGS, "requests_per_round": args.requests,

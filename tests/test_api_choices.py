@@ -218,6 +218,12 @@ def test_openai_client_gets_n_choices_and_sampling_controls(worker: Any) -> None
         stream=True, extra_body={"min_tokens": 2, "repetition_penalty": 1.2})
     indices = {ch.index for chunk in streamed for ch in chunk.choices}
     assert indices == {0, 1}
+    echoed = client.completions.create(model=MODEL, prompt="The quick brown fox", echo=True, logprobs=1,
+                                       best_of=3, n=1, max_tokens=4, temperature=1.0, seed=5)
+    [choice] = echoed.choices
+    assert choice.text.startswith("The quick brown fox")
+    assert choice.logprobs is not None and choice.logprobs.token_logprobs[0] is None  # type: ignore[index]
+    assert echoed.usage is not None and echoed.usage.completion_tokens == 3 * 4
 
 
 def test_a_refused_run_leaves_nothing_running(worker: Any) -> None:
