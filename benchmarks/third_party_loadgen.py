@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from kvbaton.models.gguf import cached_hf_dir_for_gguf, find_bundled_smollm2_gguf, kvbaton_cache_dir
 from topology_compare import serve
 from vs_vllm_cpu import bench, load_average
@@ -81,6 +83,18 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _server_tpot(url: str) -> tuple[float, float]:
+    """(sum, count) of the workers' ``kvbaton:time_per_output_token_seconds`` histogram, from
+    the router's federated /metrics."""
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("kvbaton:time_per_output_token_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("kvbaton:time_per_output_token_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32, help="requests per round")
@@ -95,7 +109,7 @@ def main() -> None:
         bench(url, BENCH_FLAGS, 4, 99)  # warm-up
         for i, who in enumerate(("guidellm", "kvbaton_bench", "kvbaton_bench", "guidellm")):  # A B B A
             load = load_average()
-            before = _children_cpu_s()
+            before, server_before = _children_cpu_s(), _server_tpot(url)
             if who == "guidellm":
                 r = guidellm_round(cli, url, model, tokenizer, args.requests, i)
             else:
@@ -104,9 +118,14 @@ def main() -> None:
             r["load_average_1m"] = load
             # The client's own CPU time: on 2 cores, what it burns the server does not get.
             r["client_cpu_s"] = _children_cpu_s() - before
+            # The server's own view of the same round (its TPOT histogram): if it agrees with
+            # the client's, the clients measure alike and the server itself ran at that speed.
+            server_after = _server_tpot(url)
+            r["server_mean_tpot_ms"] = 1000 * (server_after[0] - server_before[0]) / max(
+                1.0, server_after[1] - server_before[1])
             rounds[who].append(r)
             print(who, json.dumps(r), file=sys.stderr, flush=True)
-    keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "client_cpu_s")
+    keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "client_cpu_s", "server_mean_tpot_ms")
     med = {who: {k: statistics.median(float(x[k]) for x in rs) for k in keys} for who, rs in rounds.items()}
     report = {
         "command": " ".join(sys.argv), "workload": BENCH_FLAGS, "requests_per_round": args.requests,
