@@ -313,3 +313,23 @@ def test_router_echo_and_prompt_logprobs_equal_the_worker(router: str, worker: A
     assert routed["prompt_logprobs"] == direct["prompt_logprobs"]
     text = {"prompt": "Once upon a time", "echo": True, **GREEDY}
     assert _single(router, **text)["text"] == _single(worker.url, **text)["text"]
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(worker: Any, router: str) -> None:
+    # What lm-eval-harness sends for loglikelihoods: the prompt back with its logprobs, nothing generated.
+    prompt = "The quick brown fox jumps"
+    for url in (worker.url, router):
+        out = _post(url, {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0})
+        choice = out["choices"][0]
+        assert choice["text"] == prompt and choice["finish_reason"] == "length"
+        assert "".join(choice["logprobs"]["tokens"]) == prompt
+        assert choice["logprobs"]["token_logprobs"][0] is None
+        assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == len(
+            choice["logprobs"]["tokens"])
+        chunks = _stream(url, {"prompt": prompt, "echo": True, "max_tokens": 0, "temperature": 0})
+        assert "".join(c["choices"][0]["text"] for c in chunks) == prompt
+    direct = _post(worker.url, {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 1})
+    routed = _post(router, {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert routed["choices"][0]["logprobs"]["token_logprobs"] == direct["choices"][0]["logprobs"]["token_logprobs"]
+    r = httpx.post(f"{worker.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -190,6 +190,13 @@ def test_openai_client_tool_calls(worker: Any) -> None:
     calls = out.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     assert set(json.loads(calls[0].function.arguments)) == {"city", "days"}  # type: ignore[union-attr]
+    # Streamed: the client library assembles the same call from the deltas.
+    stream = client.chat.completions.create(model=MODEL, messages=MSGS, tools=TOOLS,  # type: ignore[arg-type]
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            max_tokens=160, temperature=1.0, seed=1, stream=True)
+    deltas = [tc for chunk in stream if chunk.choices for tc in (chunk.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == \
+        [(calls[0].function.name, calls[0].function.arguments)]  # type: ignore[union-attr]
     # The conversation goes on with the call and its result, as a client sends them.
     follow = [*MSGS, out.choices[0].message.model_dump(exclude_none=True),
               {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21C"}]

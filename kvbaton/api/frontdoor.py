@@ -140,6 +140,9 @@ class Preamble:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: str = "none"
     tool_check: StructuredOutput | None = None
+    # Completions with echo and max_tokens 0 (prompt scoring, as lm-eval-harness asks): the
+    # engine runs one token, which the response leaves out (params.max_tokens is 1).
+    prompt_only: bool = False
 
     @property
     def parses_tool_calls(self) -> bool:
@@ -185,13 +188,16 @@ def completion_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
         raise ApiError(400, f"logprobs: at most {cfg.max_logprobs}", "logprobs", "invalid_value")
     _check_prompt_logprobs(body, cfg.max_logprobs)
     max_tokens = cfg.default_completion_max_tokens if body.max_tokens is None else body.max_tokens
+    prompt_only = body.echo and max_tokens == 0
+    if prompt_only:
+        max_tokens = 1
     prompt_lp = body.prompt_logprobs
     if body.echo and body.logprobs is not None:  # echo shows the prompt's logprobs too
         prompt_lp = max(prompt_lp or 0, body.logprobs)
     params = sampling_params(body, max_tokens, body.logprobs, {}, "prompt", prompt_lp)
     fan = Fanout(len(prompts), body.n, body.best_of or body.n)
     return Preamble(name, params, max_tokens, body.logprobs, "prompt", prompt=prompts[0],
-                    prompts=prompts, fan=fan)
+                    prompts=prompts, fan=fan, prompt_only=prompt_only)
 
 
 def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,

@@ -135,7 +135,9 @@ class Frontend:
                     raise ApiError(400, "prompt: token ids must be non-negative", "prompt", "invalid_value")
             self._check(pre, len(ids), pre.params.max_tokens, max_model_len)
             prompts.append(ids)
-        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, prompts, pre.params.max_tokens,
+        # (max_tokens 0 with echo travels as 0: the decode worker runs and trims the token.)
+        max_tokens = 0 if pre.prompt_only else pre.params.max_tokens
+        return Prepared(f"cmpl-{uuid.uuid4().hex}", False, pre.model, prompts, max_tokens,
                         _forwarded(body, pre), body.stream, _include_usage(body),
                         fan=pre.fan, logprobs=pre.logprobs is not None)
 

@@ -117,7 +117,8 @@ class Orchestrator:
         job = Job(routing, fields, arrival, self.config.max_retries)
         # Prompt logprobs come from the forward pass over the prompt, which a decode worker
         # importing the KV never runs: such a request runs where it is decoded.
-        job.local_only = "prompt_logprobs" in fields or (bool(fields.get("echo")) and "logprobs" in fields)
+        job.local_only = ("prompt_logprobs" in fields or max_tokens == 0
+                          or (bool(fields.get("echo")) and "logprobs" in fields))
         return job
 
     def place(self, job: Job) -> tuple[Worker, Worker | None]:

@@ -57,6 +57,7 @@ from kvbaton.worker.streaming import (
     completion_events,
     completion_response,
     request_failed_error,
+    without_generated,
 )
 
 
@@ -376,8 +377,10 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
         return await _respond(
             request, state, streams, body.stream,
             lambda: completion_events(state, rid, streams, body, pre.model, pre.fan, pre.params,
-                                      include_usage, extras),
-            lambda finals: completion_response(state, rid, finals, body, pre.model, pre.fan, extras),
+                                      include_usage, extras, pre.prompt_only),
+            lambda finals: completion_response(
+                state, rid, [without_generated(f) for f in finals] if pre.prompt_only else finals,
+                body, pre.model, pre.fan, extras),
         )
 
     @app.post("/v1/chat/completions")

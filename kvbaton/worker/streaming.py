@@ -8,6 +8,7 @@ chunk with empty ``choices`` carries the usage, as OpenAI does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -81,15 +82,27 @@ def _error_event(e: Exception) -> str:
     return sse(ApiError(503, str(e), None, "service_unavailable").body())
 
 
+def without_generated(out: RequestOutput) -> RequestOutput:
+    """``out`` as if nothing had been generated (echo with max_tokens 0: the one token the
+    engine ran is not the client's)."""
+    return dataclasses.replace(
+        out, token_ids=[], text="", new_token_ids=[], finish_reason="length", stop_reason=None,
+        logprobs=[] if out.logprobs is not None else None,
+        top_logprobs=[] if out.top_logprobs is not None else None)
+
+
 async def _choice_chunks(
     stream: RequestStream, params: SamplingParams, per_token: bool,
-    make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
+    make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]], trim: bool = False,
 ) -> AsyncIterator[tuple[dict[str, Any], RequestOutput]]:
     """One run's choices, one per output that adds text (or tokens, when the client asked
-    for per-token data), each with the output it came from."""
+    for per-token data), each with the output it came from (``trim``: without what was
+    generated, see :func:`without_generated`)."""
     deltas = TextDeltas(params.stop)
     sent_tokens = 0
     async for out in stream:
+        if trim:
+            out = without_generated(out)
         offset = len(deltas.sent)
         text = deltas.delta(out.text, out.finished)
         if not (text or out.finished or (per_token and len(out.token_ids) > sent_tokens)):
@@ -108,6 +121,7 @@ async def _stream_events(
     params: SamplingParams, include_usage: bool, per_token: bool,
     make_choice: Callable[[RequestOutput, str, int, int], dict[str, Any]],
     first_choice: dict[str, Any] | None = None, usage_extras: dict[str, Any] | None = None,
+    trim: bool = False,
 ) -> AsyncIterator[str]:
     """The SSE skeleton both endpoints share: the runs' choices as they come (choice ``i`` is
     ``streams[i]``), an error event if the engine dies, the usage chunk when asked, then
@@ -130,7 +144,7 @@ async def _stream_events(
         for i in range(len(streams)):
             yield chunk([{**first_choice, "index": i}])
     try:
-        async for i, (choice, out) in merge([_choice_chunks(s, params, per_token, make_choice)
+        async for i, (choice, out) in merge([_choice_chunks(s, params, per_token, make_choice, trim)
                                              for s in streams]):
             last[i] = out
             choice["index"] = i
@@ -221,7 +235,7 @@ def completion_response(
 def completion_events(
     state: WorkerState, request_id: str, streams: list[RequestStream], body: CompletionRequest,
     model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
-    usage_extras: dict[str, Any] | None = None,
+    usage_extras: dict[str, Any] | None = None, prompt_only: bool = False,
 ) -> AsyncIterator[str]:
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
         # (Every chunk carries a token, so a run's first chunk is the one with sent == 0.)
@@ -234,7 +248,7 @@ def completion_events(
 
     per_token = body.logprobs is not None or body.return_token_ids
     return _stream_events(request_id, streams, fan, "text_completion", model, params, include_usage,
-                          per_token, choice, usage_extras=usage_extras)
+                          per_token, choice, usage_extras=usage_extras, trim=prompt_only)
 
 
 # ---- chat completions -----------------------------------------------------------------------
