@@ -188,6 +188,7 @@ def main() -> None:
                                         "median_p50_ttft_s": statistics.median(x["p50_ttft_s"] for x in v)}
                                     for k, v in rounds.items()}
         if "n" in parts:
+            n_round(url, True, 2, 16)  # warm-up: the long shared system prompt's first run
             nr: dict[str, list[dict[str, Any]]] = {"n4": [], "separate4": []}
             for use_n in (True, False, False, True):
                 r = n_round(url, use_n, args.n_prompts, args.max_tokens)
