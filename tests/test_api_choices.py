@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import wait_until
-from kvbaton.router.config import RouterConfig
-from kvbaton.router.server import RouterThread
-from worker_support import engine_debug, running_worker, wait_idle
+from worker_support import engine_debug, router_over_workers, running_worker, wait_idle
 
 MODEL = "tiny-random"
 SAMPLED = {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}
@@ -34,35 +30,9 @@ def worker() -> Iterator[Any]:
         yield w
 
 
-@contextmanager
-def _router(disagg: bool) -> Iterator[str]:
-    """A router over real workers: one colocated worker, or a prefill and a decode worker
-    with every prompt disaggregated."""
-    with ExitStack() as stack:
-        if disagg:
-            p = stack.enter_context(running_worker({"role": "prefill"}, num_kv_blocks=256))
-            d = stack.enter_context(running_worker({"role": "decode"}, num_kv_blocks=256))
-            cfg = RouterConfig(prefill_workers=(p.url,), decode_workers=(d.url,), model=MODEL, port=0,
-                               disagg_min_tokens=1, health_interval_s=0.3)
-            workers = [p, d]
-        else:
-            w = stack.enter_context(running_worker(num_kv_blocks=256))
-            cfg = RouterConfig(workers=(w.url,), model=MODEL, port=0, disagg_min_tokens=1 << 30,
-                               health_interval_s=0.3)
-            workers = [w]
-        r = RouterThread(cfg).start()
-        try:
-            yield r.url
-        finally:
-            assert r.stop()
-        for w in workers:  # nothing running, no block used, no lease held
-            wait_until(lambda w=w: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0,
-                       what="the workers to settle")
-
-
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
 def router(request: pytest.FixtureRequest) -> Iterator[str]:
-    with _router(request.param == "disaggregated") as url:
+    with router_over_workers(request.param == "disaggregated") as url:
         yield url
 
 

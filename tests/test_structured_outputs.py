@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import make_llm, wait_until
+from conftest import make_llm
 from kvbaton import SamplingParams
 from kvbaton.errors import InvalidRequestError
-from kvbaton.router.config import RouterConfig
-from kvbaton.router.server import RouterThread
 from kvbaton.sampling_params import StructuredOutput
-from worker_support import running_worker, wait_idle
+from worker_support import router_over_workers, running_worker, wait_idle
 
 MODEL = "tiny-random"
 SCHEMA = {
@@ -138,26 +135,9 @@ def worker() -> Iterator[Any]:
 
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
 def router(request: pytest.FixtureRequest) -> Iterator[str]:
-    with ExitStack() as stack:
-        if request.param == "disaggregated":
-            p = stack.enter_context(running_worker({"role": "prefill"}, num_kv_blocks=256))
-            d = stack.enter_context(running_worker({"role": "decode"}, num_kv_blocks=256))
-            cfg = RouterConfig(prefill_workers=(p.url,), decode_workers=(d.url,), model=MODEL, port=0,
-                               disagg_min_tokens=1, health_interval_s=0.3)
-            workers = [p, d]
-        else:
-            w = stack.enter_context(running_worker(num_kv_blocks=256))
-            cfg = RouterConfig(workers=(w.url,), model=MODEL, port=0, disagg_min_tokens=1 << 30,
-                               health_interval_s=0.3)
-            workers = [w]
-        r = RouterThread(cfg).start()
-        try:
-            yield r.url
-        finally:
-            assert r.stop()
-        for w in workers:
-            wait_until(lambda w=w: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0,
-                       what="the workers to settle")
+    with router_over_workers(request.param == "disaggregated") as url:
+        yield url
+
 
 
 SAMPLED = {"temperature": 1.0, "max_tokens": 48, "seed": 5}

@@ -8,22 +8,18 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import wait_until
 from kvbaton.api.protocol import ApiError
 from kvbaton.api.tools import ToolCallStream, constraint, parse_output, parse_tools, render
 from kvbaton.errors import InvalidRequestError
 from kvbaton.models.grammar import GrammarCompiler
 from kvbaton.models.sources import tokenizer_for_model
-from kvbaton.router.config import RouterConfig
-from kvbaton.router.server import RouterThread
-from worker_support import running_worker, wait_idle
+from worker_support import router_over_workers, running_worker
 
 MODEL = "tiny-random"
 WEATHER = {"type": "function", "function": {
@@ -230,26 +226,9 @@ BAD = [
 
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
 def router(request: pytest.FixtureRequest) -> Iterator[str]:
-    with ExitStack() as stack:
-        if request.param == "disaggregated":
-            p = stack.enter_context(running_worker({"role": "prefill"}, num_kv_blocks=256))
-            d = stack.enter_context(running_worker({"role": "decode"}, num_kv_blocks=256))
-            cfg = RouterConfig(prefill_workers=(p.url,), decode_workers=(d.url,), model=MODEL, port=0,
-                               disagg_min_tokens=1, health_interval_s=0.3)
-            workers = [p, d]
-        else:
-            w = stack.enter_context(running_worker(num_kv_blocks=256))
-            cfg = RouterConfig(workers=(w.url,), model=MODEL, port=0, disagg_min_tokens=1 << 30,
-                               health_interval_s=0.3)
-            workers = [w]
-        r = RouterThread(cfg).start()
-        try:
-            yield r.url
-        finally:
-            assert r.stop()
-        for w in workers:
-            wait_until(lambda w=w: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0,
-                       what="the workers to settle")
+    with router_over_workers(request.param == "disaggregated") as url:
+        yield url
+
 
 
 @pytest.mark.parametrize("body, param", BAD, ids=[str(i) for i in range(len(BAD))])

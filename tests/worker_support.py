@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -11,6 +11,8 @@ import httpx
 from conftest import wait_until
 from kvbaton.engine.config import EngineConfig
 from kvbaton.engine.engine import LLMEngine
+from kvbaton.router.config import RouterConfig
+from kvbaton.router.server import RouterThread
 from kvbaton.worker.config import WorkerConfig
 from kvbaton.worker.server import WorkerThread
 
@@ -80,3 +82,30 @@ def metric(values: dict[str, float], name: str, **labels: str) -> float:
         if all(f'{k}="{val}"' in rest for k, val in labels.items()):
             total += v
     return total
+
+
+@contextmanager
+def router_over_workers(disaggregated: bool, num_kv_blocks: int = 256) -> Iterator[str]:
+    """A router over real tiny-random workers, yielding its URL: one colocated worker, or a
+    prefill and a decode worker with every prompt disaggregated. Afterwards every worker must
+    settle: nothing running, no block used, no lease held, integrity checks passing."""
+    with ExitStack() as stack:
+        if disaggregated:
+            p = stack.enter_context(running_worker({"role": "prefill"}, num_kv_blocks=num_kv_blocks))
+            d = stack.enter_context(running_worker({"role": "decode"}, num_kv_blocks=num_kv_blocks))
+            cfg = RouterConfig(prefill_workers=(p.url,), decode_workers=(d.url,), model=MODEL, port=0,
+                               disagg_min_tokens=1, health_interval_s=0.3)
+            workers = [p, d]
+        else:
+            w = stack.enter_context(running_worker(num_kv_blocks=num_kv_blocks))
+            cfg = RouterConfig(workers=(w.url,), model=MODEL, port=0, disagg_min_tokens=1 << 30,
+                               health_interval_s=0.3)
+            workers = [w]
+        r = RouterThread(cfg).start()
+        try:
+            yield r.url
+        finally:
+            assert r.stop()
+        for w in workers:
+            wait_until(lambda w=w: wait_idle(w.url, 0)["stats"]["kv_leases_active"] == 0,
+                       what="the workers to settle")
