@@ -256,3 +256,34 @@ def test_router_tool_calls_equal_the_worker(router: str, worker: Any) -> None:
                 for ch in json.loads(line[6:])["choices"]:
                     streamed += ch["delta"].get("tool_calls") or []
     assert [(t["function"]["name"], t["function"]["arguments"]) for t in streamed] == calls(direct)
+
+
+def test_a_template_that_renders_tools_gets_them_as_they_are() -> None:
+    from kvbaton.api.frontdoor import FrontDoorConfig, chat_preamble
+    from kvbaton.api.protocol import ChatCompletionRequest
+    from kvbaton.models.tokenizer import chat_prompt_ids, chat_template_takes_tools, copy_tokenizer
+
+    tok = copy_tokenizer(tokenizer_for_model(MODEL))
+    assert tok is not None and not chat_template_takes_tools(tok)
+    # A Qwen2.5-like template: the tools in its own words, calls and results rendered by it.
+    tok.chat_template = (
+        "{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+        "\n{% endfor %}assistant:")
+    assert chat_template_takes_tools(tok)
+    convo = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    body = ChatCompletionRequest(model=MODEL, messages=convo, tools=TOOLS)
+    pre = chat_preamble(FrontDoorConfig(), [MODEL], "worker", body, native_tools=True)
+    assert pre.messages is not None and pre.template_tools is not None
+    text = tok.decode(chat_prompt_ids(tok, pre.messages, MODEL, pre.template_tools))
+    assert text.startswith("TOOLS: get_weather get_time")  # (HF trims the newline after a tag)
+    assert '[call get_time {"zone": "UTC"}]' in text and "tool: 12:00" in text
+    assert "<tools>" not in text  # kvbaton's own rendering is not added
+    # tool_choice none: the template is given no tools.
+    none = chat_preamble(FrontDoorConfig(), [MODEL], "worker",
+                         ChatCompletionRequest(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice="none"),
+                         native_tools=True)
+    assert none.template_tools is None

@@ -11,10 +11,11 @@ become 400s here by their ``param`` and ``code``, never by their message text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from kvbaton.api.fanout import Fanout
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
-from kvbaton.api.tools import Tool, constraint, parse_tool_choice, parse_tools, render
+from kvbaton.api.tools import Tool, constraint, parse_tool_choice, parse_tools, render, template_tools
 from kvbaton.errors import ConfigError, InvalidRequestError
 from kvbaton.limits import check_prompt_chars
 from kvbaton.sampling_params import SamplingParams, StructuredOutput
@@ -130,7 +131,7 @@ class Preamble:
     logprobs: int | None
     prompt_param: str
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     aliases: dict[str, str] = field(default_factory=dict)
     # Completions: every prompt of a batch (``prompt`` is the first); chat: empty.
     prompts: list[str | list[int]] = field(default_factory=list)
@@ -140,6 +141,8 @@ class Preamble:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: str = "none"
     tool_check: StructuredOutput | None = None
+    # Chat with tools and a template that renders them: the declarations it is given.
+    template_tools: list[dict[str, Any]] | None = None
     # Completions with echo and max_tokens 0 (prompt scoring, as lm-eval-harness asks): the
     # engine runs one token, which the response leaves out (params.max_tokens is 1).
     prompt_only: bool = False
@@ -201,13 +204,13 @@ def completion_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
 
 
 def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
-                  body: ChatCompletionRequest) -> Preamble:
+                  body: ChatCompletionRequest, native_tools: bool = False) -> Preamble:
     """``POST /v1/chat/completions`` up to the point where worker and router part ways."""
     body.check_supported(cfg.max_n)
     name = resolve_model(body.model, served, server)
     tools = parse_tools(body.tools) if body.tools is not None else []
     choice = parse_tool_choice(body.tool_choice, tools)
-    messages = render(body.template_input(), tools, choice)
+    messages = render(body.template_input(), tools, choice, native_tools)
     max_tokens, logprobs, aliases = body.limits(cfg.max_logprobs)
     _check_prompt_logprobs(body, cfg.max_logprobs)
     params = sampling_params(body, 1 if max_tokens is None else max_tokens, logprobs, aliases, "messages",
@@ -222,4 +225,5 @@ def chat_preamble(cfg: FrontDoorConfig, served: list[str], server: str,
     elif tools:
         check = constraint(tools, "auto")
     return Preamble(name, params, max_tokens, logprobs, "messages", messages=messages, aliases=aliases,
-                    fan=Fanout(1, body.n, body.n), tools=tools, tool_choice=choice, tool_check=check)
+                    fan=Fanout(1, body.n, body.n), tools=tools, tool_choice=choice, tool_check=check,
+                    template_tools=template_tools(tools, choice) if native_tools else None)

@@ -2,8 +2,9 @@
 
 The format is Hermes' (also Qwen2.5's and SmolLM3's): the tools are described in the system
 prompt inside ``<tools></tools>``, and the model calls one by writing
-``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. The bundled models' chat
-templates know nothing of tools, so kvbaton renders the conversation itself (:func:`render`):
+``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. A chat template that renders
+tools itself (Qwen2.5's, in this same format) is given them as they are. The bundled models'
+templates know nothing of tools, so for those kvbaton renders the conversation (:func:`render`):
 the tool descriptions join the system message, an assistant turn's ``tool_calls`` become its
 ``<tool_call>`` text and a ``tool`` message becomes a user turn holding
 ``<tool_response></tool_response>``, which any chat template can take; the worker and the
@@ -105,10 +106,16 @@ def _system_text(tools: list[Tool]) -> str:
             '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
 
-def render(messages: list[dict[str, Any]], tools: list[Tool], choice: str) -> list[dict[str, str]]:
+def render(messages: list[dict[str, Any]], tools: list[Tool], choice: str,
+           native: bool = False) -> list[dict[str, Any]]:
     """The conversation as plain ``{"role", "content"}`` turns any chat template takes (see the
-    module docstring); the tools are shown unless ``choice`` is ``none``."""
-    out: list[dict[str, str]] = []
+    module docstring); the tools are shown unless ``choice`` is ``none``. ``native``: for a
+    template that renders tools itself, the turns keep OpenAI's shape (an assistant turn's
+    ``tool_calls``, ``tool`` turns) and the tools go to the template (:func:`template_tools`)."""
+    if native:
+        return [{**m, "tool_calls": [{"type": "function", "function": c} for c in m["tool_calls"]]}
+                if m.get("tool_calls") else dict(m) for m in messages]
+    out: list[dict[str, Any]] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         if role == "assistant" and m.get("tool_calls"):
@@ -125,6 +132,11 @@ def render(messages: list[dict[str, Any]], tools: list[Tool], choice: str) -> li
         else:
             out.insert(0, {"role": "system", "content": system})
     return out
+
+
+def template_tools(tools: list[Tool], choice: str) -> list[dict[str, Any]] | None:
+    """The declarations a template that renders tools is given (None: none are shown)."""
+    return [t.declaration() for t in tools] if tools and choice != "none" else None
 
 
 def constraint(tools: list[Tool], choice: str, parallel: bool = True, param: str = "tools") -> StructuredOutput:

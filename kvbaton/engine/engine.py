@@ -197,10 +197,12 @@ class LLMEngine:
         (:func:`~kvbaton.models.tokenizer.encode_text`)."""
         return encode_text(self.tokenizer, prompt)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation followed by the assistant's generation prompt;
-        InvalidRequestError if the model has no chat template or a message is malformed."""
-        return chat_prompt_ids(self.tokenizer, messages, self.config.model)
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation followed by the assistant's generation prompt (``tools``
+        for a template that renders them); InvalidRequestError if the model has no chat
+        template or a message is malformed."""
+        return chat_prompt_ids(self.tokenizer, messages, self.config.model, tools)
 
     def add_request(
         self,

@@ -99,8 +99,17 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
         raise InvalidRequestError("prompt", f"cannot be tokenized ({type(e).__name__}): send valid Unicode") from None
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) -> list[int]:
-    """Token ids of a conversation followed by the assistant's generation prompt.
+def chat_template_takes_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders tools itself (it reads ``tools``), so a
+    tool conversation is handed to it as is rather than rendered by kvbaton."""
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], model: str,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant's generation prompt; ``tools``
+    (function declarations) go to a template that renders them
+    (:func:`chat_template_takes_tools`).
 
     The one implementation of this step, shared by the engine and the router so both compute
     the same ids (and so the same block hashes) for the same chat.
@@ -113,8 +122,9 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], model: str) 
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InvalidRequestError("messages", f"[{i}] must be an object with string 'role' and 'content'")
+    extra = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # noqa: BLE001 - jinja raises for conversations a template rejects
         raise InvalidRequestError("messages", f": the chat template failed: {e}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -26,7 +26,7 @@ from kvbaton.errors import InvalidRequestError
 from kvbaton.limits import check_request_fits, default_max_tokens, max_token_chars
 from kvbaton.models.grammar import GrammarCompiler
 from kvbaton.models.sources import tokenizer_for_model
-from kvbaton.models.tokenizer import chat_prompt_ids, copy_tokenizer, encode_text
+from kvbaton.models.tokenizer import chat_prompt_ids, chat_template_takes_tools, copy_tokenizer, encode_text
 from kvbaton.router.config import RouterConfig
 
 # Tokenizers the router keeps, one per concurrent tokenization.
@@ -94,6 +94,7 @@ class Frontend:
         # Constraints are compiled here too (the workers' code), so a bad schema is the same
         # 400 before any worker is contacted.
         self.grammars = GrammarCompiler(self.tokenizer)
+        self.native_tools = chat_template_takes_tools(self.tokenizer)
 
     # ---- tokenization (off the event loop: long prompts take milliseconds) ---------------
 
@@ -111,10 +112,10 @@ class Frontend:
         with self._tokenizer() as tok:
             return encode_text(tok, text)
 
-    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The engine's own function, so the router's ids equal what a worker would compute.
         with self._tokenizer() as tok:
-            return chat_prompt_ids(tok, messages, self.config.model)
+            return chat_prompt_ids(tok, messages, self.config.model, tools)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -142,12 +143,12 @@ class Frontend:
                         fan=pre.fan, logprobs=pre.logprobs is not None)
 
     async def chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> Prepared:
-        pre = chat_preamble(self.config, self.config.model_names, "router", body)
+        pre = chat_preamble(self.config, self.config.model_names, "router", body, self.native_tools)
         assert pre.messages is not None
         pre.check_length_before_tokenizing(max_model_len, self.token_chars)
         await self._check_constraint(pre)
         try:
-            ids = await anyio.to_thread.run_sync(self._chat_ids, pre.messages)
+            ids = await anyio.to_thread.run_sync(self._chat_ids, pre.messages, pre.template_tools)
         except InvalidRequestError as e:
             raise pre.error(e) from None
         max_tokens = pre.max_tokens

@@ -39,6 +39,7 @@ from kvbaton.errors import InvalidRequestError
 from kvbaton.kv.handle import KVHandle
 from kvbaton.kv.hashing import BlockHash, hash_block_chain
 from kvbaton.limits import max_token_chars
+from kvbaton.models.tokenizer import chat_template_takes_tools
 from kvbaton.sampling_params import SamplingParams
 from kvbaton.worker.async_engine import AsyncEngine
 from kvbaton.worker.config import WorkerConfig
@@ -88,6 +89,7 @@ class WorkerState:
         self.kv = KVConnector(engine, self.engine, config, self.worker_id, self.metrics.registry)
         # The engine's compiler (thread-safe), so what the routes compile the engine finds.
         self.grammars = engine.structured.compiler
+        self.native_tools = chat_template_takes_tools(engine.tokenizer)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -385,14 +387,15 @@ def create_app(engine: LLMEngine, config: WorkerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        pre = chat_preamble(config, state.model_names, "worker", body)
+        pre = chat_preamble(config, state.model_names, "worker", body, state.native_tools)
         pre.check_length_before_tokenizing(state.max_model_len, state.token_chars)
         default = config.default_chat_max_tokens if pre.max_tokens is None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         await _check_constraint(state, pre)
         tools = pre.tools if pre.parses_tool_calls else None
         streams = await _start_runs(state, pre, rid, lambda _, params: GenerationRequest(
-            params, messages=pre.messages, cache_salt=body.cache_salt, default_max_tokens=default))
+            params, messages=pre.messages, cache_salt=body.cache_salt, default_max_tokens=default,
+            tools=pre.template_tools))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(
             request, state, streams, body.stream,

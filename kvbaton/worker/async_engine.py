@@ -201,11 +201,11 @@ class AsyncEngine:
         if self._tokenizer is None or (request.messages is None and not isinstance(request.prompt, str)):
             return request
         tok, model = self._tokenizer, self.engine.config.model
-        messages, text = request.messages, request.prompt
+        messages, text, tools = request.messages, request.prompt, request.tools
 
         def encode() -> list[int]:
             if messages is not None:
-                return chat_prompt_ids(tok, messages, model)
+                return chat_prompt_ids(tok, messages, model, tools)
             assert isinstance(text, str)
             return encode_text(tok, text)
 
@@ -425,7 +425,7 @@ class AsyncEngine:
         eng = self.engine
         prompt: str | list[int]
         if req.messages is not None:
-            prompt = eng.apply_chat_template(req.messages)
+            prompt = eng.apply_chat_template(req.messages, req.tools)
         elif req.prompt is not None:
             prompt = req.prompt
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.sampling_params import SamplingParams
@@ -40,7 +40,8 @@ class GenerationRequest:
 
     params: SamplingParams
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # declarations for a template that renders them
     cache_salt: str | None = None
     default_max_tokens: int | None = None
     # Disaggregation: keep the prompt's KV under a lease of this many seconds (prefill side);
