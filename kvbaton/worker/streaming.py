@@ -237,9 +237,16 @@ def completion_events(
     model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
     usage_extras: dict[str, Any] | None = None, prompt_only: bool = False,
 ) -> AsyncIterator[str]:
+    # Each run's text offset for logprobs: the length of its sent tokens' text, as a whole
+    # response counts it (the text sent so far lags it by any held-back partial character).
+    token_chars: dict[str, int] = {}
+
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
         # (Every chunk carries a token, so a run's first chunk is the one with sent == 0.)
-        text, lp = _completion_part(state, out, body, text, sent, offset)
+        base = token_chars.get(out.request_id, 0)
+        text, lp = _completion_part(state, out, body, text, sent, base)
+        if lp is not None:
+            token_chars[out.request_id] = base + sum(len(state.token_text(t)) for t in out.token_ids[sent:])
         return {
             "index": 0, "text": text, "logprobs": lp,
             "finish_reason": out.finish_reason if out.finished else None,
