@@ -481,9 +481,11 @@ class KVPinRequest(BaseModel):
         """The field that holds the prefix (errors about it name this one)."""
         return "messages" if self.messages is not None else "prompt"
 
-    def prefix(self) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:
+    def prefix(self, native_tools: bool = False) -> tuple[str | list[int] | None, list[dict[str, Any]] | None]:
         """``(prompt, None)`` with text or token ids, or ``(None, messages)`` with the chat's
-        template input; a 400 unless exactly one of them is set and well formed."""
+        template input, rendered as a chat request without tools is (``native_tools``: the
+        template renders tool calls itself); a 400 unless exactly one of them is set and well
+        formed."""
         if (self.prompt is None) == (self.messages is None):
             both = self.prompt is not None
             raise ApiError(400, "prompt: send exactly one of prompt and messages"
@@ -495,7 +497,8 @@ class KVPinRequest(BaseModel):
             from kvbaton.api.tools import render  # (tools imports this module)
 
             # Rendered as a chat request without tools is, so a pinned prefix hashes alike.
-            return None, render([m.as_template_input(i) for i, m in enumerate(self.messages)], [], "none")
+            return None, render([m.as_template_input(i) for i, m in enumerate(self.messages)], [], "none",
+                                native_tools)
         p = self.prompt
         if isinstance(p, str):
             return p, None

@@ -287,7 +287,7 @@ async def _on_prefix(state: WorkerState, body: KVPinRequest,
     chained from the engine's root for its ``cache_salt``): ``(op's result, the prefix's full
     blocks)``. 400s name the field that holds the prefix."""
     resolve_model(body.model, state.model_names, "worker")
-    prompt, messages = body.prefix()
+    prompt, messages = body.prefix(state.native_tools)
     param, salt, bs = body.prompt_param, body.cache_salt, state.block_size
 
     def run(eng: LLMEngine) -> tuple[int, int]:
