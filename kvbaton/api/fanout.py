@@ -58,6 +58,17 @@ class Fanout:
     def sample_of(self, index: int) -> int:
         return index % self.k
 
+    def returned(self, cumulative_logprobs: Sequence[float]) -> list[int]:
+        """Which runs the response returns, in choice order, from every run's cumulative
+        logprob (read only with ``best_of``): all of them, or each prompt's ``n`` best."""
+        if self.k == self.n:
+            return list(range(self.total))
+        chosen: list[int] = []
+        for p in range(self.num_prompts):
+            base = p * self.k
+            chosen.extend(base + j for j in best_of_order(cumulative_logprobs[base:base + self.k], self.n))
+        return chosen
+
 
 def child_seed(seed: int | None, sample: int) -> int | None:
     """The seed of a request's ``sample``-th choice (None stays None: unseeded)."""

@@ -502,7 +502,7 @@ class KVPinRequest(BaseModel):
         p = self.prompt
         if isinstance(p, str):
             return p, None
-        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        if isinstance(p, list) and all(_is_token_id(t) for t in p):
             return list(p), None
         raise ApiError(400, "prompt: must be a string or a list of token ids", "prompt", "invalid_type")
 
@@ -570,17 +570,21 @@ def completion_logprobs(
     text_offset: int,
 ) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object for a run of tokens."""
-    offsets = []
-    pos = text_offset
-    for t in token_text:
-        offsets.append(pos)
-        pos += len(t)
     return {
         "tokens": token_text,
         "token_logprobs": [_finite(x) for x in logprobs],
         "top_logprobs": [{k: _finite(v) for k, v in d.items()} for d in tops] if tops is not None else None,
-        "text_offset": offsets,
+        "text_offset": _text_offsets(token_text, text_offset),
     }
+
+
+def _text_offsets(texts: list[str], start: int) -> list[int]:
+    """Where each of ``texts`` starts when they follow one another from ``start``."""
+    offsets, pos = [], start
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    return offsets
 
 
 def prompt_logprobs_field(
@@ -615,10 +619,6 @@ def echo_logprobs(
     each prompt token with its logprob (None for the first, which has no context) and the
     alternatives at its position, text offsets from 0."""
     texts = [token_text(t) for t in prompt_ids]
-    offsets, pos = [], 0
-    for t in texts:
-        offsets.append(pos)
-        pos += len(t)
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     for tok, entry in zip(prompt_ids, entries):
@@ -628,7 +628,7 @@ def echo_logprobs(
             continue
         lps.append(_finite(entry.get(tok, -math.inf)))
         tops.append({token_text(t): _finite(v) for t, v in entry.items()})
-    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _text_offsets(texts, 0)}
 
 
 def chat_logprobs(

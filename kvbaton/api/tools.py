@@ -156,7 +156,13 @@ def constraint(tools: list[Tool], choice: str, parallel: bool = True, param: str
     return StructuredOutput("grammar", grammar, param)
 
 
-def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+def _call(inner: str, names: set[str]) -> dict[str, Any] | None:
+    """The OpenAI call a ``<tool_call>`` block's inner text makes, or None when it is not JSON
+    naming one of ``names``."""
+    try:
+        obj = json.loads(inner)
+    except ValueError:
+        return None
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -172,10 +178,7 @@ def parse_output(text: str, tools: list[Tool]) -> tuple[str | None, list[dict[st
     calls: list[dict[str, Any]] = []
     first = None
     for match in _CALL.finditer(text):
-        try:
-            call = _call(json.loads(match.group(1)), names)
-        except ValueError:
-            call = None
+        call = _call(match.group(1), names)
         if call is None:
             return text, []  # not a clean set of calls: leave the text alone
         calls.append(call)
@@ -184,6 +187,24 @@ def parse_output(text: str, tools: list[Tool]) -> tuple[str | None, list[dict[st
         return text, []
     content = text[:first].strip()
     return (content or None), calls
+
+
+def finish_reason(finish: str | None, has_calls: bool) -> str | None:
+    """A finished chat choice's ``finish_reason``: ``tool_calls`` when it stopped after calls
+    (cut off by ``length``, it stays ``length``)."""
+    return "tool_calls" if has_calls and finish == "stop" else finish
+
+
+def assistant_message(text: str, finish: str | None, tools: list[Tool] | None) -> tuple[dict[str, Any], str | None]:
+    """A whole chat choice's ``message`` and ``finish_reason``, its tool calls parsed when
+    ``tools`` (None: the text is the content)."""
+    if not tools:
+        return {"role": "assistant", "content": text}, finish
+    content, calls = parse_output(text, tools)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, finish_reason(finish, bool(calls))
 
 
 class ToolCallStream:
@@ -222,17 +243,13 @@ class ToolCallStream:
                     self.buffer = ""
                 break
             block, self.buffer = self.buffer[:end + len(CLOSE)], self.buffer[end + len(CLOSE):]
-            try:
-                call = _call(json.loads(block[len(OPEN):-len(CLOSE)]), self.names)
-            except ValueError:
-                call = None
+            call = _call(block[len(OPEN):-len(CLOSE)], self.names)
             if call is None:
                 deltas.append({"content": block})
                 continue
             deltas.append({"tool_calls": [{"index": self.num_calls, **call}]})
             self.num_calls += 1
         return deltas
-
 
     def delta(self, text: str, finished: bool) -> dict[str, Any]:
         """One chunk's ``delta``: the content and the finished calls that ``text`` completes."""

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from kvbaton.api.fanout import best_of_order, combined_usage, merge
+from kvbaton.api.fanout import combined_usage, merge
 from kvbaton.api.protocol import chat_logprobs, now_s, usage
 from kvbaton.api.sse import DONE_EVENT, sse
-from kvbaton.api.tools import ToolCallStream, parse_output
+from kvbaton.api.tools import ToolCallStream, assistant_message, finish_reason
 from kvbaton.router.frontend import Prepared
 from kvbaton.router.relay import MidStreamError, RelayStream
 
@@ -71,8 +71,8 @@ class ClientView:
         finish = w.get("finish_reason")
         if parser is not None:
             delta = parser.delta(text, finished)
-            if finished and parser.num_calls and finish == "stop":
-                finish = "tool_calls"
+            if finished:
+                finish = finish_reason(finish, parser.num_calls > 0)
         else:
             delta = {"content": text} if text or not finished else {}
         c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -153,13 +153,7 @@ class ClientView:
         full = "".join(text)
         finish = last.get("finish_reason")
         if self.prep.chat:
-            choice["message"] = {"role": "assistant", "content": full}
-            if self.prep.tools:
-                content, calls = parse_output(full, self.prep.tools)
-                choice["message"]["content"] = content
-                if calls:
-                    choice["message"]["tool_calls"] = calls
-                    finish = "tool_calls" if finish == "stop" else finish
+            choice["message"], finish = assistant_message(full, finish, self.prep.tools)
             top = self.prep.chat_top_logprobs
             choice["logprobs"] = chat_lp(lp, top) if top is not None else None
         else:
@@ -177,12 +171,7 @@ class ClientView:
     def response(self, runs: list[tuple[dict[str, Any], float]], usages: list[tuple[int, int, int]]) -> dict[str, Any]:
         """The whole response from every run's :meth:`body` and usage, in run order."""
         fan = self.prep.fan
-        chosen = [c for c, _ in runs]
-        if fan.k > fan.n:
-            chosen = []
-            for p in range(fan.num_prompts):
-                group = runs[p * fan.k:(p + 1) * fan.k]
-                chosen.extend(group[j][0] for j in best_of_order([lp for _, lp in group], fan.n))
+        chosen = [runs[r][0] for r in fan.returned([lp for _, lp in runs])]
         return {
             "id": self.prep.request_id, "object": "chat.completion" if self.prep.chat else "text_completion",
             "created": self.created, "model": self.prep.model,

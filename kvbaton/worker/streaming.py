@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from kvbaton.api.fanout import Fanout, best_of_order, combined_usage, merge
+from kvbaton.api.fanout import Fanout, combined_usage, merge
 from kvbaton.api.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -25,7 +25,7 @@ from kvbaton.api.protocol import (
     prompt_logprobs_field,
 )
 from kvbaton.api.sse import DONE_EVENT, sse
-from kvbaton.api.tools import Tool, ToolCallStream, parse_output
+from kvbaton.api.tools import Tool, ToolCallStream, assistant_message, finish_reason
 from kvbaton.engine.outputs import RequestOutput
 from kvbaton.sampling_params import SamplingParams
 from kvbaton.worker.stream import EngineDeadError, EngineStoppedError, RequestFailedError, RequestStream
@@ -161,23 +161,11 @@ async def _stream_events(
     yield DONE_EVENT
 
 
-def _returned(fan: Fanout, finals: list[RequestOutput]) -> list[RequestOutput]:
-    """The runs a response returns, in choice order: all of them, or with ``best_of`` the
-    ``n`` best candidates of each prompt."""
-    if fan.k == fan.n:
-        return finals
-    chosen: list[RequestOutput] = []
-    for p in range(fan.num_prompts):
-        runs = finals[p * fan.k:(p + 1) * fan.k]
-        order = best_of_order([sum(o.logprobs or ()) for o in runs], fan.n)
-        chosen.extend(runs[j] for j in order)
-    return chosen
-
-
 def _response(request_id: str, obj: str, model: str, fan: Fanout, finals: list[RequestOutput],
               make_choice: Callable[[RequestOutput], dict[str, Any]],
               extras: dict[str, Any] | None) -> dict[str, Any]:
-    choices = [{"index": i, **make_choice(o)} for i, o in enumerate(_returned(fan, finals))]
+    order = fan.returned([sum(o.logprobs or ()) for o in finals])
+    choices = [{"index": i, **make_choice(finals[r])} for i, r in enumerate(order)]
     return {
         "id": request_id, "object": obj, "created": now_s(), "model": model, "choices": choices,
         "usage": combined_usage(fan, _run_usage(finals)), **(extras or {}),
@@ -205,17 +193,24 @@ def _prompt_extras(state: WorkerState, out: RequestOutput, body: CompletionReque
 
 def _completion_part(state: WorkerState, out: RequestOutput, body: CompletionRequest, text: str,
                      sent: int, offset: int) -> tuple[str, dict[str, Any] | None]:
-    """A completions choice's text and logprobs from token ``sent`` (text offset ``offset``)
-    on; with ``echo`` the run's first part starts with the prompt (and its logprobs)."""
-    echo = _prompt_text(state, out) if body.echo else ""
-    lp = _completion_lp(state, out, sent, len(echo) + offset) if body.logprobs is not None else None
+    """A completions choice's text and logprobs from token ``sent`` on, ``offset`` the text
+    offset of that token (the echoed prompt counted); with ``echo`` the run's first part
+    (``sent`` 0) starts with the prompt and its logprobs."""
     if not body.echo or sent:
-        return text, lp
-    if lp is not None:
-        head = echo_logprobs(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids),
-                             state.token_text)
-        lp = {k: head[k] + (lp[k] or []) for k in head}
-    return echo + text, lp
+        return text, _completion_lp(state, out, sent, offset) if body.logprobs is not None else None
+    echo = _prompt_text(state, out)
+    if body.logprobs is None:
+        return echo + text, None
+    head = echo_logprobs(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids),
+                         state.token_text)
+    lp = _completion_lp(state, out, 0, len(echo))
+    return echo + text, {k: head[k] + (lp[k] or []) for k in head}
+
+
+def _end_offset(lp: dict[str, Any], start: int) -> int:
+    """The text offset just past a logprobs object's last token (``start`` when it has none)."""
+    tokens, offsets = lp["tokens"], lp["text_offset"]
+    return offsets[-1] + len(tokens[-1]) if tokens else start
 
 
 def completion_response(
@@ -237,8 +232,9 @@ def completion_events(
     model: str, fan: Fanout, params: SamplingParams, include_usage: bool,
     usage_extras: dict[str, Any] | None = None, prompt_only: bool = False,
 ) -> AsyncIterator[str]:
-    # Each run's text offset for logprobs: the length of its sent tokens' text, as a whole
-    # response counts it (the text sent so far lags it by any held-back partial character).
+    # Each run's text offset for logprobs: past its sent tokens' text (and the echoed prompt),
+    # as a whole response counts it (the text sent so far lags it by any held-back partial
+    # character).
     token_chars: dict[str, int] = {}
 
     def choice(out: RequestOutput, text: str, sent: int, offset: int) -> dict[str, Any]:
@@ -246,7 +242,7 @@ def completion_events(
         base = token_chars.get(out.request_id, 0)
         text, lp = _completion_part(state, out, body, text, sent, base)
         if lp is not None:
-            token_chars[out.request_id] = base + sum(len(state.token_text(t)) for t in out.token_ids[sent:])
+            token_chars[out.request_id] = _end_offset(lp, base)
         return {
             "index": 0, "text": text, "logprobs": lp,
             "finish_reason": out.finish_reason if out.finished else None,
@@ -261,24 +257,13 @@ def completion_events(
 # ---- chat completions -----------------------------------------------------------------------
 
 
-def _tool_message(out: RequestOutput, tools: list[Tool] | None) -> tuple[dict[str, Any], str | None]:
-    """A whole chat choice's message and finish_reason, tool calls parsed when ``tools``."""
-    if not tools:
-        return {"role": "assistant", "content": out.text}, out.finish_reason
-    content, calls = parse_output(out.text, tools)
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-    return message, ("tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason)
-
-
 def chat_response(
     state: WorkerState, request_id: str, finals: list[RequestOutput], body: ChatCompletionRequest,
     model: str, fan: Fanout, tools: list[Tool] | None = None,
 ) -> dict[str, Any]:
     """The whole chat response; ``tools``: parse each choice's tool calls."""
     def choice(out: RequestOutput) -> dict[str, Any]:
-        message, finish = _tool_message(out, tools)
+        message, finish = assistant_message(out.text, out.finish_reason, tools)
         return {
             "message": message,
             "logprobs": _chat_lp(state, out, 0) if body.logprobs else None,
@@ -302,8 +287,8 @@ def chat_events(
         parser = parsers.get(out.request_id)
         if parser is not None:
             delta = parser.delta(text, out.finished)
-            if out.finished and parser.num_calls and finish == "stop":
-                finish = "tool_calls"
+            if out.finished:
+                finish = finish_reason(finish, parser.num_calls > 0)
         else:
             delta = {"content": text} if text or not out.finished else {}
         c: dict[str, Any] = {
