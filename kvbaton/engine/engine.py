@@ -424,10 +424,11 @@ class LLMEngine:
             self._traced_parts = [[s.num_new_tokens, s.start] for s in out.scheduled]
         try:
             # Constrained rows' masks are filled on a helper thread while the model runs.
-            masks = self.structured.start([s.request.request_id for s in sampling])
+            rows = [s.request for s in sampling]
+            masks = self.structured.start(rows)
             step_logits = self.runner.execute(out)
             logits = self.structured.apply(step_logits.sample, masks)
-            result = self.sampler.sample(logits, [s.request for s in sampling], self.eos_token_ids)
+            result = self.sampler.sample(logits, rows, self.eos_token_ids)
             prompt_lps = [self._prompt_logprobs(pl) for pl in step_logits.prompt]
         except Exception as e:  # noqa: BLE001 - contained: see _fail_step
             return self._fail_step(out, e)

@@ -84,20 +84,16 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = self.backend.prepare(seqs)
         hidden: torch.Tensor = self.model(ids, pos, self.backend.bind(meta))
-        if not prompt_runs:  # every step but a prompt_logprobs request's prefill
-            if not sample_rows:
-                return StepLogits(hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32))
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            return StepLogits(self.model.compute_logits(hidden[rows]))
-        # One lm_head pass over the sampled rows and the asked-for prompt rows together; no
-        # other row of the batch is projected onto the vocabulary.
-        all_rows = list(sample_rows)
-        for _, _, row0, k in prompt_runs:
-            all_rows.extend(range(row0, row0 + k))
+        # One lm_head pass over the sampled rows and the asked-for prompt rows (none, but in a
+        # prompt_logprobs request's prefill) together; no other row is projected.
+        num_sampled = len(sample_rows)
+        all_rows = sample_rows + [r for _, _, row0, k in prompt_runs for r in range(row0, row0 + k)]
+        if not all_rows:
+            return StepLogits(hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32))
         logits = self.model.compute_logits(hidden[torch.tensor(all_rows, dtype=torch.long, device=self.device)])
         prompt: list[PromptLogits] = []
-        at = len(sample_rows)
+        at = num_sampled
         for req, first, _, k in prompt_runs:
             prompt.append(PromptLogits(req, first, logits[at : at + k]))
             at += k
-        return StepLogits(logits[: len(sample_rows)], prompt)
+        return StepLogits(logits[:num_sampled], prompt)

@@ -25,6 +25,7 @@ import llguidance
 import llguidance.torch as llgt
 import torch
 
+from kvbaton.engine.request import Request
 from kvbaton.errors import InvalidRequestError
 from kvbaton.models import native
 from kvbaton.models.grammar import GrammarCompiler
@@ -104,12 +105,13 @@ class StructuredOutputs:
     def forget(self, request_id: str) -> None:
         self.matchers.pop(request_id, None)
 
-    def start(self, request_ids: Sequence[str]) -> PendingMasks | None:
-        """Begin filling the masks of the step's sampling rows (``request_ids`` in row order);
-        None when none of them is constrained (the common step, which costs nothing)."""
+    def start(self, requests: Sequence[Request]) -> PendingMasks | None:
+        """Begin filling the masks of the step's sampling rows (their requests, in row
+        order); None when none of them is constrained (the common step, which costs nothing)."""
         if not self.matchers:
             return None
-        rows = [(i, m) for i, rid in enumerate(request_ids) if (m := self.matchers.get(rid)) is not None]
+        rows = [(i, m) for i, req in enumerate(requests)
+                if (m := self.matchers.get(req.request_id)) is not None]
         if not rows:
             return None
         if self._pool is None:

@@ -119,13 +119,22 @@ class GrammarCompiler:
         """A fresh matcher for ``so`` (a copy of the compiled one); InvalidRequestError naming
         ``so.param`` when the constraint does not compile (an unsupported schema, a regex or
         grammar with an error), with llguidance's message."""
+        return self._compiled(so).deep_copy()
+
+    def check(self, so: Constraint) -> None:
+        """Compile ``so`` (kept for the matchers that follow); raise what :meth:`matcher`
+        would for a constraint that does not compile."""
+        self._compiled(so)
+
+    def _compiled(self, so: Constraint) -> llguidance.LLMatcher:
+        """The pristine matcher of ``so``: from the cache, or compiled and cached."""
         key = (so.kind, so.spec)
         tok = self.tokenizer
         with self._lock:
             pristine = self._cache.get(key)
             if pristine is not None:
                 self._cache.move_to_end(key)
-                return pristine.deep_copy()
+                return pristine
         grammar = grammar_text(so)
         error = llguidance.LLMatcher.validate_grammar(grammar, tok)
         if error:
@@ -138,11 +147,7 @@ class GrammarCompiler:
             self._cache[key] = pristine
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return pristine.deep_copy()
-
-    def check(self, so: Constraint) -> None:
-        """Raise what :meth:`matcher` would for a constraint that does not compile."""
-        self.matcher(so)
+        return pristine
 
 
 def _first_lines(text: str, limit: int = 400) -> str:
