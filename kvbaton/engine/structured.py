@@ -43,7 +43,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 def apply_token_mask(rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the tokens ``bitmask`` (``[B, ceil(V / 32)]`` int32, llguidance's layout) forbids to
     -inf in ``rows`` (``[B, V]`` float32, contiguous), in place: with the C loop on the CPU
-    (~10 us a row), else with torch ops (a GPU, or no compiler here)."""
+    (~20 us a row in an ad-hoc run), else with torch ops (a GPU, or no compiler here)."""
     vocab = rows.shape[1]
     lib = native.load_library(_SRC, _declare) if rows.device.type == "cpu" else None
     if lib is not None:
