@@ -76,13 +76,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_vllm(cli: Path, model_dir: Path, dtype: str, timeout_s: float = 900.0) -> Iterator[str]:
-    """`vllm serve` alone on two threads with prefix caching; yields its URL once it answers."""
-    port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="0-1",
-               LD_PRELOAD=f"{TCMALLOC}:{cli.parent.parent / 'lib' / 'libiomp5.so'}")
+def serve_vllm(cli: Path, model_dir: Path, dtype: str, timeout_s: float = 900.0, *,
+               extra_args: list[str] | None = None, cpus: str = "0-1",
+               env_extra: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+    """`vllm serve` with prefix caching, its compute threads bound to ``cpus`` (alone on the
+    machine: both cores); yields its URL once it answers. ``extra_args`` go to `vllm serve`."""
+    port = port or free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=cpus,
+               LD_PRELOAD=f"{TCMALLOC}:{cli.parent.parent / 'lib' / 'libiomp5.so'}", **(env_extra or {}))
     cmd = [str(cli), "serve", str(model_dir), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-           "--enable-prefix-caching"]
+           "--enable-prefix-caching", *(extra_args or [])]
     print(f"[vllm] {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr, flush=True)
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -45,11 +45,14 @@ from kvbaton.kv.event_stream import (
     split_topic,
 )
 from kvbaton.kv.events import AllBlocksCleared
+from kvbaton.kv.vllm_events import VLLMEventBatch, decode_vllm_batch
 
 log = logging.getLogger(__name__)
 
 WorkerId = Hashable
-BatchCallback = Callable[[WorkerId, int, KVEventBatch], None]
+BatchCallback = Callable[[WorkerId, int, "KVEventBatch | VLLMEventBatch"], None]
+_DECODERS: dict[str, Callable[[bytes], KVEventBatch | VLLMEventBatch]] = {
+    "kvbaton": decode_batch, "vllm": decode_vllm_batch}
 GapCallback = Callable[[WorkerId], None]
 
 
@@ -60,17 +63,26 @@ class WorkerEndpoints:
     pub: str
     replay: str | None = None
     encrypted: bool = False  # CURVE, keyed by the cluster's KV secret (``curve_keys``)
+    # How its payloads are encoded: "kvbaton" (ours, ``decode_batch``) or "vllm" (a `vllm
+    # serve` publisher, ``kvbaton.kv.vllm_events.decode_vllm_batch``; it has no resync).
+    encoding: str = "kvbaton"
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _DECODERS:
+            raise ValueError(f"encoding: expected one of {sorted(_DECODERS)}, got {self.encoding!r}")
 
 
 class _Stream:
-    __slots__ = ("worker_id", "sock", "replay", "encrypted", "stream", "next_seq", "resync_at",
-                 "resync_wanted", "resync_wait")
+    __slots__ = ("worker_id", "sock", "replay", "encrypted", "decode", "resyncs", "stream", "next_seq",
+                 "resync_at", "resync_wanted", "resync_wait")
 
     def __init__(self, worker_id: WorkerId, sock: zmq.SyncSocket, endpoints: WorkerEndpoints) -> None:
         self.worker_id = worker_id
         self.sock = sock
         self.replay = endpoints.replay
         self.encrypted = endpoints.encrypted
+        self.decode = _DECODERS[endpoints.encoding]
+        self.resyncs = endpoints.encoding == "kvbaton"  # whether it answers a resync request
         self.stream: bytes | None = None
         self.next_seq: int | None = None  # None until the first batch
         self.resync_at = -float("inf")  # monotonic time of the last resync request
@@ -262,7 +274,7 @@ class KVEventSubscriber:
                 self._on_gap(st.worker_id)
             except Exception:
                 log.exception("on_gap callback failed for worker %r", st.worker_id)
-        st.resync_wanted = st.replay is not None
+        st.resync_wanted = st.replay is not None and st.resyncs
         self._maybe_resync(st)
 
     def _maybe_resync(self, st: _Stream) -> None:
@@ -316,11 +328,14 @@ class KVEventSubscriber:
                     log.warning("worker %r: KV event %s timed out", st.worker_id, what)
                     return None
                 frames = sock.recv_multipart()
-                if len(frames) != 3:
+                # [b"", seq, payload] (ours, older vLLM) or [b"", topic, seq, payload] (vLLM
+                # 0.32, whose end marker is [b"", b"", END, b""]).
+                if len(frames) not in (3, 4):
                     continue
-                if frames[1] == END_SEQ:
-                    return out, frames[2]
-                out.append((int.from_bytes(frames[1], "big"), frames[2]))
+                seq, payload = frames[-2], frames[-1]
+                if seq == END_SEQ:
+                    return out, payload
+                out.append((int.from_bytes(seq, "big"), payload))
         except zmq.ZMQError as e:
             log.warning("worker %r: KV event %s failed: %s", st.worker_id, what, e)
             return None
@@ -330,7 +345,7 @@ class KVEventSubscriber:
     def _deliver(self, st: _Stream, seq: int, payload: bytes) -> None:
         st.next_seq = seq + 1
         try:
-            batch = decode_batch(payload)
+            batch = st.decode(payload)
         except msgspec.DecodeError as e:
             log.warning("worker %r: undecodable KV event batch %d: %s", st.worker_id, seq, e)
             self._report_gap(st)

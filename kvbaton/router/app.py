@@ -27,6 +27,7 @@ from kvbaton.api.guard import RequestGuard, bearer_matches, install_error_handle
 from kvbaton.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from kvbaton.api.server import call_later_threadsafe
 from kvbaton.api.sse import EventStreamResponse, sse, until_disconnect, until_stopped
+from kvbaton.models.tokenizer import encode_text
 from kvbaton.router.config import RouterConfig
 from kvbaton.router.frontend import Frontend, Prepared
 from kvbaton.router.kv_feed import KVIndexFeed
@@ -56,6 +57,8 @@ class RouterState:
             self.pool.on_discovered.append(self.kv_feed.worker_discovered)
             overlap = self.kv_feed
         self.frontend = Frontend(config, tokenizer)
+        # vLLM workers must tokenize as the router does (another model otherwise).
+        self.pool.router_ids = lambda text: encode_text(self.frontend.tokenizer, text)
         self.orchestrator = Orchestrator(config, self.pool, self.metrics, overlap)
         self.created = int(time.time())
         self.draining = False

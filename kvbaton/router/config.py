@@ -18,6 +18,7 @@ import httpx
 
 from kvbaton.api.frontdoor import FrontDoorConfig
 from kvbaton.cli_args import KV_SECRET_ENV, add_log_level_arg, add_request_timeout_args
+from kvbaton.kv.event_stream import check_endpoint
 from kvbaton.kv.events import REMOTE_MEDIUM
 from kvbaton.kv.index import DEFAULT_REMOTE_TTL_S
 from kvbaton.router.policies import POLICIES, PolicyOptions
@@ -95,6 +96,37 @@ def check_medium_credit(credit: Mapping[str, float], flag: str = "--kv-medium-cr
 
 
 @dataclass(frozen=True)
+class VLLMWorkerSpec:
+    """A `vllm serve` worker: its URL and, when it publishes KV events
+    (``--kv-events-config``), their PUB and replay endpoints."""
+
+    url: str
+    events: str | None = None
+    replay: str | None = None
+
+
+def parse_vllm_worker(spec: str, flag: str = "--vllm-worker") -> VLLMWorkerSpec:
+    """``URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]``; ValueError naming ``flag``."""
+    url, *options = [part.strip() for part in spec.split(",")]
+    fields: dict[str, str] = {}
+    for opt in options:
+        name, eq, value = opt.partition("=")
+        if not eq or name not in ("events", "replay") or not value:
+            raise ValueError(f"{flag}: expected URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT], "
+                             f"got option {opt!r} in {spec!r}")
+        if name in fields:
+            raise ValueError(f"{flag}: {name}= given twice in {spec!r}")
+        try:
+            check_endpoint(f"{flag} {name}", value)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        fields[name] = value
+    if "replay" in fields and "events" not in fields:
+        raise ValueError(f"{flag}: replay= needs events= too, in {spec!r}")
+    return VLLMWorkerSpec(normalize_worker_url(url, flag), fields.get("events"), fields.get("replay"))
+
+
+@dataclass(frozen=True)
 class RouterConfig(FrontDoorConfig):
     """Settings of one router process (the HTTP API's own, shared with the workers, come from
     :class:`~kvbaton.api.frontdoor.FrontDoorConfig`).
@@ -110,6 +142,9 @@ class RouterConfig(FrontDoorConfig):
     workers: tuple[str, ...] = ()
     prefill_workers: tuple[str, ...] = ()
     decode_workers: tuple[str, ...] = ()
+    # `vllm serve` workers, as --vllm-worker specs (URL[,events=...][,replay=...]); stored
+    # normalized (see ``vllm_worker_specs``).
+    vllm_workers: tuple[str, ...] = ()
     model: str = "smollm2-135m"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -160,9 +195,17 @@ class RouterConfig(FrontDoorConfig):
                     raise ValueError(f"{flag}: worker {u} is listed twice")
                 seen.add(u)
             object.__setattr__(self, name, urls)
+        vllm = [parse_vllm_worker(spec) for spec in self.vllm_workers]
+        for v in vllm:
+            if v.url in seen:
+                raise ValueError(f"--vllm-worker: worker {v.url} is listed twice")
+            seen.add(v.url)
+        object.__setattr__(self, "vllm_workers", tuple(
+            ",".join([v.url] + [f"{k}={x}" for k, x in (("events", v.events), ("replay", v.replay)) if x])
+            for v in vllm))
         if not seen:
-            raise ValueError("--worker: at least one worker URL is required (or --prefill/--decode)")
-        if not self.workers and not self.decode_workers:
+            raise ValueError("--worker: at least one worker URL is required (or --prefill/--decode/--vllm-worker)")
+        if not self.workers and not self.decode_workers and not vllm:
             raise ValueError("--decode: at least one decode-capable worker (--worker or --decode) is required")
         for name, flag in (("prefill_policy", "--prefill-policy"), ("decode_policy", "--decode-policy")):
             value = getattr(self, name)
@@ -207,6 +250,10 @@ class RouterConfig(FrontDoorConfig):
         specs += [(u, "decode") for u in self.decode_workers]
         return specs
 
+    def vllm_worker_specs(self) -> list[VLLMWorkerSpec]:
+        """The `vllm serve` workers, in flag order."""
+        return [parse_vllm_worker(spec) for spec in self.vllm_workers]
+
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(self.prefill_load_scale, self.routing_temperature, self.routing_seed)
 
@@ -237,6 +284,10 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
                             help="a worker used only for prefill legs; repeatable")
         parser.add_argument("--decode", action="append", default=[], metavar="URL",
                             help="a worker used only for decode legs; repeatable")
+        parser.add_argument("--vllm-worker", action="append", default=[],
+                            metavar="URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]",
+                            help="a `vllm serve` worker and, if it runs with --kv-events-config, its KV "
+                                 "event endpoints (kv_aware then sees its prefix cache); repeatable")
         parser.add_argument("--model", default="smollm2-135m",
                             help="tokenizer/chat template source, as for workers: built-in name, .gguf or HF dir")
         parser.add_argument("--served-model-name", default=None,
@@ -320,7 +371,8 @@ def router_config_from_args(args: argparse.Namespace, **overrides: Any) -> Route
         worker_api_key=args.worker_api_key,
     )
     common = dict(
-        workers="worker", prefill_workers="prefill", decode_workers="decode", model="model",
+        workers="worker", prefill_workers="prefill", decode_workers="decode", vllm_workers="vllm_worker",
+        model="model",
         served_model_name="served_model_name", host="host", port="port", api_key="api_key",
         max_request_bytes="max_request_bytes", drain_timeout_s="drain_timeout", log_level="log_level",
         request_header_timeout_s="request_header_timeout", request_body_timeout_s="request_body_timeout",

@@ -13,6 +13,18 @@ to the index under the worker's URL. Outcomes:
   approximate until the new stream's first batch (``AllBlocksCleared``) is applied;
 - a worker that stops advertising events: unfollowed and forgotten.
 
+A `vllm serve` worker's stream (``WorkerEndpoints.encoding == "vllm"``) is translated batch by
+batch into kvbaton's events (:class:`~kvbaton.kv.vllm_events.VLLMBlockKeys`, keyed with the
+worker's ``keying``: the cluster's fingerprint and block size), so its blocks are found by the
+hashes the router computes for prompts. Its seq 0 counts as ``AllBlocksCleared`` (vLLM starts
+empty and sends none); it has no resync, so after a gap replay cannot fill it stays
+approximate until it restarts. A vLLM stream that stays silent while the worker serves
+``SILENT_REQUESTS`` requests in a row that must have stored blocks (full prompt blocks beyond
+what it reported cached, no batch since they were sent) is flagged approximate too, with a
+warning: its events are not reaching the router (a wrong ``events=`` endpoint, a firewall).
+When the keying changes (the cluster's first kvbaton worker
+arrives after it) the worker is followed afresh, which replays its stream from seq 0.
+
 ``routed`` records each placement as a short-lived prediction (``predict``), so sibling
 requests that arrive before the worker's events follow the first one.
 
@@ -38,12 +50,15 @@ from types import MappingProxyType
 from kvbaton.kv.event_stream import KVEventBatch
 from kvbaton.kv.event_subscriber import KVEventSubscriber, WorkerEndpoints
 from kvbaton.kv.index import DEFAULT_REMOTE_TTL_S, KVIndex
+from kvbaton.kv.vllm_events import VLLMBlockKeys, VLLMEventBatch
 from kvbaton.router.config import DEFAULT_KV_MEDIUM_CREDIT, UNKNOWN_KV_MEDIUM_CREDIT, check_medium_credit
 from kvbaton.router.metrics import RouterMetrics
 from kvbaton.router.policies import PrefixOverlap, RoutingRequest, WorkerView
 from kvbaton.router.pool import Worker
 
 log = logging.getLogger(__name__)
+
+SILENT_REQUESTS = 3
 
 
 class KVIndexFeed(PrefixOverlap):
@@ -73,7 +88,13 @@ class KVIndexFeed(PrefixOverlap):
         self._replay_timeout_s = replay_timeout_s
         self._kv_secret = kv_secret
         self._subscriber: KVEventSubscriber | None = None
-        self._followed: dict[str, tuple[str, WorkerEndpoints]] = {}  # url -> (worker id, endpoints)
+        # url -> (worker id, endpoints, keying of a vLLM worker's events)
+        self._followed: dict[str, tuple[str, WorkerEndpoints, tuple[str, int] | None]] = {}
+        self._vllm_keys: dict[str, VLLMBlockKeys] = {}  # url -> a vLLM worker's block keys
+        # A vLLM worker's last batch (monotonic) and the requests since that stored blocks
+        # without one (written by the subscriber thread and the event loop: single dict ops).
+        self._last_batch: dict[str, float] = {}
+        self._unconfirmed: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -98,11 +119,13 @@ class KVIndexFeed(PrefixOverlap):
         """Follow, refollow or drop ``worker``'s event stream after a discovery."""
         url, eps = worker.url, worker.kv_events
         followed = self._followed.get(url)
-        if eps is None:
+        vllm = eps is not None and eps.encoding == "vllm"
+        if eps is None or (vllm and worker.keying is None):
             if followed is not None:
                 self.forget(url)
             return
-        if followed == (worker.worker_id, eps):
+        state = (worker.worker_id, eps, worker.keying if vllm else None)
+        if followed == state:
             return  # the same process back after a blip: its stream was followed throughout
         if followed is not None:
             log.info("worker %s restarted or moved its KV events; its index entries are dropped", url)
@@ -111,32 +134,45 @@ class KVIndexFeed(PrefixOverlap):
         self.index.mark_approximate(url)
         if self._subscriber is None:
             raise RuntimeError("KVIndexFeed.start() was not called")
+        if vllm:
+            assert worker.keying is not None
+            self._vllm_keys[url] = VLLMBlockKeys(*worker.keying)
         try:
             self._subscriber.add_worker(url, eps)
         except ValueError as e:
             log.error("worker %s: cannot follow its KV events: %s", url, e)
             self._followed.pop(url, None)
+            self._vllm_keys.pop(url, None)
             return
-        self._followed[url] = (worker.worker_id, eps)
+        self._followed[url] = state
 
     def forget(self, url: str) -> None:
         """Stop following ``url`` and drop its entries."""
         if self._subscriber is not None:
             self._subscriber.remove_worker(url)
         self._followed.pop(url, None)
+        self._vllm_keys.pop(url, None)
+        self._unconfirmed.pop(url, None)
         self.index.remove_worker(url)
 
     def adopt(self, url: str) -> None:
         """Count ``url`` as followed though no stream is subscribed: its events reach
         ``index.apply`` directly (the simulator's workers, in the same process)."""
-        self._followed[url] = (url, WorkerEndpoints(f"sim://{url}", f"sim://{url}"))
+        self._followed[url] = (url, WorkerEndpoints(f"sim://{url}", f"sim://{url}"), None)
 
     def following(self, url: str) -> bool:
         return url in self._followed
 
     # ---- subscriber thread -----------------------------------------------------------------
 
-    def _on_batch(self, url: object, seq: int, batch: KVEventBatch) -> None:
+    def _on_batch(self, url: object, seq: int, batch: KVEventBatch | VLLMEventBatch) -> None:
+        if isinstance(batch, VLLMEventBatch):
+            keys = self._vllm_keys.get(str(url))
+            if keys is None:
+                return  # unfollowed meanwhile
+            batch = keys.translate(seq, batch)
+            self._last_batch[str(url)] = time.monotonic()
+            self._unconfirmed.pop(str(url), None)
         self.index.apply(url, seq, batch)
         if self.metrics is not None:
             self.metrics.kv_event_lag.labels(str(url)).observe(max(0.0, time.time() - batch.ts))
@@ -166,6 +202,19 @@ class KVIndexFeed(PrefixOverlap):
         held = self.index.weighted_prefix(request.block_hashes, self.medium_credit, self.unknown_medium_credit)
         bs = request.block_size
         return [held.of(w.url)[1] * bs for w in workers]
+
+    def served(self, request: RoutingRequest, worker: WorkerView, cached_tokens: int, sent_at: float) -> None:
+        url, bs = worker.url, request.block_size
+        if url not in self._vllm_keys or not bs or request.num_prompt_tokens // bs * bs <= cached_tokens:
+            return
+        if self._last_batch.get(url, -float("inf")) >= sent_at:
+            return  # its stream spoke since the request was sent
+        n = self._unconfirmed[url] = self._unconfirmed.get(url, 0) + 1
+        if n == SILENT_REQUESTS and not self.index.is_approximate(url):
+            log.warning("vLLM worker %s stored KV blocks for %d requests without one KV event reaching the "
+                        "router: its events= endpoint is wrong or unreachable; its index entries are "
+                        "approximate", url, n)
+            self._on_gap(url)
 
     def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
         if request.block_hashes and self.following(worker.url):

@@ -109,9 +109,10 @@ class Orchestrator:
 
     def new_job(self, request_id: str, token_ids: list[int], max_tokens: int,
                 fields: dict[str, Any], arrival: float) -> Job:
-        """A job with the prompt's block hashes under the cluster's model fingerprint."""
+        """A job with the prompt's block hashes under the cluster's model fingerprint (a
+        stand-in for it in a cluster of vLLM workers only)."""
         salt = fields.get("cache_salt")
-        fp, bs = self.pool.cluster.fingerprint, self.pool.cluster.block_size
+        fp, bs = self.pool.cluster.hash_fingerprint, self.pool.cluster.block_size
         hashes = tuple(hash_block_chain(root_hash(fp, salt), token_ids, bs)) if fp and bs else ()
         routing = RoutingRequest(request_id, tuple(token_ids), hashes, bs, salt, max_tokens)
         job = Job(routing, fields, arrival, self.config.max_retries)
@@ -347,7 +348,9 @@ class Orchestrator:
 
         def on_usage(chunk: dict[str, Any]) -> None:
             nonlocal confirmed
-            self._record_cache(worker, req.num_prompt_tokens, predicted, chunk.get("usage"))
+            actual = self._record_cache(worker, req.num_prompt_tokens, predicted, chunk.get("usage"))
+            if actual is not None and path == "local":
+                self.overlap.served(req, worker, actual, started)
             if path == "disagg":
                 kv = chunk.get("kv_transfer_params")
                 self._record_transfer(kv, first_at - started)
@@ -379,11 +382,14 @@ class Orchestrator:
             return LegFailure("transfer_failed", WorkerApiError(502, event))
         return LegFailure("error_event", WorkerApiError(502, event))
 
-    def _record_cache(self, worker: Worker, prompt: int, predicted: int, usage: Any) -> None:
+    def _record_cache(self, worker: Worker, prompt: int, predicted: int, usage: Any) -> int | None:
+        """Record the cached prompt tokens the worker reported; returns them (None: not reported)."""
         details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
         actual = details.get("cached_tokens") if isinstance(details, dict) else None
-        if isinstance(actual, int):
-            self.metrics.record_cache(worker.url, prompt, predicted, actual)
+        if not isinstance(actual, int):
+            return None
+        self.metrics.record_cache(worker.url, prompt, predicted, actual)
+        return actual
 
     def _record_transfer(self, kv: Any, first_chunk_s: float) -> None:
         """Metrics from the decode worker's report (the usage chunk's kv_transfer_params)."""

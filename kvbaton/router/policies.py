@@ -123,6 +123,13 @@ class PrefixOverlap(ABC):
         those blocks there); a provider may count them as held there from now on. Optional:
         the default does nothing."""
 
+    def served(self, request: RoutingRequest, worker: WorkerView, cached_tokens: int,  # noqa: B027
+               sent_at: float) -> None:
+        """``worker`` answered ``request`` (sent at ``sent_at``, monotonic) reporting
+        ``cached_tokens`` of its prompt as cached, so it computed and cached the full blocks
+        beyond them; a provider that follows KV events may check that their events came.
+        Optional: the default does nothing."""
+
 
 class NoPrefixOverlap(PrefixOverlap):
     """Assumes no worker holds anything (until the KV index exists)."""

@@ -13,6 +13,12 @@ Load is what the router itself has sent and not yet seen finish (requests, token
 KV blocks they need), corrected by what each worker's ``/health`` reports (``load``: running
 requests and KV blocks in use): whatever the worker holds beyond the router's own work at the
 last poll (other clients, other routers, leases) is added to the router's count.
+
+`vllm serve` workers (``kind == "vllm"``, from ``--vllm-worker``) are discovered from
+``/v1/models``, ``/metrics`` and ``/tokenize`` instead (``kvbaton.router.vllm_worker``), and
+their load comes from ``/metrics`` at every poll. They serve whole requests (role ``both``, no
+KV transfer); their KV events are keyed with the cluster's fingerprint and block size
+(``Worker.keying``), so the index compares their blocks with prompts as it does ours.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import httpx
 
 from kvbaton.kv.event_subscriber import WorkerEndpoints
 from kvbaton.kv.hashing import BlockHash
-from kvbaton.router.config import RouterConfig
+from kvbaton.router.config import RouterConfig, VLLMWorkerSpec
+from kvbaton.router.vllm_worker import VLLMMetrics, scrape, tokenizer_mismatch, vllm_worker_id
 
 # Health polls in a row that must time out before a worker that was healthy is marked down;
 # a refused connection or a non-200 answer marks it down at once.
@@ -43,6 +50,9 @@ class Worker:
 
     url: str
     declared_role: str | None = None
+    # "kvbaton" (ours) or "vllm" (a `vllm serve` process; ``vllm`` is its flag's spec).
+    kind: str = "kvbaton"
+    vllm: VLLMWorkerSpec | None = None
     role: str = "unknown"
     worker_id: str = ""
     model_name: str | None = None
@@ -62,8 +72,13 @@ class Worker:
     # private blocks (partial tail, generated tokens).
     active_hashes: Counter[BlockHash] = field(default_factory=Counter)
     in_flight_blocks: int = 0
-    # Where the worker publishes KV events (from /kv/info; None: it does not).
+    # Where the worker publishes KV events (from /kv/info or --vllm-worker; None: it does not).
     kv_events: WorkerEndpoints | None = None
+    # A vLLM worker's events are re-keyed into the router's hash chain: the (fingerprint, block
+    # size) the router hashes prompts with (None until both are known).
+    keying: tuple[str, int] | None = None
+    # The last /metrics scrape of a vLLM worker.
+    vllm_metrics: VLLMMetrics | None = None
     # Work the worker reported beyond the router's own at the last /health poll.
     external_requests: int = 0
     external_blocks: int = 0
@@ -142,6 +157,7 @@ class Worker:
             "healthy": self.healthy, "problem": self.problem, "last_error": self.last_error,
             "in_flight_requests": self.in_flight_requests, "in_flight_tokens": self.in_flight_tokens,
             "active_blocks": self.active_blocks, "kv_events": self.kv_events is not None,
+            "kind": self.kind,
         }
 
 
@@ -190,6 +206,19 @@ class ClusterModel:
     fingerprint: str | None = None
     block_size: int | None = None
     workers: set[str] = field(default_factory=set)
+    # vLLM workers have no fingerprint: a cluster of only them hashes prompts from a root named
+    # after their model; their block size is the cluster's when they came first.
+    vllm_fingerprint: str | None = None
+    vllm_workers: set[str] = field(default_factory=set)
+
+    @property
+    def hash_fingerprint(self) -> str | None:
+        """What the router roots prompts' block hashes in (our workers' fingerprint first)."""
+        return self.fingerprint or self.vllm_fingerprint
+
+    def keying(self) -> tuple[str, int] | None:
+        fp = self.hash_fingerprint
+        return (fp, self.block_size) if fp and self.block_size else None
 
 
 class WorkerPool:
@@ -203,7 +232,11 @@ class WorkerPool:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.workers = [Worker(url, declared_role=role) for url, role in config.worker_specs()]
+        self.workers += [Worker(v.url, kind="vllm", vllm=v) for v in config.vllm_worker_specs()]
         self.cluster = ClusterModel()
+        # The router's tokenizer (text -> ids), which vLLM workers' /tokenize must agree with;
+        # None: not checked.
+        self.router_ids: Callable[[str], list[int]] | None = None
         self.client: httpx.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
         # Called after every successful discovery with the worker and its previous id (the
@@ -323,6 +356,11 @@ class WorkerPool:
                 log.info("worker %s missed a health poll (%d in a row): %s", worker.url, worker.failed_polls, error)
                 return
         reported_id = body.get("worker_id") if isinstance(body, dict) else None
+        metrics: VLLMMetrics | None = None
+        if ok and worker.kind == "vllm":
+            metrics = await self._scrape_vllm(worker)
+            if metrics is not None and metrics.start_time is not None:
+                reported_id = vllm_worker_id(worker.url, metrics)
         # A new id between two polls: the worker restarted (and its KV cache is empty).
         restarted = worker.discovered and isinstance(reported_id, str) and reported_id != worker.worker_id
         if ok and (not worker.healthy or restarted):
@@ -337,6 +375,19 @@ class WorkerPool:
         worker.last_error = error
         if ok and isinstance(body, dict):
             worker.note_load(body.get("load"))
+        elif ok and metrics is not None:
+            worker.vllm_metrics = metrics
+            worker.note_load(metrics.load())
+
+    async def _scrape_vllm(self, worker: Worker) -> VLLMMetrics | None:
+        """A vLLM worker's /metrics (None when it does not answer: the worker stays usable,
+        its load is what the router itself sent)."""
+        assert self.client is not None
+        try:
+            return await scrape(self.client, worker.url)
+        except (httpx.HTTPError, ValueError) as e:
+            log.info("worker %s: /metrics: %s", worker.url, e)
+            return None
 
     async def _get_json(self, url: str) -> tuple[int, Any]:
         assert self.client is not None
@@ -349,14 +400,16 @@ class WorkerPool:
             raise DiscoveryError(f"{url}: not JSON") from None
 
     async def discover(self, worker: Worker) -> None:
+        if worker.kind == "vllm":
+            await self._discover_vllm(worker)
+            return
+        keying = self.cluster.keying()
         status, info = await self._get_json(f"{worker.url}/kv/info")
         if status not in (200, 404):
             raise DiscoveryError(f"/kv/info answered {status}")
         status, models = await self._get_json(f"{worker.url}/v1/models")
+        entry = _model_entry(status, models)
         try:
-            entry = models["data"][0] if status == 200 else None
-            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-                raise DiscoveryError(f"/v1/models answered {status} without a model")
             if info is not None:
                 reported = str(info["role"])
                 worker.worker_id = str(info["worker_id"])
@@ -380,6 +433,70 @@ class WorkerPool:
         worker.discovered = True
         for listener in self.on_discovered:
             listener(worker, previous_id)
+        if self.cluster.keying() != keying:
+            self._rekey_vllm()
+
+    async def _discover_vllm(self, worker: Worker) -> None:
+        """Discovery of a `vllm serve` worker (``kvbaton.router.vllm_worker``)."""
+        assert self.client is not None and worker.vllm is not None
+        keying = self.cluster.keying()
+        status, models = await self._get_json(f"{worker.url}/v1/models")
+        entry = _model_entry(status, models)
+        try:
+            metrics = await scrape(self.client, worker.url)
+        except ValueError as e:
+            raise DiscoveryError(f"{e} (a vLLM worker's block size and load come from it)") from None
+        mismatch = None
+        if self.router_ids is not None:
+            mismatch = await tokenizer_mismatch(self.client, worker.url, entry["id"], self.router_ids)
+        previous_id = worker.worker_id
+        worker.worker_id = vllm_worker_id(worker.url, metrics)
+        worker.model_name = entry["id"]
+        mml = entry.get("max_model_len")
+        worker.max_model_len = int(mml) if isinstance(mml, int) else None
+        worker.block_size = metrics.block_size
+        worker.vllm_metrics = metrics
+        worker.role = worker.declared_role or "both"
+        spec = worker.vllm
+        worker.kv_events = WorkerEndpoints(spec.events, spec.replay, encoding="vllm") if spec.events else None
+        if worker.kv_events is not None and metrics.prefix_caching is False:
+            log.warning("vLLM worker %s runs without prefix caching: its KV events will be empty", worker.url)
+        worker.problem = mismatch or self._vllm_problem(worker)
+        worker.keying = self.cluster.keying() if worker.problem is None else None
+        if worker.problem:
+            log.error("worker %s cannot be used: %s", worker.url, worker.problem)
+        worker.discovered = True
+        for listener in self.on_discovered:
+            listener(worker, previous_id)
+        if self.cluster.keying() != keying:
+            self._rekey_vllm()
+
+    def _vllm_problem(self, worker: Worker) -> str | None:
+        if worker.block_size is None:
+            if worker.kv_events is not None:
+                return ("its /metrics has no vllm:cache_config_info block_size, so its KV events "
+                        "cannot be compared with prompts")
+            return None
+        c = self.cluster
+        if c.block_size is None or (c.fingerprint is None and c.vllm_workers <= {worker.url}):
+            c.block_size = worker.block_size
+        c.vllm_workers.add(worker.url)
+        if c.vllm_fingerprint is None and worker.model_name:
+            c.vllm_fingerprint = f"vllm:{worker.model_name}"
+        if worker.block_size != c.block_size:
+            return (f"block size {worker.block_size} differs from the cluster's {c.block_size} "
+                    f"(start it with --block-size {c.block_size})")
+        return None
+
+    def _rekey_vllm(self) -> None:
+        """The cluster's hash root or block size changed (its first kvbaton worker arrived):
+        the vLLM workers' events are keyed afresh (the feed replays their streams)."""
+        keying = self.cluster.keying()
+        for w in self.workers:
+            if w.kind == "vllm" and w.discovered and w.problem is None and w.keying != keying:
+                w.keying = keying
+                for listener in self.on_discovered:
+                    listener(w, w.worker_id)
 
     def _problem(self, worker: Worker, reported: str) -> str | None:
         if reported not in ("prefill", "decode", "both"):
@@ -390,6 +507,10 @@ class WorkerPool:
             return None
         c = self.cluster
         if c.fingerprint is None or c.workers <= {worker.url}:
+            vllm_size = c.block_size if c.vllm_workers else None
+            if vllm_size is not None and worker.block_size != vllm_size:
+                return (f"block size {worker.block_size} differs from the vLLM workers' {vllm_size} "
+                        f"(start it with --block-size {vllm_size})")
             c.fingerprint, c.block_size = worker.model_fingerprint, worker.block_size
         c.workers.add(worker.url)
         if (worker.model_fingerprint, worker.block_size) != (c.fingerprint, c.block_size):
@@ -398,6 +519,17 @@ class WorkerPool:
                 f"from the cluster's {c.fingerprint}/{c.block_size}"
             )
         return None
+
+
+def _model_entry(status: int, models: Any) -> dict[str, Any]:
+    """The first model a worker's ``/v1/models`` lists; DiscoveryError if it lists none."""
+    try:
+        entry = models["data"][0] if status == 200 else None
+    except (KeyError, TypeError, IndexError):
+        entry = None
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        raise DiscoveryError(f"/v1/models answered {status} without a model")
+    return entry
 
 
 def _event_endpoints(raw: Any, worker_url: str) -> WorkerEndpoints | None:
