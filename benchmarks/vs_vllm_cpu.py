@@ -46,6 +46,7 @@ WORKLOADS: dict[str, str] = {
 }
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 VLLM_VERSION = "0.32.0"
+NIXL_VERSION = "1.5.1"
 
 
 def ensure_peer_env(env: Path) -> Path:
@@ -69,6 +70,14 @@ def ensure_peer_env(env: Path) -> Path:
     return cli
 
 
+def ensure_nixl(env: Path) -> None:
+    """NIXL (with the UCX it bundles) in vLLM's environment, for its NixlConnector: P/D
+    between vLLM CPU workers on host memory."""
+    python = str(env / "bin" / "python")
+    if subprocess.run([python, "-c", "import nixl._api"], capture_output=True).returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "-q", f"nixl=={NIXL_VERSION}"], check=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,7 +92,8 @@ def serve_vllm(cli: Path, model_dir: Path, dtype: str, timeout_s: float = 900.0,
     machine: both cores); yields its URL once it answers. ``extra_args`` go to `vllm serve`."""
     port = port or free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=cpus,
-               LD_PRELOAD=f"{TCMALLOC}:{cli.parent.parent / 'lib' / 'libiomp5.so'}", **(env_extra or {}))
+               LD_PRELOAD=f"{TCMALLOC}:{cli.parent.parent / 'lib' / 'libiomp5.so'}")
+    env.update(env_extra or {})
     cmd = [str(cli), "serve", str(model_dir), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
            "--enable-prefix-caching", *(extra_args or [])]
     print(f"[vllm] {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr, flush=True)

@@ -47,6 +47,7 @@ class View:
     in_flight_requests: int = 0
     in_flight_tokens: int = 0
     model_fingerprint: str | None = "fp"
+    kv_protocol: str | None = "kvbaton"
 
     @property
     def worker_id(self) -> str:

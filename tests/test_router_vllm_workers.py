@@ -21,7 +21,7 @@ from kvbaton.router.pool import Worker
 from kvbaton.router.server import RouterThread
 from router_fakes import BLOCK_SIZE, FINGERPRINT, ROUTER_DEFAULTS, FakeWorker, expected_text, tokenizer
 from vllm_fakes import FakeVLLMWorker
-from worker_support import metric, parse_metrics
+from worker_support import metric, parse_metrics, running_worker
 
 PREFIX = list(range(40, 80))  # 10 blocks of 4
 
@@ -247,6 +247,8 @@ def test_a_router_started_late_replays_the_stream_from_seq_0() -> None:
     ("http://h:1,event=tcp://h:2", "expected URL[,events="),
     ("http://h:1,events=h:2", "--vllm-worker events: expected a ZMQ endpoint"),
     ("ftp://h:1", "--vllm-worker: expected http://HOST:PORT"),
+    ("http://h:1,role=router", "role= must be prefill, decode or both"),
+    ("http://h:1,role=prefill,role=decode", "role= given twice"),
 ])
 def test_bad_vllm_worker_flags_name_the_flag(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
@@ -256,5 +258,86 @@ def test_bad_vllm_worker_flags_name_the_flag(spec: str, message: str) -> None:
 def test_a_url_listed_as_both_kinds_is_refused() -> None:
     with pytest.raises(ValueError, match="--vllm-worker: worker http://h:1 is listed twice"):
         RouterConfig(workers=("http://h:1",), vllm_workers=("http://h:1",))
-    cfg = RouterConfig(vllm_workers=("http://h:1/v1/,events=tcp://h:2",))
-    assert cfg.vllm_worker_specs()[0].url == "http://h:1" and cfg.vllm_worker_specs()[0].replay is None
+    cfg = RouterConfig(vllm_workers=("http://h:1/v1/,events=tcp://h:2", "http://h:3,role=decode"))
+    first, second = cfg.vllm_worker_specs()
+    assert (first.url, first.replay, first.role) == ("http://h:1", None, None) and second.role == "decode"
+    # Prefill-only vLLM workers alone cannot serve: a decode-capable worker is required.
+    with pytest.raises(ValueError, match="--decode: at least one decode-capable worker"):
+        RouterConfig(vllm_workers=("http://h:1,role=prefill",))
+
+
+def test_a_real_kvbaton_worker_and_a_vllm_worker_share_one_index() -> None:
+    theirs = FakeVLLMWorker(block_size=16)
+    with theirs, running_worker(block_size=16) as ours:
+        cfg = RouterConfig(**{**ROUTER_DEFAULTS, "decode_policy": "kv_aware", "prefill_policy": "kv_aware",
+                              "workers": (ours.url,), "vllm_workers": (theirs.spec,)})
+        r = RouterThread(cfg, tokenizer=tokenizer()).start()
+        try:
+            wait_until(lambda: worker(r, ours.url).usable and worker(r, theirs.url).usable, what="discovered")
+            fp = r.state.pool.cluster.fingerprint
+            assert fp is not None and worker(r, theirs.url).keying == (fp, 16)
+            prompts = {ours.url: list(range(1, 65)), theirs.url: list(range(101, 165))}
+            # Each prefix computed on one worker directly, outside the router.
+            httpx.post(f"{ours.url}/v1/completions", json={"prompt": prompts[ours.url], "max_tokens": 1},
+                       timeout=30).raise_for_status()
+            httpx.post(f"{theirs.url}/v1/completions", json={"prompt": prompts[theirs.url], "max_tokens": 1},
+                       timeout=30).read()
+            for url in prompts:
+                wait_until(lambda u=url: feed(r).index.block_count(u) >= 4, what=f"{url} indexed")
+            before = len(theirs.requests)
+            # Both chains live in one index, keyed alike: each request goes where its prefix is
+            # (the other worker holds none of it, and would report 0 cached).
+            for prefix in prompts.values():
+                out = complete(r, prefix + [7] * 5, max_tokens=2)
+                assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
+            assert len(theirs.requests) == before + 1
+        finally:
+            assert r.stop()
+
+
+def test_disaggregated_vllm_workers_pass_kv_transfer_params_through() -> None:
+    p, d = FakeVLLMWorker(), FakeVLLMWorker()
+    with p, d:
+        cfg = RouterConfig(**{**ROUTER_DEFAULTS, "vllm_workers": (f"{p.spec},role=prefill", f"{d.spec},role=decode")})
+        r = RouterThread(cfg, tokenizer=tokenizer()).start()
+        try:
+            wait_until(lambda: worker(r, p.url).can_prefill and worker(r, d.url).can_decode, what="discovered")
+            assert worker(r, p.url).kv_protocol == worker(r, d.url).kv_protocol == "vllm"
+            out = complete(r, list(range(1, 41)), max_tokens=4)  # 40 tokens >= disagg_min_tokens 8
+            assert out["choices"][0]["text"] == expected_text(4)
+            pre, = p.requests
+            assert pre["max_tokens"] == 1 and pre["kv_transfer_params"]["do_remote_decode"] is True
+            # The decode leg carried the prefill worker's params unchanged.
+            assert d.imports == [{**d.imports[0], "remote_engine_id": p.engine_id}]
+            assert d.imports[0]["remote_block_ids"] == [[1, 2, 3]]
+            values = parse_metrics(httpx.get(f"{r.url}/metrics").text)
+            assert metric(values, "kvbaton:router_requests_total", path="disagg") == 1
+            # A first token that ends the request is answered from the prefill leg.
+            p.prefill_answer = "stop"
+            out = complete(r, list(range(50, 90)), max_tokens=4)
+            assert out["choices"][0]["finish_reason"] == "stop" and len(d.imports) == 1
+            # A vLLM without a P/D connector answers no params: the decode worker prefills.
+            p.prefill_answer = "no_params"
+            out = complete(r, list(range(100, 140)), max_tokens=4)
+            assert out["choices"][0]["text"] == expected_text(4) and len(d.imports) == 1
+            values = parse_metrics(httpx.get(f"{r.url}/metrics").text)
+            assert metric(values, "kvbaton:router_fallbacks_total", reason="prefill_bad_handle") == 1
+        finally:
+            assert r.stop()
+
+
+def test_prefill_and_decode_pair_only_within_one_kv_protocol() -> None:
+    theirs, ours = FakeVLLMWorker(), FakeWorker(role="decode", name="ours")
+    with theirs, ours.thread:
+        cfg = RouterConfig(**{**ROUTER_DEFAULTS, "decode_workers": (ours.url,),
+                              "vllm_workers": (f"{theirs.spec},role=prefill",)})
+        r = RouterThread(cfg, tokenizer=tokenizer()).start()
+        try:
+            wait_until(lambda: worker(r, theirs.url).can_prefill and worker(r, ours.url).can_decode, what="up")
+            complete(r, list(range(1, 41)))
+            # Our decode worker cannot read vLLM's KV: it prefilled itself, a counted fallback.
+            assert not theirs.requests and len(ours.decodes) == 1 and "kv_transfer_params" not in ours.decodes[0]
+            values = parse_metrics(httpx.get(f"{r.url}/metrics").text)
+            assert metric(values, "kvbaton:router_fallbacks_total", reason="no_prefill_worker") == 1
+        finally:
+            assert r.stop()

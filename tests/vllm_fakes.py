@@ -8,6 +8,10 @@ benchmarks/vllm_capture.py), and a KV event publisher with vLLM's wire layout.
 - ``/tokenize``: the byte tokenizer's ids (``wrong_tokenizer`` shifts them: another model);
 - ``/v1/completions``: vLLM's stream shape (``token_ids`` with ``return_token_ids``, a usage
   chunk with ``prompt_tokens_details.cached_tokens`` from its own prefix cache);
+- P/D (vLLM's ``kv_transfer_params`` protocol, as its NixlConnector speaks it): a request
+  with ``do_remote_decode`` is answered whole (one token) with the params a decode worker
+  needs (``remote_engine_id``, ``remote_block_ids``, ...); one with ``do_remote_prefill``
+  streams as usual and records the params (``imports``);
 - KV events: every full prompt block it has not cached is stored and published as vLLM
   does: ``BlockStored`` with its own hashes (64-bit ints from a per-instance random seed, as
   vLLM's default), the chain's salt in the first block's ``extra_keys``, map-encoded
@@ -125,6 +129,9 @@ class FakeVLLMWorker:
         self.start_time = 1.7e9 + int.from_bytes(os.urandom(3), "big")
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
+        self.imports: list[dict[str, Any]] = []  # kv_transfer_params of decode legs
+        self.engine_id = f"fake-engine-{os.urandom(4).hex()}"
+        self.prefill_answer = "ok"  # "ok", "no_params" (a vLLM without a connector), "stop"
         self.running = 0
         self.queries = self.hits = 0
         self._seed = os.urandom(16)  # vLLM's NONE_HASH is random per process
@@ -251,12 +258,30 @@ class FakeVLLMWorker:
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
             body = await request.json()
+            kv = body.get("kv_transfer_params") or {}
             with self.lock:
                 self.requests.append(body)
                 cached = self._admit(body["prompt"], body.get("cache_salt"))
+                if kv.get("do_remote_prefill"):
+                    self.imports.append(kv)
+            if kv.get("do_remote_decode"):
+                return self._prefilled(body)
             return StreamingResponse(self._stream(body, cached), media_type="text/event-stream")
 
         return app
+
+    def _prefilled(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = body["prompt"]
+        params = None if self.prefill_answer == "no_params" else {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2, 3]],
+            "remote_engine_id": self.engine_id, "remote_request_id": f"cmpl-{os.urandom(4).hex()}",
+            "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 1}
+        finish = "stop" if self.prefill_answer == "stop" else "length"
+        return {"id": "cmpl-vllm", "object": "text_completion", "created": 0, "model": self.model,
+                "choices": [{"index": 0, "text": token_text(0), "logprobs": None, "finish_reason": finish,
+                             "stop_reason": None}],
+                "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + 1, "completion_tokens": 1},
+                "kv_transfer_params": params}
 
     async def _stream(self, body: dict[str, Any], cached: int) -> Any:
         n, prompt = body["max_tokens"], body["prompt"]

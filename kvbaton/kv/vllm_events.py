@@ -236,6 +236,8 @@ class VLLMBlockKeys:
                 self._skip("multimodal or embedding extra keys", n - i)
                 break
             parent = block_hash(parent, ev.token_ids[i * bs:(i + 1) * bs])
+            # Re-inserted, so that the oldest-first pruning never drops a block just stored.
+            self._keys.pop(vh, None)
             self._keys[vh] = parent
             keys.append(parent)
         if not keys:

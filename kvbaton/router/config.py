@@ -97,33 +97,47 @@ def check_medium_credit(credit: Mapping[str, float], flag: str = "--kv-medium-cr
 
 @dataclass(frozen=True)
 class VLLMWorkerSpec:
-    """A `vllm serve` worker: its URL and, when it publishes KV events
-    (``--kv-events-config``), their PUB and replay endpoints."""
+    """A `vllm serve` worker: its URL; when it publishes KV events (``--kv-events-config``),
+    their PUB and replay endpoints; when it runs a vLLM P/D connector (``--kv-transfer-config``,
+    e.g. NixlConnector), the legs of disaggregated requests it takes (``role``: prefill,
+    decode or both; None: it serves whole requests only)."""
 
     url: str
     events: str | None = None
     replay: str | None = None
+    role: str | None = None
+
+    def __str__(self) -> str:
+        opts = (("events", self.events), ("replay", self.replay), ("role", self.role))
+        return ",".join([self.url] + [f"{k}={v}" for k, v in opts if v])
+
+
+VLLM_WORKER_FORMAT = "URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,role=prefill|decode|both]"
 
 
 def parse_vllm_worker(spec: str, flag: str = "--vllm-worker") -> VLLMWorkerSpec:
-    """``URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]``; ValueError naming ``flag``."""
+    """``VLLM_WORKER_FORMAT``; ValueError naming ``flag``."""
     url, *options = [part.strip() for part in spec.split(",")]
     fields: dict[str, str] = {}
     for opt in options:
         name, eq, value = opt.partition("=")
-        if not eq or name not in ("events", "replay") or not value:
-            raise ValueError(f"{flag}: expected URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT], "
-                             f"got option {opt!r} in {spec!r}")
+        if not eq or name not in ("events", "replay", "role") or not value:
+            raise ValueError(f"{flag}: expected {VLLM_WORKER_FORMAT}, got option {opt!r} in {spec!r}")
         if name in fields:
             raise ValueError(f"{flag}: {name}= given twice in {spec!r}")
-        try:
-            check_endpoint(f"{flag} {name}", value)
-        except ValueError as e:
-            raise ValueError(str(e)) from None
+        if name == "role":
+            if value not in ("prefill", "decode", "both"):
+                raise ValueError(f"{flag}: role= must be prefill, decode or both, got {value!r} in {spec!r}")
+        else:
+            try:
+                check_endpoint(f"{flag} {name}", value)
+            except ValueError as e:
+                raise ValueError(str(e)) from None
         fields[name] = value
     if "replay" in fields and "events" not in fields:
         raise ValueError(f"{flag}: replay= needs events= too, in {spec!r}")
-    return VLLMWorkerSpec(normalize_worker_url(url, flag), fields.get("events"), fields.get("replay"))
+    return VLLMWorkerSpec(normalize_worker_url(url, flag), fields.get("events"), fields.get("replay"),
+                          fields.get("role"))
 
 
 @dataclass(frozen=True)
@@ -200,12 +214,10 @@ class RouterConfig(FrontDoorConfig):
             if v.url in seen:
                 raise ValueError(f"--vllm-worker: worker {v.url} is listed twice")
             seen.add(v.url)
-        object.__setattr__(self, "vllm_workers", tuple(
-            ",".join([v.url] + [f"{k}={x}" for k, x in (("events", v.events), ("replay", v.replay)) if x])
-            for v in vllm))
+        object.__setattr__(self, "vllm_workers", tuple(str(v) for v in vllm))
         if not seen:
             raise ValueError("--worker: at least one worker URL is required (or --prefill/--decode/--vllm-worker)")
-        if not self.workers and not self.decode_workers and not vllm:
+        if not self.workers and not self.decode_workers and not any(v.role != "prefill" for v in vllm):
             raise ValueError("--decode: at least one decode-capable worker (--worker or --decode) is required")
         for name, flag in (("prefill_policy", "--prefill-policy"), ("decode_policy", "--decode-policy")):
             value = getattr(self, name)
@@ -284,10 +296,10 @@ def add_router_args(parser: argparse.ArgumentParser, *, common: bool = True) -> 
                             help="a worker used only for prefill legs; repeatable")
         parser.add_argument("--decode", action="append", default=[], metavar="URL",
                             help="a worker used only for decode legs; repeatable")
-        parser.add_argument("--vllm-worker", action="append", default=[],
-                            metavar="URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]",
-                            help="a `vllm serve` worker and, if it runs with --kv-events-config, its KV "
-                                 "event endpoints (kv_aware then sees its prefix cache); repeatable")
+        parser.add_argument("--vllm-worker", action="append", default=[], metavar=VLLM_WORKER_FORMAT,
+                            help="a `vllm serve` worker; events=: its --kv-events-config endpoints "
+                                 "(kv_aware then sees its prefix cache); role=: the legs it takes when it "
+                                 "runs a vLLM P/D connector (--kv-transfer-config); repeatable")
         parser.add_argument("--model", default="smollm2-135m",
                             help="tokenizer/chat template source, as for workers: built-in name, .gguf or HF dir")
         parser.add_argument("--served-model-name", default=None,

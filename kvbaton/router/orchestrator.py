@@ -54,12 +54,22 @@ T = TypeVar("T")
 
 @dataclass
 class Prefilled:
-    """A prefill leg's answer: the handle (raw, forwarded unchanged) and where it lives."""
+    """A prefill leg's answer: the handle (``raw``, forwarded unchanged to the decode leg),
+    where it lives, and whether the first token already ended the request. ``handle`` is our
+    parsed KV handle, whose lease the router may release; None for a vLLM prefill worker's
+    ``kv_transfer_params`` (vLLM frees the blocks itself once read, or after its timeout)."""
 
     worker: Worker
-    handle: KVHandle
+    handle: KVHandle | None
     raw: dict[str, Any]
     response: dict[str, Any]
+    finish_reason: str | None = None
+
+
+# What a vLLM prefill leg asks its P/D connector for (vLLM's own proxies send the same).
+VLLM_PREFILL_PARAMS: dict[str, Any] = {"do_remote_decode": True, "do_remote_prefill": False,
+                                       "remote_engine_id": None, "remote_block_ids": None,
+                                       "remote_host": None, "remote_port": None}
 
 
 @dataclass
@@ -186,7 +196,7 @@ class Orchestrator:
             return True
         # With min_tokens > 1 the first token cannot end the request: the prefill leg ran with
         # min_tokens 1, which checks stop strings from the first token on.
-        return pre.handle.finish_reason is not None and (job.fields.get("min_tokens") or 0) <= 1
+        return pre.finish_reason is not None and (job.fields.get("min_tokens") or 0) <= 1
 
     def _record_first(self, job: Job, path: str) -> None:
         """Routing time, TTFT and the path, once per request (a retry after a mid-stream
@@ -201,9 +211,11 @@ class Orchestrator:
 
     async def _prefill(self, job: Job, worker: Worker) -> Prefilled | None:
         """The prefill leg; None (fallback counted) when the decode worker should prefill."""
+        vllm = worker.kind == "vllm"
         body = {
             "model": worker.model_name, "prompt": list(job.routing.token_ids), **job.fields,
-            "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True},
+            "max_tokens": 1, "stream": False,
+            "kv_transfer_params": dict(VLLM_PREFILL_PARAMS) if vllm else {"do_remote_decode": True},
         }
         if body.get("min_tokens"):
             body["min_tokens"] = 1  # (the first token is held to it; the decode leg to the rest)
@@ -231,6 +243,8 @@ class Orchestrator:
             return self._prefill_fallback(worker, "http_5xx", f"answered {r.status_code}")
         data = _json_or_text(r)
         raw = data.get("kv_transfer_params") if isinstance(data, dict) else None
+        if vllm:
+            return self._vllm_prefilled(job, worker, data, raw, started)
         try:
             handle = KVHandle.from_dict(raw)
             if handle.num_prompt_tokens != job.routing.num_prompt_tokens:
@@ -239,10 +253,25 @@ class Orchestrator:
             if isinstance(raw, dict) and isinstance(raw.get("lease_id"), str):
                 self._spawn(self._release(worker, raw["lease_id"]))
             return self._prefill_fallback(worker, "bad_handle", str(e))
+        self._note_prefill(job, worker, started)
+        return Prefilled(worker, handle, raw, data, handle.finish_reason)  # type: ignore[arg-type]
+
+    def _note_prefill(self, job: Job, worker: Worker, started: float) -> None:
         took = time.monotonic() - started
-        worker.note_prefill(tokens, took)
+        worker.note_prefill(job.routing.num_prompt_tokens, took)
         self.metrics.ttft_prefill.labels("disagg").observe(took)
-        return Prefilled(worker, handle, raw, data)  # type: ignore[arg-type]
+
+    def _vllm_prefilled(self, job: Job, worker: Worker, data: Any, raw: Any, started: float) -> Prefilled | None:
+        """A vLLM prefill worker's answer: its ``kv_transfer_params`` go to the decode leg as
+        they are (vLLM's connector reads them); a first token that ended the request (EOS or a
+        stop) is reported as ``finish_reason`` "stop" (``length`` is the leg's own max_tokens 1)."""
+        if not isinstance(raw, dict) or not raw.get("remote_engine_id") or not raw.get("do_remote_prefill"):
+            return self._prefill_fallback(worker, "bad_handle", "no kv_transfer_params from vLLM's P/D connector "
+                                          "(is it started with --kv-transfer-config?)")
+        choices = data.get("choices") if isinstance(data, dict) else None
+        finish = choices[0].get("finish_reason") if isinstance(choices, list) and choices else None
+        self._note_prefill(job, worker, started)
+        return Prefilled(worker, None, raw, data, "stop" if finish == "stop" else None)
 
     def _prefill_fallback(self, worker: Worker, kind: str, detail: str) -> Prefilled | None:
         """Count a failed prefill leg; None: the decode worker prefills."""
@@ -255,7 +284,7 @@ class Orchestrator:
         """Answer from the prefill response: its first token already ended the request."""
         self.release_lease(job)
         choice = dict((pre.response.get("choices") or [{}])[0])
-        choice["finish_reason"] = pre.handle.finish_reason or "length"
+        choice["finish_reason"] = pre.finish_reason or "length"
         self._record_first(job, "direct")
         stream = RelayStream(pre.worker, "direct", {"choices": [choice]})
         stream.usage = pre.response.get("usage")
@@ -357,7 +386,7 @@ class Orchestrator:
                 confirmed = isinstance(kv, dict) and kv.get("outcome") in ("fetched", "local")
 
         def on_close() -> None:
-            if lease is not None and not confirmed:
+            if lease is not None and lease.handle is not None and not confirmed:
                 self._spawn(self._release(lease.worker, lease.handle.lease_id))
 
         return RelayStream(worker, path, first, events, response, in_flight, on_usage, on_close)
@@ -418,7 +447,7 @@ class Orchestrator:
         """Release the job's unconsumed lease, if any, in the background (safe to call from a
         cancelled task: the release runs in its own task)."""
         lease, job.lease = job.lease, None
-        if lease is not None:
+        if lease is not None and lease.handle is not None:
             self._spawn(self._release(lease.worker, lease.handle.lease_id))
 
     async def _release(self, worker: Worker, lease_id: str) -> None:

@@ -8,10 +8,10 @@ decision for the same state.
 
 The rule: the decode policy picks the decode worker. If the prompt part that worker does not
 hold (per the overlap provider) is shorter than ``disagg_min_tokens``, or the worker cannot
-import KV (it reported no model fingerprint), it prefills the prompt itself. Otherwise the
-prefill policy picks a prefill worker other than the decode worker; with none available the
-decode worker prefills, and when some worker is meant for prefill only that counts as a
-``no_prefill_worker`` fallback.
+import KV (no ``kv_protocol``), it prefills the prompt itself. Otherwise the prefill policy
+picks a prefill worker other than the decode worker that speaks its ``kv_protocol`` (our KV
+handles, or vLLM's connector); with none available the decode worker prefills, and when some
+worker is meant for prefill only that counts as a ``no_prefill_worker`` fallback.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def place(
     # A policy returns one of the candidates it was given, so the chosen workers are Ws.
     chosen = cast(W, decode_policy.choose(request, decode_candidates, "decode"))
     cached = min(overlap.cached_tokens(request, chosen), request.num_prompt_tokens)
-    if request.num_prompt_tokens - cached < disagg_min_tokens or chosen.model_fingerprint is None:
+    if request.num_prompt_tokens - cached < disagg_min_tokens or chosen.kv_protocol is None:
         return Placement(chosen, None, cached)
-    prefills = [w for w in prefill_candidates if w is not chosen]
+    prefills = [w for w in prefill_candidates if w is not chosen and w.kv_protocol == chosen.kv_protocol]
     if not prefills:
         return Placement(chosen, None, cached, "no_prefill_worker" if dedicated_prefill else None)
     return Placement(chosen, cast(W, prefill_policy.choose(request, prefills, "prefill")), cached)

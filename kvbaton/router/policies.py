@@ -67,7 +67,13 @@ class WorkerView(Protocol):
 
     @property
     def model_fingerprint(self) -> str | None:
-        """The model fingerprint the worker reported (None until it did: it cannot import KV)."""
+        """The model fingerprint the worker reported (None until it did)."""
+        ...
+
+    @property
+    def kv_protocol(self) -> str | None:
+        """How it passes KV to another worker or takes it (``"kvbaton"``, ``"vllm"``); None:
+        it cannot, so it prefills its own requests. Prefill and decode pair within one."""
         ...
 
     @property

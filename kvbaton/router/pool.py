@@ -144,12 +144,22 @@ class Worker:
         return self.usable and self.role in ("decode", "both")
 
     @property
+    def kv_protocol(self) -> str | None:
+        """How the worker hands a prompt's KV to another, or takes it: ``"kvbaton"`` (our KV
+        handles: it reported a model fingerprint), ``"vllm"`` (vLLM's ``kv_transfer_params``
+        through its P/D connector: listed with ``role=``), None (it cannot)."""
+        if self.kind == "vllm":
+            return "vllm" if self.vllm is not None and self.vllm.role is not None else None
+        return "kvbaton" if self.model_fingerprint is not None else None
+
+    @property
     def can_prefill(self) -> bool:
         """Able to run a prefill leg for another worker: it must serve KV transfers."""
-        return (
-            self.usable and self.role in ("prefill", "both")
-            and self.transfer_address is not None and self.model_fingerprint is not None
-        )
+        if not (self.usable and self.role in ("prefill", "both")):
+            return False
+        if self.kind == "vllm":
+            return self.kv_protocol == "vllm"
+        return self.transfer_address is not None and self.model_fingerprint is not None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -232,7 +242,7 @@ class WorkerPool:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.workers = [Worker(url, declared_role=role) for url, role in config.worker_specs()]
-        self.workers += [Worker(v.url, kind="vllm", vllm=v) for v in config.vllm_worker_specs()]
+        self.workers += [Worker(v.url, declared_role=v.role, kind="vllm", vllm=v) for v in config.vllm_worker_specs()]
         self.cluster = ClusterModel()
         # The router's tokenizer (text -> ids), which vLLM workers' /tokenize must agree with;
         # None: not checked.
@@ -456,7 +466,7 @@ class WorkerPool:
         worker.max_model_len = int(mml) if isinstance(mml, int) else None
         worker.block_size = metrics.block_size
         worker.vllm_metrics = metrics
-        worker.role = worker.declared_role or "both"
+        worker.role = worker.declared_role or "both"  # (role= is prefill, decode or both)
         spec = worker.vllm
         worker.kv_events = WorkerEndpoints(spec.events, spec.replay, encoding="vllm") if spec.events else None
         if worker.kv_events is not None and metrics.prefix_caching is False:
