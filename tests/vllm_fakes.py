@@ -279,7 +279,8 @@ class FakeVLLMWorker:
         finish = "stop" if self.prefill_answer == "stop" else "length"
         return {"id": "cmpl-vllm", "object": "text_completion", "created": 0, "model": self.model,
                 "choices": [{"index": 0, "text": token_text(0), "logprobs": None, "finish_reason": finish,
-                             "stop_reason": None}],
+                             "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                             "prompt_token_ids": None}],
                 "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + 1, "completion_tokens": 1},
                 "kv_transfer_params": params}
 
@@ -290,9 +291,10 @@ class FakeVLLMWorker:
             for i in range(n):
                 choice: dict[str, Any] = {"index": 0, "text": token_text(i), "logprobs": None,
                                           "finish_reason": "length" if i == n - 1 else None, "stop_reason": None}
-                if body.get("return_token_ids"):
-                    choice["token_ids"] = [100 + i]
-                    choice["prompt_token_ids"] = prompt if i == 0 else None
+                # As vLLM: the fields are there, null unless asked for.
+                choice["token_ids"] = [100 + i] if body.get("return_token_ids") else None
+                choice["prompt_token_ids"] = prompt if i == 0 and body.get("return_token_ids") else None
+                choice["prompt_logprobs"] = None
                 yield sse({"id": "cmpl-vllm", "object": "text_completion", "created": 0, "model": self.model,
                            "choices": [choice]})
             yield sse({"id": "cmpl-vllm", "object": "text_completion", "created": 0, "model": self.model,

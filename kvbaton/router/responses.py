@@ -23,6 +23,13 @@ from kvbaton.router.relay import MidStreamError, RelayStream
 _EXTRAS = ("stop_reason", "token_ids", "prompt_logprobs")
 
 
+def _extras(w: dict[str, Any]) -> dict[str, Any]:
+    """The worker chunk's extra fields for the client. vLLM sends ``token_ids`` and
+    ``prompt_logprobs`` as null when they were not asked for: absent, as ours leave them;
+    ``stop_reason`` null is a value (no stop string matched)."""
+    return {k: w[k] for k in _EXTRAS if k in w and (w[k] is not None or k == "stop_reason")}
+
+
 def chat_lp(lp: Any, top_n: int) -> dict[str, Any] | None:
     """A completions ``logprobs`` object (tokens, token_logprobs, top_logprobs) in the chat
     shape. The worker's per-token dict lists the sampled token first, then the ``top_n``
@@ -78,7 +85,7 @@ class ClientView:
         c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         if self.prep.chat_top_logprobs is not None:
             c["logprobs"] = chat_lp(w.get("logprobs"), self.prep.chat_top_logprobs)
-        c.update({k: w[k] for k in _EXTRAS if k in w})
+        c.update(_extras(w))
         return c
 
     def usage_of(self, stream: RelayStream) -> dict[str, Any]:
@@ -142,10 +149,11 @@ class ClientView:
                     lp = lp or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                     for k in lp:
                         lp[k].extend(w["logprobs"].get(k) or [])
-                if "token_ids" in w:
-                    token_ids = (token_ids or []) + list(w["token_ids"])
-                if "prompt_logprobs" in w:
-                    prompt_lp = w["prompt_logprobs"]
+                extras = _extras(w)
+                if "token_ids" in extras:
+                    token_ids = (token_ids or []) + list(extras["token_ids"])
+                if "prompt_logprobs" in extras:
+                    prompt_lp = extras["prompt_logprobs"]
         cumulative = float(sum(x for x in (lp or {}).get("token_logprobs", ()) if isinstance(x, (int, float))))
         if not self.prep.logprobs:
             lp = None  # best_of asked the worker for them, the client did not
