@@ -38,8 +38,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbaton.models.gguf import cached_hf_dir_for_gguf, find_bundled_smollm2_gguf, kvbaton_cache_dir
-from vllm_workers import bench, reset_caches, router, vllm_worker, worker_url
-from vs_vllm_cpu import VLLM_VERSION, ensure_nixl, ensure_peer_env, load_average
+from vllm_workers import reset_caches, router, vllm_worker, worker_url
+from vs_vllm_cpu import VLLM_VERSION, bench, ensure_nixl, ensure_peer_env, load_average
 
 PROMPTS = [
     "Explain in two sentences why the sky looks blue at noon and red at sunset.",

@@ -36,7 +36,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -49,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvbaton.models.gguf import cached_hf_dir_for_gguf, find_bundled_smollm2_gguf, kvbaton_cache_dir
 from kvbaton.router.vllm_worker import parse_vllm_metrics
 from topology_compare import stop_group
-from vs_vllm_cpu import VLLM_VERSION, WORKLOADS, ensure_peer_env, free_port, load_average, serve_vllm
+from vs_vllm_cpu import VLLM_VERSION, WORKLOADS, bench, ensure_peer_env, free_port, load_average, serve_vllm
 
 ROWS = ("shared-prefix-8x512-c4", "multi-turn-3-c4")
 MIXED_BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32; ours any size
@@ -168,18 +167,6 @@ def reset_caches(model: str, urls: list[str]) -> None:
         r.raise_for_status()
         httpx.post(f"{u}/v1/completions", json={"model": model, "prompt": [1], "max_tokens": 1},
                    timeout=60).raise_for_status()
-
-
-def bench(url: str, flags: str, num_prompts: int, seed: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "r.json"
-        cmd = [sys.executable, "-m", "kvbaton.cli", "bench", "run", "--base-url", url, "--num-prompts",
-               str(num_prompts), "--seed", str(seed), "--no-progress", "--result-file", str(out), *shlex.split(flags)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        res = json.loads(out.read_text())
-    keep = ("completed", "failed", "duration", "output_throughput", "median_ttft_ms", "mean_ttft_ms",
-            "p99_ttft_ms", "median_tpot_ms")
-    return {k: res.get(k) for k in keep}
 
 
 def main() -> int:

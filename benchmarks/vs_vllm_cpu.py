@@ -131,7 +131,7 @@ def bench(url: str, flags: str, num_prompts: int, seed: int) -> dict[str, Any]:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         res = json.loads(out.read_text())
     keep = ("completed", "failed", "duration", "output_throughput", "median_tpot_ms", "mean_tpot_ms",
-            "median_ttft_ms", "p99_tpot_ms")
+            "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "p99_tpot_ms")
     return {k: res.get(k) for k in keep}
 
 
