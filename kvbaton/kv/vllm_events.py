@@ -216,6 +216,7 @@ class VLLMBlockKeys:
             self._skip("token_ids do not cover the blocks", n)
             return None
         extra = ev.extra_keys or []
+        first_parent: BlockHash | None = None  # the event's parent, in kvbaton's keys
         if ev.parent_block_hash is None:
             keyable, salt = _salt(extra[0] if extra else None)
             if not keyable:
@@ -223,11 +224,11 @@ class VLLMBlockKeys:
                 return None
             parent = self._root(salt)
         else:
-            known = self._keys.get(ev.parent_block_hash)
-            if known is None:
+            first_parent = self._keys.get(ev.parent_block_hash)
+            if first_parent is None:
                 self._skip("parent block never seen", n)
                 return None
-            parent = known
+            parent = first_parent
         keys: list[BlockHash] = []
         bs = ev.block_size
         for i, vh in enumerate(ev.block_hashes):
@@ -242,7 +243,6 @@ class VLLMBlockKeys:
             keys.append(parent)
         if not keys:
             return None
-        first_parent = None if ev.parent_block_hash is None else self._keys.get(ev.parent_block_hash)
         return BlockStored(keys, first_parent, [], bs, None, _medium(ev.medium))
 
     def _root(self, salt: str | None) -> BlockHash:
@@ -254,9 +254,6 @@ class VLLMBlockKeys:
     def key_of(self, vllm_hash: VLLMHash) -> BlockHash | None:
         """kvbaton's key of one of the worker's block hashes (None: not mapped)."""
         return self._keys.get(vllm_hash)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def _salt(extra: Sequence[Any] | None) -> tuple[bool, str | None]:

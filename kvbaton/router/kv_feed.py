@@ -179,6 +179,10 @@ class KVIndexFeed(PrefixOverlap):
 
     def _on_gap(self, url: object) -> None:
         log.warning("worker %s: KV events lost beyond replay; its index entries are approximate", url)
+        self._flag_approximate(url)
+
+    def _flag_approximate(self, url: object) -> None:
+        """Drop the worker's entries and flag it approximate; counted as a gap."""
         self.index.mark_approximate(url)
         if self.metrics is not None:
             self.metrics.kv_event_gaps.labels(str(url)).inc()
@@ -214,7 +218,7 @@ class KVIndexFeed(PrefixOverlap):
             log.warning("vLLM worker %s stored KV blocks for %d requests without one KV event reaching the "
                         "router: its events= endpoint is wrong or unreachable; its index entries are "
                         "approximate", url, n)
-            self._on_gap(url)
+            self._flag_approximate(url)
 
     def routed(self, request: RoutingRequest, worker: WorkerView) -> None:
         if request.block_hashes and self.following(worker.url):

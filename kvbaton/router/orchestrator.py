@@ -386,8 +386,8 @@ class Orchestrator:
                 confirmed = isinstance(kv, dict) and kv.get("outcome") in ("fetched", "local")
 
         def on_close() -> None:
-            if lease is not None and lease.handle is not None and not confirmed:
-                self._spawn(self._release(lease.worker, lease.handle.lease_id))
+            if lease is not None and not confirmed:
+                self._release_prefilled(lease)
 
         return RelayStream(worker, path, first, events, response, in_flight, on_usage, on_close)
 
@@ -447,8 +447,14 @@ class Orchestrator:
         """Release the job's unconsumed lease, if any, in the background (safe to call from a
         cancelled task: the release runs in its own task)."""
         lease, job.lease = job.lease, None
-        if lease is not None and lease.handle is not None:
-            self._spawn(self._release(lease.worker, lease.handle.lease_id))
+        if lease is not None:
+            self._release_prefilled(lease)
+
+    def _release_prefilled(self, pre: Prefilled) -> None:
+        """Release a prefill answer's lease in the background; a vLLM prefill worker's answer
+        has none (vLLM frees its blocks itself)."""
+        if pre.handle is not None:
+            self._spawn(self._release(pre.worker, pre.handle.lease_id))
 
     async def _release(self, worker: Worker, lease_id: str) -> None:
         try:

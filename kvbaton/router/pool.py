@@ -438,13 +438,7 @@ class WorkerPool:
         worker.model_name = entry["id"]
         worker.role = reported if worker.declared_role is None else worker.declared_role
         worker.problem = self._problem(worker, reported)
-        if worker.problem:
-            log.error("worker %s cannot be used: %s", worker.url, worker.problem)
-        worker.discovered = True
-        for listener in self.on_discovered:
-            listener(worker, previous_id)
-        if self.cluster.keying() != keying:
-            self._rekey_vllm()
+        self._discovered(worker, previous_id, keying)
 
     async def _discover_vllm(self, worker: Worker) -> None:
         """Discovery of a `vllm serve` worker (``kvbaton.router.vllm_worker``)."""
@@ -473,6 +467,11 @@ class WorkerPool:
             log.warning("vLLM worker %s runs without prefix caching: its KV events will be empty", worker.url)
         worker.problem = mismatch or self._vllm_problem(worker)
         worker.keying = self.cluster.keying() if worker.problem is None else None
+        self._discovered(worker, previous_id, keying)
+
+    def _discovered(self, worker: Worker, previous_id: str, keying: tuple[str, int] | None) -> None:
+        """The end of either kind's discovery: log a problem, tell the listeners, and re-key
+        the vLLM workers if this discovery changed the cluster's keying (``keying``: before)."""
         if worker.problem:
             log.error("worker %s cannot be used: %s", worker.url, worker.problem)
         worker.discovered = True
